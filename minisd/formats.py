@@ -1,0 +1,206 @@
+"""Official layouts in: read a diffusers folder (and, through convert.py, single files) into minisd.
+
+A diffusers folder is `model_index.json` plus one subfolder per component, each with a
+`config.json` and weights named `diffusion_pytorch_model.safetensors` (UNet, VAE) or
+`model.safetensors` (text encoders), possibly `.bin`/`.fp16.` variants. The per-component name
+tables live in keys_unet.py, keys_vae.py, keys_text.py; this file only finds the files, turns
+the component configs into ours and strips the prefixes.
+
+    SD1.x / SD2.x : unet/ vae/ text_encoder/ tokenizer/ scheduler/
+    SDXL          : unet/ vae/ text_encoder/ text_encoder_2/ tokenizer/ tokenizer_2/ scheduler/
+    LDM-256       : unet/ vqvae/ bert/ tokenizer/ scheduler/
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .config import CLIPTextConfig, LDMBertConfig, ModelConfig, ScheduleConfig, VAEConfig
+from .keys_text import clip_from_hf, ldmbert_from_diffusers
+from .keys_unet import unet_config_from_diffusers, unet_from_diffusers
+from .keys_vae import vae_from_diffusers
+from .model import ModelError, StableDiffusion, read_safetensors, text_encoder_file
+
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
+                "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
+                "diffusion_pytorch_model.bin", "pytorch_model.bin")
+
+
+def is_diffusers_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "model_index.json"))
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ModelError(f"missing {path}") from None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_weights(folder: str) -> dict:
+    """The weights of one component folder (safetensors preferred; .bin read without unpickling code)."""
+    for name in WEIGHT_NAMES:
+        p = os.path.join(folder, name)
+        if not os.path.isfile(p):
+            continue
+        if p.endswith(".safetensors"):
+            return {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
+                    for k, v in read_safetensors(p).items()}
+        try:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ModelError(f"{p}: refused or unreadable pickle ({str(e).splitlines()[0]})") from None
+        return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    raise ModelError(f"{folder}: no weights file ({', '.join(WEIGHT_NAMES[:2])}, ...)")
+
+
+def vae_config_from_diffusers(d: dict) -> VAEConfig:
+    """diffusers AutoencoderKL config -> ours (block_out_channels = ch * ch_mult)."""
+    blocks = d.get("block_out_channels", [128, 256, 512, 512])
+    return VAEConfig(in_channels=d.get("in_channels", 3), out_ch=d.get("out_channels", 3), ch=blocks[0],
+                     ch_mult=tuple(c // blocks[0] for c in blocks),
+                     num_res_blocks=d.get("layers_per_block", 2), z_channels=d.get("latent_channels", 4),
+                     embed_dim=d.get("latent_channels", 4), norm_num_groups=d.get("norm_num_groups", 32),
+                     scale_factor=d.get("scaling_factor", 0.18215),
+                     force_upcast=d.get("force_upcast", True))
+
+
+def clip_config_from_hf(d: dict, layer: int, final_norm: bool, pad_token: str) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                          intermediate_size=d["intermediate_size"],
+                          num_attention_heads=d["num_attention_heads"],
+                          num_hidden_layers=d["num_hidden_layers"],
+                          max_position_embeddings=d.get("max_position_embeddings", 77),
+                          hidden_act=d.get("hidden_act", "quick_gelu"),
+                          layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+                          projection_dim=d.get("projection_dim") if "WithProjection" in str(
+                              d.get("architectures")) else None,
+                          layer=layer, final_norm=final_norm, pad_token=pad_token)
+
+
+def ldmbert_config_from_diffusers(d: dict) -> LDMBertConfig:
+    return LDMBertConfig(vocab_size=d.get("vocab_size", 30522),
+                         max_position_embeddings=d.get("max_position_embeddings", 77),
+                         n_layer=d.get("encoder_layers", 32), d_model=d.get("d_model", 1280),
+                         n_heads=d.get("encoder_attention_heads", 8), head_dim=d.get("head_dim", 64),
+                         ffn_dim=d.get("encoder_ffn_dim", 5120))
+
+
+def schedule_config_from_diffusers(d: dict) -> ScheduleConfig:
+    return ScheduleConfig(num_train_timesteps=d.get("num_train_timesteps", 1000),
+                          beta_start=d.get("beta_start", 0.0001), beta_end=d.get("beta_end", 0.02),
+                          beta_schedule=d.get("beta_schedule", "linear"),
+                          prediction_type=d.get("prediction_type", "epsilon"),
+                          timestep_spacing=d.get("timestep_spacing", "leading"),
+                          steps_offset=d.get("steps_offset", 0),
+                          set_alpha_to_one=d.get("set_alpha_to_one", True))
+
+
+def _pad_token(path: str, sub: str, default: str) -> str:
+    """Which token pads the prompt: EOS for OpenAI CLIP tokenizers, "!" for OpenCLIP ones."""
+    p = os.path.join(path, sub, "special_tokens_map.json")
+    if not os.path.isfile(p):
+        return default
+    pad = _read_json(p).get("pad_token", default)
+    return pad["content"] if isinstance(pad, dict) else pad
+
+
+def load_diffusers_folder(path: str) -> StableDiffusion:
+    """Build a StableDiffusion from a diffusers pipeline folder (SD1.x, SD2.x, SDXL, LDM-256)."""
+    index = _read_json(os.path.join(path, "model_index.json"))
+    if "bert" in index:
+        family = "ldm"
+    elif "text_encoder_2" in index:
+        family = "sdxl"
+    else:
+        family = None  # sd1 or sd2, told apart by the text encoder width below
+    for comp in ("unet", "vqvae" if family == "ldm" else "vae", "scheduler"):
+        if not os.path.isdir(os.path.join(path, comp)):
+            raise ModelError(f"{path}: diffusers folder without its '{comp}/' component")
+
+    unet_cfg = unet_config_from_diffusers(_read_json(os.path.join(path, "unet", "config.json")))
+    vae_dir = os.path.join(path, "vqvae" if family == "ldm" else "vae")
+    vae_cfg = vae_config_from_diffusers(_read_json(os.path.join(vae_dir, "config.json")))
+    sched = schedule_config_from_diffusers(
+        _read_json(os.path.join(path, "scheduler", "scheduler_config.json")))
+
+    text_dirs = ["bert"] if family == "ldm" else (
+        ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"])
+    text_cfgs = []
+    for i, sub in enumerate(text_dirs):
+        d = _read_json(os.path.join(path, sub, "config.json"))
+        if family == "ldm":
+            text_cfgs.append(ldmbert_config_from_diffusers(d))
+            continue
+        if family is None:
+            family = "sd1" if d["hidden_size"] == 768 else "sd2"
+        tok = "tokenizer" if i == 0 else "tokenizer_2"
+        default_pad = "!" if (family == "sd2" or i == 1) else "<|endoftext|>"
+        # SDXL reads both encoders at the penultimate layer without the final LayerNorm.
+        layer, final_norm = (-2, False) if family == "sdxl" else (-1, True)
+        text_cfgs.append(clip_config_from_hf(d, layer, final_norm, _pad_token(path, tok, default_pad)))
+
+    cfg = ModelConfig(family=family, unet=unet_cfg, vae=vae_cfg, text_encoders=text_cfgs,
+                      schedule=sched, resolution=unet_cfg_resolution(path, vae_cfg),
+                      zero_empty_negative=bool(index.get("force_zeros_for_empty_prompt",
+                                                         family == "sdxl")) and family == "sdxl")
+    tok_dirs = []
+    for i in range(len(text_cfgs)):
+        d = os.path.join(path, "tokenizer" if i == 0 else f"tokenizer_{i + 1}")
+        tok_dirs.append(d if os.path.isdir(d) and os.listdir(d) else None)
+    with torch.device("meta"):
+        model = StableDiffusion(cfg, tokenizer_dirs=tok_dirs)
+
+    files = {"unet.safetensors": unet_from_diffusers(read_weights(os.path.join(path, "unet")), unet_cfg),
+             "vae.safetensors": vae_from_diffusers(read_weights(vae_dir))}
+    for i, sub in enumerate(text_dirs):
+        sd = read_weights(os.path.join(path, sub))
+        files[text_encoder_file(i)] = ldmbert_from_diffusers(sd) if family == "ldm" else clip_from_hf(
+            with_text_model_prefix(sd))
+    model.load_components(files)
+    return model
+
+
+def unet_cfg_resolution(path: str, vae_cfg: VAEConfig) -> int:
+    """Default image side: the UNet's trained latent size times the VAE's down-sampling factor."""
+    d = _read_json(os.path.join(path, "unet", "config.json"))
+    return int(d.get("sample_size", 64)) * 2 ** (len(vae_cfg.ch_mult) - 1)
+
+
+TINY_RANDOM = "tiny-random"
+
+
+def load_model(path: str) -> StableDiffusion:
+    """Any model minisd reads: a minisd folder, a diffusers folder, or `tiny-random`
+    (the TINY preset with seed-0 random weights: it runs anywhere and draws noise-like images)."""
+    from .model import is_minisd_folder, load_minisd_folder
+    if path == TINY_RANDOM:
+        from .config import TINY
+        torch.manual_seed(0)
+        return StableDiffusion(TINY)
+    if not os.path.exists(path):
+        raise ModelError(f"{path}: no such file or folder")
+    try:
+        if os.path.isdir(path):
+            if is_minisd_folder(path):
+                return load_minisd_folder(path)
+            if is_diffusers_folder(path):
+                return load_diffusers_folder(path)
+            raise ModelError(f"{path}: neither a minisd folder (config.json + unet.safetensors) "
+                             "nor a diffusers folder (model_index.json)")
+        raise ModelError(f"{path}: single-file checkpoints are read by convert.py; run "
+                         f"`python convert.py {path} --out weights/NAME` first")
+    except KeyError as e:  # a name table met a tensor it does not know
+        raise ModelError(f"{path}: unexpected checkpoint layout ({e.args[0] if e.args else e})") from None
+
+
+def with_text_model_prefix(sd: dict) -> dict:
+    """Files written by transformers >= 5 drop CLIPTextModel's `text_model.` prefix; older files
+    and the single files keep it. Put it back so one name table serves both."""
+    return {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
+            for k, v in sd.items()}

@@ -1,0 +1,154 @@
+"""The whole text-to-image model: UNet + VAE + text encoder(s) + tokenizers, and the minisd folder.
+
+A minisd folder (what `convert.py` writes and `sample.py --model` reads) holds:
+    config.json                 ModelConfig as JSON (family, every component config, schedule)
+    unet.safetensors            state dict with official (CompVis/Stability) names
+    vae.safetensors
+    text_encoder.safetensors    (and text_encoder_2.safetensors for SDXL)
+    tokenizer/, tokenizer_2/    optional vocabulary files; the shipped ones are used otherwise
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .clip import CLIPTextModel
+from .config import CLIPTextConfig, ModelConfig
+from .ldmbert import LDMBert
+from .tokenizer import load_tokenizer
+from .unet import UNetModel
+from .vae import AutoencoderKL
+
+CONFIG_NAME = "config.json"
+
+
+class ModelError(Exception):
+    """A model file or folder that cannot be used; the message names the problem in one line."""
+
+
+def text_encoder_file(i: int) -> str:
+    return "text_encoder.safetensors" if i == 0 else f"text_encoder_{i + 1}.safetensors"
+
+
+def tokenizer_dir(i: int) -> str:
+    return "tokenizer" if i == 0 else f"tokenizer_{i + 1}"
+
+
+def build_text_encoder(cfg) -> nn.Module:
+    return CLIPTextModel(cfg) if isinstance(cfg, CLIPTextConfig) else LDMBert(cfg)
+
+
+class StableDiffusion(nn.Module):
+    """Container of the three networks. Each keeps official parameter names, so a component's
+    state dict is exactly the official single file's tensors with the component prefix stripped."""
+
+    def __init__(self, cfg: ModelConfig, tokenizer_dirs: list | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.unet = UNetModel(cfg.unet)
+        self.vae = AutoencoderKL(cfg.vae)
+        self.text_encoders = nn.ModuleList([build_text_encoder(t) for t in cfg.text_encoders])
+        dirs = tokenizer_dirs or [None] * len(cfg.text_encoders)
+        self.tokenizers = [load_tokenizer(t, vocab_dir=d) for t, d in zip(cfg.text_encoders, dirs)]
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent pixel: every VAE level but the last halves the resolution."""
+        return 2 ** (len(self.cfg.vae.ch_mult) - 1)
+
+    def component_state_dicts(self) -> dict:
+        """{file name: state dict} of what a minisd folder stores."""
+        files = {"unet.safetensors": self.unet.state_dict(), "vae.safetensors": self.vae.state_dict()}
+        for i, te in enumerate(self.text_encoders):
+            files[text_encoder_file(i)] = te.state_dict()
+        return files
+
+    def load_components(self, files: dict, strict: bool = True) -> None:
+        """Load {file name: state dict} (as `component_state_dicts` names them), shapes checked."""
+        modules = {"unet.safetensors": self.unet, "vae.safetensors": self.vae}
+        modules.update({text_encoder_file(i): te for i, te in enumerate(self.text_encoders)})
+        for name, module in modules.items():
+            if name not in files:
+                raise ModelError(f"missing component {name}")
+            load_strict(module, files[name], name)
+
+
+def load_strict(module: nn.Module, sd: dict, what: str) -> None:
+    """`load_state_dict(strict=True)` with a one-line error that names the first offending keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+             if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+        if names:
+            more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+            raise ModelError(f"{what}: {label} tensors: {', '.join(names[:3])}{more}")
+    module.load_state_dict(sd, strict=True, assign=True)
+    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if left:  # a non-persistent buffer of a module built on the meta device was never filled
+        raise RuntimeError(f"{what}: tensors left on the meta device: {left[:3]}")
+
+
+def save_model(model: StableDiffusion, out: str, dtype: torch.dtype | None = None,
+               metadata: dict | None = None) -> None:
+    """Write a minisd folder atomically: into a temporary sibling, renamed into place at the end,
+    so an interrupted run never leaves a half-written model at `out`."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".minisd-", dir=parent)
+    try:
+        for name, sd in model.component_state_dicts().items():
+            sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+                  for k, v in sd.items()}
+            save_file(sd, os.path.join(tmp, name), metadata={"format": "pt", **(metadata or {})})
+        for i, tok in enumerate(model.tokenizers):
+            tok.save(os.path.join(tmp, tokenizer_dir(i)))
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(model.cfg.to_dict(), f, indent=2)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def is_minisd_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_NAME)) and os.path.isfile(
+        os.path.join(path, "unet.safetensors"))
+
+
+def load_minisd_folder(path: str) -> StableDiffusion:
+    try:
+        with open(os.path.join(path, CONFIG_NAME)) as f:
+            cfg = ModelConfig.from_dict(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{path}/{CONFIG_NAME}: not a valid minisd config ({e})") from None
+    dirs = [os.path.join(path, tokenizer_dir(i)) for i in range(len(cfg.text_encoders))]
+    dirs = [d if os.path.isdir(d) else None for d in dirs]
+    with torch.device("meta"):
+        model = StableDiffusion(cfg, tokenizer_dirs=dirs)
+    files = {}
+    for name in model.component_state_dicts():
+        p = os.path.join(path, name)
+        if not os.path.isfile(p):
+            raise ModelError(f"{path}: missing component {name}")
+        files[name] = read_safetensors(p)
+    model.load_components(files)
+    return model
+
+
+def read_safetensors(path: str) -> dict:
+    """Read a .safetensors file; a truncated or foreign file becomes a one-line ModelError."""
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises several error types for damaged headers
+        raise ModelError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None

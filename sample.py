@@ -1,0 +1,130 @@
+"""Make images with minisd: text -> image, or image -> image with --init.
+
+    python sample.py                                   # the embedded default model, a captioned grid
+    python sample.py "a red circle" --model weights/sd15 --steps 30 --sampler dpmpp_2m --karras
+
+The initial noise comes from a CPU generator seeded with --seed (fp32, B x 4 x H/8 x W/8), exactly
+as diffusers draws it, so the same weights, seed, sampler and steps give diffusers' image. The prompt
+and settings are written into the PNG as an A1111-style `parameters` text chunk.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler", "euler_a": "Euler a",
+                 "dpmpp_2m": "DPM++ 2M"}
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "minisd-tiny")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Generate images with minisd (text-to-image or img2img).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("prompt", nargs="?", default="a red circle on a blue background",
+                   help="what to draw")
+    p.add_argument("--model", default=None,
+                   help="minisd folder, diffusers folder, or 'tiny-random' "
+                        "(default: weights/minisd-tiny if present, else tiny-random)")
+    p.add_argument("--steps", type=int, default=30, help="sampling steps")
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLER_NAMES))
+    p.add_argument("--karras", action="store_true", help="Karras sigma spacing (euler, dpmpp_2m)")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's resolution)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--batch", type=int, default=1, help="images for the prompt")
+    p.add_argument("--init", default=None, help="init image for img2img")
+    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much of the init image to redraw")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--out", default="sample.png", help="output PNG (with --batch N: OUT-0.png ... OUT-(N-1).png)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="UNet / text-encoder precision (the VAE stays fp32 where it overflows)")
+    a = p.parse_args(argv)
+    if a.steps < 1:
+        p.error("--steps must be at least 1")
+    if a.batch < 1:
+        p.error("--batch must be at least 1")
+    if not 0.0 < a.strength <= 1.0:
+        p.error("--strength must be in (0, 1]")
+    return a
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def parameters_text(a, width: int, height: int, seed: int, model_name: str) -> str:
+    """The A1111 `parameters` chunk: prompt, negative prompt, then one line of settings."""
+    sampler = SAMPLER_NAMES[a.sampler] + (" Karras" if a.karras else "")
+    lines = [a.prompt]
+    if a.negative:
+        lines.append(f"Negative prompt: {a.negative}")
+    settings = f"Steps: {a.steps}, Sampler: {sampler}, CFG scale: {a.cfg}, Seed: {seed}, " \
+               f"Size: {width}x{height}, Model: {model_name}"
+    if a.init:
+        settings += f", Denoising strength: {a.strength}"
+    lines.append(settings)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    import torch
+    from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+    from minisd.formats import TINY_RANDOM, load_model
+    from minisd.model import ModelError
+    from minisd.pipeline import Pipeline
+
+    model_path = a.model or (DEFAULT_MODEL if os.path.isdir(DEFAULT_MODEL) else TINY_RANDOM)
+    init = None
+    if a.init:
+        try:
+            init = Image.open(a.init)
+            init.load()
+            init = init.convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            print(f"error: {a.init}: not a readable image ({e})", file=sys.stderr)
+            return 2
+    try:
+        t0 = time.time()
+        model = load_model(model_path)
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    pipe = Pipeline(model, device=a.device, dtype=dtype)
+    f = model.vae_scale
+    width = a.width or (init.width // f * f if init else model.cfg.resolution)
+    height = a.height or (init.height // f * f if init else model.cfg.resolution)
+    if width % f or height % f:
+        print(f"error: --width/--height must be multiples of {f} for this model", file=sys.stderr)
+        return 2
+    print(f"model {model_path} ({model.cfg.family}) loaded in {time.time() - t0:.1f}s; "
+          f"{a.batch} image(s) {width}x{height}, {a.sampler}{' karras' if a.karras else ''}, "
+          f"{a.steps} steps, cfg {a.cfg}, seed {a.seed}", file=sys.stderr)
+    images = pipe(a.prompt, negative=a.negative or None, steps=a.steps, sampler=a.sampler,
+                  karras=a.karras, cfg_scale=a.cfg, seed=a.seed, width=width, height=height,
+                  batch=a.batch, init_image=init, strength=a.strength, eta=a.eta, progress=True)
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters_text(a, width, height, a.seed, os.path.basename(
+        os.path.normpath(model_path))))
+    stem, ext = os.path.splitext(a.out)
+    outs = [a.out] if len(images) == 1 else [f"{stem}-{i}{ext or '.png'}" for i in range(len(images))]
+    for img, path in zip(images, outs):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        img.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)  # never leave a half-written PNG behind
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
