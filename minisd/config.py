@@ -102,7 +102,10 @@ class ScheduleConfig:
     beta_end: float = 0.012                 # `linear_end`
     beta_schedule: str = "scaled_linear"    # betas = linspace(sqrt(start), sqrt(end), T) ** 2
     prediction_type: str = "epsilon"        # "epsilon" | "v_prediction" | "sample"
-    timestep_spacing: str = "leading"       # diffusers' convention for the official configs
+    # How inference timesteps are spread ("leading" | "linspace" | "trailing"). None = the sampler's
+    # own default, as diffusers does when a scheduler config has no such key (SD1/SD2 hub configs):
+    # leading for DDIM/DDPM, linspace for Euler, Euler a and DPM++.
+    timestep_spacing: Optional[str] = None
     steps_offset: int = 1
     set_alpha_to_one: bool = False
 
@@ -190,6 +193,7 @@ SDXL_BASE = ModelConfig(
                        num_hidden_layers=32, hidden_act="gelu", projection_dim=1280,
                        layer=-2, final_norm=False, pad_token="!"),
     ],
+    schedule=ScheduleConfig(timestep_spacing="leading"),   # sdxl scheduler_config.json says so
     resolution=1024,
     zero_empty_negative=True,
 )

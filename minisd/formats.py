@@ -49,13 +49,14 @@ def read_weights(folder: str) -> dict:
         if not os.path.isfile(p):
             continue
         if p.endswith(".safetensors"):
-            return {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
-                    for k, v in read_safetensors(p).items()}
+            return read_safetensors(p)
         try:
             sd = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ModelError(f"{p}: refused or unreadable pickle ({str(e).splitlines()[0]})") from None
-        return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ModelError(f"{p}: not a state dict of tensors")
+        return sd
     raise ModelError(f"{folder}: no weights file ({', '.join(WEIGHT_NAMES[:2])}, ...)")
 
 
@@ -96,7 +97,7 @@ def schedule_config_from_diffusers(d: dict) -> ScheduleConfig:
                           beta_start=d.get("beta_start", 0.0001), beta_end=d.get("beta_end", 0.02),
                           beta_schedule=d.get("beta_schedule", "linear"),
                           prediction_type=d.get("prediction_type", "epsilon"),
-                          timestep_spacing=d.get("timestep_spacing", "leading"),
+                          timestep_spacing=d.get("timestep_spacing"),
                           steps_offset=d.get("steps_offset", 0),
                           set_alpha_to_one=d.get("set_alpha_to_one", True))
 
@@ -156,14 +157,47 @@ def load_diffusers_folder(path: str) -> StableDiffusion:
     with torch.device("meta"):
         model = StableDiffusion(cfg, tokenizer_dirs=tok_dirs)
 
-    files = {"unet.safetensors": unet_from_diffusers(read_weights(os.path.join(path, "unet")), unet_cfg),
-             "vae.safetensors": vae_from_diffusers(read_weights(vae_dir))}
+    vae_sd = read_weights(vae_dir)
+    unet_sd = read_weights(os.path.join(path, "unet"))
+    raw = {f"unet/{k}": v for k, v in unet_sd.items()}
+    raw.update({f"{os.path.basename(vae_dir)}/{k}": v for k, v in vae_sd.items()})
+    files = {"unet.safetensors": unet_from_diffusers(unet_sd, unet_cfg),
+             "vae.safetensors": vae_from_diffusers(vae_sd)}
+    # What export needs to write this folder back exactly: naming conventions and unused tensors.
+    extras, source = {}, {"format": "diffusers", "source": os.path.basename(os.path.normpath(path)),
+                          "vae_attention": "legacy" if any(".query." in k for k in vae_sd) else "new",
+                          "text_model_prefix": []}
     for i, sub in enumerate(text_dirs):
         sd = read_weights(os.path.join(path, sub))
-        files[text_encoder_file(i)] = ldmbert_from_diffusers(sd) if family == "ldm" else clip_from_hf(
-            with_text_model_prefix(sd))
+        raw.update({f"{sub}/{k}": v for k, v in sd.items()})
+        if family == "ldm":
+            files[text_encoder_file(i)] = ldmbert_from_diffusers(sd)
+            continue
+        source["text_model_prefix"].append(any(k.startswith("text_model.") for k in sd))
+        sd = with_text_model_prefix(sd)
+        extras.update({f"{sub}/{k}": v for k, v in sd.items() if k.endswith("position_ids")})
+        files[text_encoder_file(i)] = _state(clip_from_hf(sd))
     model.load_components(files)
+    model.extras, model.source, model.trace = extras, source, trace_by_storage(raw, model)
     return model
+
+
+def _state(result):
+    """Name tables return (state dict, ignored) or a bare state dict."""
+    return result[0] if isinstance(result, tuple) else result
+
+
+def trace_by_storage(raw: dict, model: StableDiffusion) -> list:
+    """[(source name, minisd parameter or 'ignored: ...')]: the name tables move tensors without
+    copying them (a reshape is a view), so a source tensor and the parameter it became share memory."""
+    comps = [("unet", model.unet), ("vae", model.vae)] + [
+        ("text_encoder" if i == 0 else f"text_encoder_{i + 1}", te) for i, te in enumerate(model.text_encoders)]
+    where = {}
+    for comp, module in comps:
+        for name, t in module.state_dict().items():
+            where[t.data_ptr()] = f"{comp}.{name}"
+    return [(k, where.get(v.data_ptr(), "ignored: not used by minisd (kept for export)"))
+            for k, v in raw.items()]
 
 
 def unet_cfg_resolution(path: str, vae_cfg: VAEConfig) -> int:
@@ -193,8 +227,8 @@ def load_model(path: str) -> StableDiffusion:
                 return load_diffusers_folder(path)
             raise ModelError(f"{path}: neither a minisd folder (config.json + unet.safetensors) "
                              "nor a diffusers folder (model_index.json)")
-        raise ModelError(f"{path}: single-file checkpoints are read by convert.py; run "
-                         f"`python convert.py {path} --out weights/NAME` first")
+        from .single_file import load_single_file
+        return load_single_file(path)[0]
     except KeyError as e:  # a name table met a tensor it does not know
         raise ModelError(f"{path}: unexpected checkpoint layout ({e.args[0] if e.args else e})") from None
 

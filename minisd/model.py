@@ -5,7 +5,10 @@ A minisd folder (what `convert.py` writes and `sample.py --model` reads) holds:
     unet.safetensors            state dict with official (CompVis/Stability) names
     vae.safetensors
     text_encoder.safetensors    (and text_encoder_2.safetensors for SDXL)
-    tokenizer/, tokenizer_2/    optional vocabulary files; the shipped ones are used otherwise
+    tokenizer/, tokenizer_2/    vocabulary files (the shipped ones are used where absent)
+    extras.safetensors          optional: source tensors minisd does not compute with (schedule
+                                buffers, position_ids, ...), kept verbatim so export rebuilds the file
+    source.json                 optional: where the weights came from (format, file, EMA, naming)
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from .unet import UNetModel
 from .vae import AutoencoderKL
 
 CONFIG_NAME = "config.json"
+EXTRAS_NAME = "extras.safetensors"
+SOURCE_NAME = "source.json"
 
 
 class ModelError(Exception):
@@ -97,7 +102,7 @@ def load_strict(module: nn.Module, sd: dict, what: str) -> None:
 
 
 def save_model(model: StableDiffusion, out: str, dtype: torch.dtype | None = None,
-               metadata: dict | None = None) -> None:
+               metadata: dict | None = None, extras: dict | None = None, source: dict | None = None) -> None:
     """Write a minisd folder atomically: into a temporary sibling, renamed into place at the end,
     so an interrupted run never leaves a half-written model at `out`."""
     out = os.path.abspath(out)
@@ -109,6 +114,11 @@ def save_model(model: StableDiffusion, out: str, dtype: torch.dtype | None = Non
             sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
                   for k, v in sd.items()}
             save_file(sd, os.path.join(tmp, name), metadata={"format": "pt", **(metadata or {})})
+        if extras:
+            save_file({k: v.contiguous() for k, v in extras.items()}, os.path.join(tmp, EXTRAS_NAME))
+        if source:
+            with open(os.path.join(tmp, SOURCE_NAME), "w") as f:
+                json.dump(source, f, indent=2)
         for i, tok in enumerate(model.tokenizers):
             tok.save(os.path.join(tmp, tokenizer_dir(i)))
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
@@ -152,3 +162,14 @@ def read_safetensors(path: str) -> dict:
         return load_file(path)
     except Exception as e:  # safetensors raises several error types for damaged headers
         raise ModelError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def read_extras(path: str) -> tuple[dict, dict]:
+    """(kept source tensors, source.json) of a minisd folder; empty where absent."""
+    extras, source = {}, {}
+    if os.path.isfile(os.path.join(path, EXTRAS_NAME)):
+        extras = read_safetensors(os.path.join(path, EXTRAS_NAME))
+    if os.path.isfile(os.path.join(path, SOURCE_NAME)):
+        with open(os.path.join(path, SOURCE_NAME)) as f:
+            source = json.load(f)
+    return extras, source

@@ -40,6 +40,12 @@ def make_scheduler(kind: str, base: dict, karras: bool = False):
     return SCHEDULERS[kind].from_config({**base, **extra})
 
 
+def saved_scheduler_config(folder) -> dict:
+    """The scheduler config exactly as minisd reads it from the saved folder."""
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+        return json.load(f)
+
+
 def clip_tokenizer(pad="<|endoftext|>"):
     return CLIPTokenizer(os.path.join(CLIP_VOCAB, "vocab.json"), os.path.join(CLIP_VOCAB, "merges.txt"),
                          pad_token=pad)
@@ -102,7 +108,7 @@ def sd1_folder(tmp_path_factory):
                                             ("euler_a", False), ("dpmpp_2m", False), ("dpmpp_2m", True)])
 def test_sd1_txt2img_matches_diffusers(sd1_folder, tmp_path, sampler, karras):
     pipe = StableDiffusionPipeline.from_pretrained(sd1_folder)
-    pipe.scheduler = make_scheduler(sampler, scheduler_config("sd15/scheduler_config.json"), karras)
+    pipe.scheduler = make_scheduler(sampler, saved_scheduler_config(sd1_folder), karras)
     ref = pipe(PROMPT, negative_prompt="blurry", num_inference_steps=5, guidance_scale=7.5,
                height=32, width=32, generator=torch.Generator().manual_seed(7)).images[0]
     out = tmp_path / "ours.png"
@@ -117,7 +123,7 @@ def test_sd1_txt2img_matches_diffusers(sd1_folder, tmp_path, sampler, karras):
 
 def test_sd1_batch_matches_diffusers(sd1_folder, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(sd1_folder)
-    pipe.scheduler = make_scheduler("euler_a", scheduler_config("sd15/scheduler_config.json"))
+    pipe.scheduler = make_scheduler("euler_a", saved_scheduler_config(sd1_folder))
     refs = pipe(PROMPT, num_inference_steps=3, num_images_per_prompt=2, height=32, width=32,
                 generator=torch.Generator().manual_seed(3)).images
     out = tmp_path / "b.png"
@@ -133,7 +139,7 @@ def test_sd1_img2img_matches_diffusers(sd1_folder, tmp_path):
     init_path = tmp_path / "init.png"
     init.save(init_path)
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(sd1_folder)
-    pipe.scheduler = make_scheduler("ddim", scheduler_config("sd15/scheduler_config.json"))
+    pipe.scheduler = make_scheduler("ddim", saved_scheduler_config(sd1_folder))
     ref = pipe(PROMPT, image=init, strength=0.6, num_inference_steps=5, guidance_scale=5.0,
                generator=torch.Generator().manual_seed(11)).images[0]
     out = tmp_path / "i2i.png"
