@@ -32,7 +32,7 @@ class UNetConfig:
     use_linear_in_transformer: bool = False  # SD2/SDXL: Linear proj_in/out; SD1/LDM: 1x1 conv
     adm_in_channels: Optional[int] = None   # SDXL: 2816 = pooled text (1280) + 6 size values x 256
     norm_num_groups: int = 32               # GroupNorm groups (32 in every official model)
-    norm_eps: float = 1e-5                  # ResBlock / transformer GroupNorm eps (LayerNorm uses 1e-5 too)
+    norm_eps: float = 1e-5                  # ResBlock / output GroupNorm eps (the transformers' GroupNorm uses 1e-6)
 
     def heads(self, channels: int) -> int:
         """Number of attention heads of a transformer with `channels` width."""
@@ -208,7 +208,7 @@ LDM_256 = ModelConfig(
     resolution=256,
 )
 
-# A few hundred thousand UNet parameters: the unit-test model and the architecture of minisd-tiny.
+# About one million UNet parameters: the unit-test model and the architecture of minisd-tiny.
 TINY = ModelConfig(
     family="sd1",
     unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=(1, 1),
