@@ -31,6 +31,7 @@ class UNetConfig:
     context_dim: int = 768                  # width of the text-encoder states used as cross-attention keys
     use_linear_in_transformer: bool = False  # SD2/SDXL: Linear proj_in/out; SD1/LDM: 1x1 conv
     adm_in_channels: Optional[int] = None   # SDXL: 2816 = pooled text (1280) + 6 size values x 256
+    addition_time_embed_dim: int = 256      # SDXL: sinusoidal width of each of the 6 size values
     norm_num_groups: int = 32               # GroupNorm groups (32 in every official model)
     norm_eps: float = 1e-5                  # ResBlock / output GroupNorm eps (the transformers' GroupNorm uses 1e-6)
 

@@ -42,7 +42,9 @@ def export_single_file(model: StableDiffusion, folder: str | None, dest: str) ->
     tmp = dest + ".tmp"
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     try:
-        save_file(_contiguous(sd), tmp, metadata={"format": "pt"})
+        # The official layout plus our config in the header, so minisd re-imports non-preset shapes.
+        save_file(_contiguous(sd), tmp, metadata={"format": "pt",
+                                                  "minisd_config": json.dumps(model.cfg.to_dict())})
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):

@@ -104,11 +104,12 @@ def schedule_config_from_diffusers(d: dict) -> ScheduleConfig:
 
 def _pad_token(path: str, sub: str, default: str) -> str:
     """Which token pads the prompt: EOS for OpenAI CLIP tokenizers, "!" for OpenCLIP ones."""
-    p = os.path.join(path, sub, "special_tokens_map.json")
-    if not os.path.isfile(p):
-        return default
-    pad = _read_json(p).get("pad_token", default)
-    return pad["content"] if isinstance(pad, dict) else pad
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # transformers >= 5 writes only the latter
+        p = os.path.join(path, sub, name)
+        if os.path.isfile(p) and _read_json(p).get("pad_token"):
+            pad = _read_json(p)["pad_token"]
+            return pad["content"] if isinstance(pad, dict) else pad
+    return default
 
 
 def load_diffusers_folder(path: str) -> StableDiffusion:

@@ -211,14 +211,16 @@ def unet_config_from_diffusers(d: dict) -> UNetConfig:
         context_dim=cross,
         use_linear_in_transformer=bool(d.get("use_linear_projection", False)),
         adm_in_channels=adm,
+        addition_time_embed_dim=d.get("addition_time_embed_dim") or 256,
         norm_num_groups=d.get("norm_num_groups", 32),
         norm_eps=d.get("norm_eps", 1e-5),
     )
 
 
-def diffusers_unet_config(cfg: UNetConfig, addition_time_embed_dim: int = 256) -> dict:
+def diffusers_unet_config(cfg: UNetConfig, addition_time_embed_dim: int | None = None) -> dict:
     """UNetConfig -> the `UNet2DConditionModel` config that builds the same network (no `sample_size`:
-    that is a pipeline property). `addition_time_embed_dim` (SDXL) is not part of UNetConfig."""
+    that is a pipeline property)."""
+    addition_time_embed_dim = addition_time_embed_dim or cfg.addition_time_embed_dim
     levels, mc = len(cfg.channel_mult), cfg.model_channels
     channels = [m * mc for m in cfg.channel_mult]
     has_attn = [d > 0 for d in cfg.transformer_depth]

@@ -90,7 +90,7 @@ class Pipeline:
             # SDXL micro-conditioning: (original h, w, crop top, left, target h, w); no crop here.
             time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=ctx.dtype,
                                     device=self.device).repeat(len(ctx), 1)
-            y = sdxl_vector_cond(pooled, time_ids)
+            y = sdxl_vector_cond(pooled, time_ids, embed_dim=cfg.unet.addition_time_embed_dim)
 
         # All randomness comes from one CPU generator, drawn in diffusers' order.
         gen = torch.Generator("cpu").manual_seed(seed)

@@ -16,12 +16,15 @@ official attribute names), except OpenCLIP towers, whose one real rename lives i
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
+import warnings
 
 import torch
 
 from .config import LDM_256, SD2_BASE, SD2_V, SD15, SDXL_BASE, ModelConfig
-from .keys_text import clip_from_hf, clip_from_openclip, clip_to_openclip
+from .keys_text import clip_from_hf, clip_from_openclip, clip_to_openclip, openclip_pairs, qkv_pairs
 from .model import ModelError, read_safetensors
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
@@ -55,13 +58,21 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such file")
     if path.endswith(".safetensors"):
-        return read_safetensors(path), {}
+        sd = read_safetensors(path)
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            return sd, dict(f.metadata() or {})
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise ModelError(f"{path}: refused: the pickle would run code ({first[:120]})") from None
+        msg = str(e)
+        found = re.search(r"GLOBAL ([\w.]+)", msg)
+        if found or "weights_only" in msg or "Unsupported" in msg:
+            what = f"it calls {found.group(1)}" if found else "it references objects that are not tensors"
+            raise ModelError(f"{path}: refused: loading this pickle would run code ({what})") from None
+        first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
         raise ModelError(f"{path}: not a readable checkpoint ({first[:120]})") from None
     if not isinstance(obj, dict):
         raise ModelError(f"{path}: not a checkpoint (a pickled {type(obj).__name__})")
@@ -165,9 +176,21 @@ def split_checkpoint(sd: dict, family: str, cfg: ModelConfig, ema: bool | None =
             trace.append((p + name, f"ignored: {why}"))
             extras[p + name] = raw[name]
         comps[comp] = out
-        for name in out:
-            trace.append((f"{p}{name} (as {comp}.{name})" if name not in raw else p + name, f"{comp}.{name}"))
+        trace += text_trace(raw, ignored, p, comp, tcfg, openclip=p.endswith(".model."))
     return Split(family, comps, trace, use_ema, extras)
+
+
+def text_trace(raw: dict, ignored: dict, prefix: str, comp: str, tcfg, openclip: bool) -> list:
+    """(source key, destination) for every consumed text-encoder tensor."""
+    if not openclip:   # HF CLIP / LDMBert: the names are ours already
+        return [(prefix + k, f"{comp}.{k}") for k in raw if k not in ignored]
+    out = [(prefix + theirs, f"{comp}.{ours}") for ours, theirs in openclip_pairs(tcfg)]
+    for ours, fused in qkv_pairs(tcfg):
+        for p in ("weight", "bias"):
+            out.append((f"{prefix}{fused}_{p}", ", ".join(f"{comp}.{o}.{p}" for o in ours) + " (split q, k, v)"))
+    if tcfg.projection_dim:
+        out.append((prefix + "text_projection", f"{comp}.text_projection.weight (transposed)"))
+    return out
 
 
 def _pair(result):
@@ -214,13 +237,16 @@ def load_single_file(path: str, family: str | None = None, prediction: str | Non
                      ema: bool | None = None):
     """(StableDiffusion, Split) from an official single file, converted in memory."""
     from .model import StableDiffusion
-    sd, _ = read_checkpoint(path)
+    sd, info = read_checkpoint(path)
     fam = detect_family(sd)
     if fam is None:
         raise ModelError(f"{path}: {describe_foreign(sd)}")
     if family not in (None, "auto") and family != fam:
         raise ModelError(f"{path}: keys say {fam}, but --family {family} was given")
-    cfg = config_for(fam, sd, prediction)
+    if "minisd_config" in info:   # a file minisd exported carries its exact architecture
+        cfg = ModelConfig.from_dict(json.loads(info["minisd_config"]))
+    else:
+        cfg = config_for(fam, sd, prediction)
     split = split_checkpoint(sd, fam, cfg, ema=ema)
     with torch.device("meta"):
         model = StableDiffusion(cfg)

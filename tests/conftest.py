@@ -24,7 +24,7 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch
                 p.copy_(1.0 + noise)
             else:
                 p.copy_(noise)
-    return module
+    return module.eval()   # reference models are built in train mode: dropout would make them random
 
 
 @pytest.fixture(autouse=True)

@@ -190,7 +190,9 @@ def bad_inputs(tmp_path):
     cases["unrelated"] = (tmp_path / "other.safetensors", None, "not a Stable Diffusion")
     shape = dict(sd)
     shape["model.diffusion_model.input_blocks.0.0.bias"] = torch.zeros(7)
-    save_file(shape, tmp_path / "shape.safetensors")
+    from safetensors import safe_open
+    with safe_open(str(good), "pt") as f:
+        save_file(shape, tmp_path / "shape.safetensors", metadata=f.metadata())
     cases["shape"] = (tmp_path / "shape.safetensors", None, "shape mismatch")
     with open(tmp_path / "evil.ckpt", "wb") as f:
         pickle.dump({"state_dict": Evil()}, f)

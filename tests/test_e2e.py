@@ -48,7 +48,7 @@ def saved_scheduler_config(folder) -> dict:
 
 def clip_tokenizer(pad="<|endoftext|>"):
     return CLIPTokenizer(os.path.join(CLIP_VOCAB, "vocab.json"), os.path.join(CLIP_VOCAB, "merges.txt"),
-                         pad_token=pad)
+                         pad_token=pad, model_max_length=77)
 
 
 def tiny_unet(seed, **kw):
@@ -194,7 +194,7 @@ def test_ldm_matches_diffusers(tmp_path):
     unet = tiny_unet(12, cross_attention_dim=32)
     sched = DDIMScheduler.from_config(scheduler_config("ldm_text2im_large_256/scheduler_config.derived.json"))
     pipe = LDMTextToImagePipeline(vqvae=tiny_vae(13, levels=4), bert=bert,
-                                  tokenizer=BertTokenizer(os.path.join(BERT_VOCAB, "vocab.txt")), unet=unet,
+                                  tokenizer=BertTokenizer(os.path.join(BERT_VOCAB, "vocab.txt"), model_max_length=77), unet=unet,
                                   scheduler=sched)
     pipe.save_pretrained(tmp_path / "ldm")
     ref = pipe(PROMPT, num_inference_steps=5, guidance_scale=4.0, height=64, width=64,

@@ -32,11 +32,13 @@ from minisd.vae import AutoencoderKL  # noqa: E402
 
 
 def configs_dir() -> str:
-    for base in (os.path.join(ROOT, "shared"), os.path.join(os.path.dirname(ROOT), "shared")):
-        p = os.path.join(base, "reference", "configs")
-        if os.path.isdir(p):
+    """The official configs: ../shared/reference/configs beside the checkout, or $MINISD_REFERENCE."""
+    bases = [os.environ.get("MINISD_REFERENCE", ""), os.path.join(os.path.dirname(ROOT), "shared", "reference")]
+    for base in bases:
+        p = os.path.join(base, "configs")
+        if base and os.path.isdir(p):
             return p
-    raise SystemExit("error: ../shared/reference/configs not found")
+    raise SystemExit("error: ../shared/reference/configs not found (set MINISD_REFERENCE)")
 
 
 def load_json(*parts):
@@ -49,7 +51,8 @@ def compare(name, ours, ref):
     diff = (ours - ref).abs().max().item()
     rel = diff / ref.abs().max().item()
     cos = torch.nn.functional.cosine_similarity(ours, ref, dim=0).item()
-    return {"component": name, "max_abs": diff, "max_rel": rel, "cosine": cos, "numel": ref.numel()}
+    return {"component": name, "max_abs": diff, "max_rel": rel, "cosine": cos, "numel": ref.numel(),
+            "ref_absmax": ref.abs().max().item(), "ref_std": ref.std().item()}
 
 
 def as_state(sd):
@@ -158,37 +161,48 @@ def ldmbert_case(dev="cuda"):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--only", default=None, help="run only the cases whose label contains this text")
     a = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("error: this check needs a CUDA GPU")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: this check needs a CUDA GPU (or --device cpu, slowly)")
+    dev = a.device
     torch.backends.cuda.matmul.allow_tf32 = False   # fp32 means fp32: TF32 would add ~1e-3 errors
     torch.backends.cudnn.allow_tf32 = False
     cases = [
-        lambda: unet_case("SD1.5", ("sd15", "unet.json"), SD15, 64),
-        lambda: vae_case("SD1.5", ("sd15", "vae.json"), SD15),
-        lambda: clip_case("SD1.5 CLIP-L", ("sd15", "text_encoder.json"), SD15.text_encoders[0]),
-        lambda: unet_case("SD2.1-768-v", ("sd21_768v", "unet.json"), SD2_V, 96),
-        lambda: clip_case("SD2.1 OpenCLIP-H", ("sd21_768v", "text_encoder.json"), SD2_V.text_encoders[0]),
-        lambda: unet_case("SDXL base", ("sdxl_base", "unet.json"), SDXL_BASE, 128),
-        lambda: vae_case("SDXL base", ("sdxl_base", "vae.json"), SDXL_BASE),
-        lambda: clip_case("SDXL CLIP-L", ("sdxl_base", "text_encoder.json"), SDXL_BASE.text_encoders[0]),
-        lambda: clip_case("SDXL OpenCLIP-bigG", ("sdxl_base", "text_encoder_2.json"), SDXL_BASE.text_encoders[1]),
-        lambda: unet_case("LDM-256", ("ldm_text2im_large_256", "unet.derived.json"), LDM_256, 32),
-        lambda: vae_case("LDM-256", ("ldm_text2im_large_256", "vqvae.derived.json"), LDM_256),
-        ldmbert_case,
+        ("SD1.5 UNet", lambda: unet_case("SD1.5", ("sd15", "unet.json"), SD15, 64, dev=dev)),
+        ("SD1.5 VAE", lambda: vae_case("SD1.5", ("sd15", "vae.json"), SD15, dev=dev)),
+        ("SD1.5 CLIP", lambda: clip_case("SD1.5 CLIP-L", ("sd15", "text_encoder.json"), SD15.text_encoders[0], dev=dev)),
+        ("SD2 UNet", lambda: unet_case("SD2.1-768-v", ("sd21_768v", "unet.json"), SD2_V, 96, dev=dev)),
+        ("SD2 CLIP", lambda: clip_case("SD2.1 OpenCLIP-H", ("sd21_768v", "text_encoder.json"),
+                                       SD2_V.text_encoders[0], dev=dev)),
+        ("SDXL UNet", lambda: unet_case("SDXL base", ("sdxl_base", "unet.json"), SDXL_BASE, 128, dev=dev)),
+        ("SDXL VAE", lambda: vae_case("SDXL base", ("sdxl_base", "vae.json"), SDXL_BASE, dev=dev)),
+        ("SDXL CLIP-L", lambda: clip_case("SDXL CLIP-L", ("sdxl_base", "text_encoder.json"),
+                                          SDXL_BASE.text_encoders[0], dev=dev)),
+        ("SDXL bigG", lambda: clip_case("SDXL OpenCLIP-bigG", ("sdxl_base", "text_encoder_2.json"),
+                                        SDXL_BASE.text_encoders[1], dev=dev)),
+        ("LDM UNet", lambda: unet_case("LDM-256", ("ldm_text2im_large_256", "unet.derived.json"), LDM_256, 32,
+                                       dev=dev)),
+        ("LDM VAE", lambda: vae_case("LDM-256", ("ldm_text2im_large_256", "vqvae.derived.json"), LDM_256, dev=dev)),
+        ("LDM LDMBert", lambda: ldmbert_case(dev=dev)),
     ]
     rows = []
-    for case in cases:
+    for label, case in cases:
+        if a.only and a.only not in label:
+            continue
         t0 = time.time()
         res = case()
         for r in res if isinstance(res, list) else [res]:
             r["seconds"] = round(time.time() - t0, 1)
             rows.append(r)
             print(f"{r['component']}: max_abs {r['max_abs']:.3e} max_rel {r['max_rel']:.3e} "
-                  f"cosine {r['cosine']:.9f}", flush=True)
+                  f"cosine {r['cosine']:.9f} (reference std {r['ref_std']:.3g})", flush=True)
         gc.collect()
-        torch.cuda.empty_cache()
-    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    info = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
+            "rows": rows}
     try:
         import diffusers
         import transformers
@@ -198,10 +212,11 @@ def main():
     if a.out:
         with open(a.out, "w") as f:
             json.dump(info, f, indent=2)
-    print("\n| component | max abs diff | max abs diff / max abs ref | cosine similarity |")
-    print("|---|---|---|---|")
+    print("\n| component | max abs diff | max abs diff / max abs ref | cosine similarity | ref std |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['component']} | {r['max_abs']:.2e} | {r['max_rel']:.2e} | {r['cosine']:.9f} |")
+        print(f"| {r['component']} | {r['max_abs']:.2e} | {r['max_rel']:.2e} | {r['cosine']:.9f} | "
+              f"{r['ref_std']:.3g} |")
 
 
 if __name__ == "__main__":
