@@ -118,10 +118,10 @@ def ids_batch(dev, eos=49407, vocab=49000):
 def clip_case(label, cfg_path, text_cfg, dev="cuda"):
     from transformers import CLIPTextConfig as RefCfg, CLIPTextModel as RefCLIP, CLIPTextModelWithProjection
     d = load_json(*cfg_path)
-    rcfg = RefCfg(**{k: v for k, v in d.items() if not k.startswith("_")})
+    rcfg = RefCfg(**{k: v for k, v in d.items() if not k.startswith("_") and k != "torch_dtype"})
     klass = CLIPTextModelWithProjection if text_cfg.projection_dim else RefCLIP
     with torch.device(dev):
-        ref = klass(rcfg).eval()
+        ref = klass(rcfg).float().eval()   # bigG's config says float16: compare in fp32
     with torch.device("meta"):
         ours = CLIPTextModel(text_cfg)
     sd = clip_from_hf({("text_model." + k if not k.startswith(("text_model.", "text_projection")) else k): v
@@ -132,9 +132,11 @@ def clip_case(label, cfg_path, text_cfg, dev="cuda"):
     with torch.no_grad():
         out = ref(ids, output_hidden_states=True)
         h, pooled = ours(ids)
-    hs = out.hidden_states[text_cfg.layer]
     if text_cfg.final_norm:
-        hs = ref.text_model.final_layer_norm(hs)
+        assert text_cfg.layer == -1, "final norm is applied to the last layer in every official model"
+        hs = out.last_hidden_state
+    else:
+        hs = out.hidden_states[text_cfg.layer]
     res = [compare(f"{label} hidden states", h, hs)]
     if text_cfg.projection_dim:
         res.append(compare(f"{label} pooled projection", pooled, out.text_embeds))
