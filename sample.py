@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--batch must be at least 1")
     if not 0.0 < a.strength <= 1.0:
         p.error("--strength must be in (0, 1]")
+    if a.karras and a.sampler not in ("euler", "dpmpp_2m"):
+        p.error("--karras applies to --sampler euler or dpmpp_2m (as in diffusers)")
     return a
 
 
@@ -108,9 +110,13 @@ def main(argv=None) -> int:
     print(f"model {model_path} ({model.cfg.family}) loaded in {time.time() - t0:.1f}s; "
           f"{a.batch} image(s) {width}x{height}, {a.sampler}{' karras' if a.karras else ''}, "
           f"{a.steps} steps, cfg {a.cfg}, seed {a.seed}", file=sys.stderr)
-    images = pipe(a.prompt, negative=a.negative or None, steps=a.steps, sampler=a.sampler,
-                  karras=a.karras, cfg_scale=a.cfg, seed=a.seed, width=width, height=height,
-                  batch=a.batch, init_image=init, strength=a.strength, eta=a.eta, progress=True)
+    try:
+        images = pipe(a.prompt, negative=a.negative or None, steps=a.steps, sampler=a.sampler,
+                      karras=a.karras, cfg_scale=a.cfg, seed=a.seed, width=width, height=height,
+                      batch=a.batch, init_image=init, strength=a.strength, eta=a.eta, progress=True)
+    except ValueError as e:  # e.g. img2img strength so low that no step is left
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters_text(a, width, height, a.seed, os.path.basename(
