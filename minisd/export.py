@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 from safetensors.torch import save_file
 
@@ -19,7 +17,7 @@ from .config import CLIPTextConfig, ModelConfig
 from .keys_text import ldmbert_to_diffusers
 from .keys_unet import diffusers_unet_config, unet_to_diffusers
 from .keys_vae import vae_to_diffusers
-from .model import StableDiffusion, read_extras
+from .model import StableDiffusion, atomic_folder, read_extras
 from .single_file import join_checkpoint
 
 
@@ -107,10 +105,7 @@ def export_diffusers(model: StableDiffusion, dest: str, folder: str | None = Non
     extras, source = read_extras(folder) if folder else ({}, {})
     legacy_vae = source.get("vae_attention") == "legacy"
     prefixes = source.get("text_model_prefix", [])
-    dest = os.path.abspath(dest)
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".minisd-export-", dir=os.path.dirname(dest))
-    try:
+    with atomic_folder(dest) as tmp:
         ldm = cfg.family == "ldm"
         vae_sub = "vqvae" if ldm else "vae"
         _write(tmp, "unet", {"_class_name": "UNet2DConditionModel", **diffusers_unet_config(cfg.unet),
@@ -150,9 +145,3 @@ def export_diffusers(model: StableDiffusion, dest: str, folder: str | None = Non
                          requires_safety_checker=False)
         with open(os.path.join(tmp, "model_index.json"), "w") as f:
             json.dump(index, f, indent=2)
-        if os.path.exists(dest):
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

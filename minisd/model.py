@@ -12,6 +12,7 @@ A minisd folder (what `convert.py` writes and `sample.py --model` reads) holds:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -101,15 +102,28 @@ def load_strict(module: nn.Module, sd: dict, what: str) -> None:
         raise RuntimeError(f"{what}: tensors left on the meta device: {left[:3]}")
 
 
+@contextlib.contextmanager
+def atomic_folder(out: str):
+    """Yield a temporary sibling of `out` to fill; on success it replaces `out` by one rename, on any
+    failure (or Ctrl-C) it is removed. So no run ever leaves a half-written folder at `out`."""
+    out = os.path.abspath(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".minisd-", dir=os.path.dirname(out))
+    try:
+        yield tmp
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_model(model: StableDiffusion, out: str, dtype: torch.dtype | None = None,
                metadata: dict | None = None, extras: dict | None = None, source: dict | None = None) -> None:
     """Write a minisd folder atomically: into a temporary sibling, renamed into place at the end,
     so an interrupted run never leaves a half-written model at `out`."""
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".minisd-", dir=parent)
-    try:
+    with atomic_folder(out) as tmp:
         for name, sd in model.component_state_dicts().items():
             sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
                   for k, v in sd.items()}
@@ -123,12 +137,6 @@ def save_model(model: StableDiffusion, out: str, dtype: torch.dtype | None = Non
             tok.save(os.path.join(tmp, tokenizer_dir(i)))
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(model.cfg.to_dict(), f, indent=2)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def is_minisd_folder(path: str) -> bool:
