@@ -223,3 +223,20 @@ TINY = ModelConfig(
 
 PRESETS = {"sd15": SD15, "sd2_base": SD2_BASE, "sd2_v": SD2_V, "sdxl_base": SDXL_BASE,
            "ldm_256": LDM_256, "tiny": TINY}
+
+# minisd-tiny, the embedded model trained from scratch on the procedural world (`minisd/pretrain.py`).
+# Sized for a laptop CPU: a 64 px image is a 16x16x4 latent (VAE f = 4), the UNet has two levels of
+# 64 / 128 channels with attention at both, and the text encoder is 96 wide. Its CLIP token embedding
+# (49408 x 96) is a third of the weights; 28 MB in all as stored (fp16). scale_factor is a placeholder:
+# pretraining measures the latents' std and stores 1/std in the saved config.json.
+WORLD_TINY = ModelConfig(
+    family="sd1",
+    unet=UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=(2, 2),
+                    transformer_depth=(1, 1), transformer_depth_middle=1, num_head_channels=32,
+                    context_dim=96, norm_num_groups=32),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, norm_num_groups=32, scale_factor=1.0),
+    text_encoders=[CLIPTextConfig(hidden_size=96, intermediate_size=384, num_attention_heads=4,
+                                  num_hidden_layers=3)],
+    resolution=64,
+)
+PRESETS["world_tiny"] = WORLD_TINY

@@ -1,0 +1,386 @@
+"""From-scratch pretraining of minisd-tiny on the procedural world (`minisd/world.py`), and its evaluation.
+
+Two phases, as Stable Diffusion itself was made (Rombach et al. 2022, Sec. 3):
+
+  1. the autoencoder: x -> q(z|x) -> x̂, loss = |x − x̂|₁ + |x − x̂|₂² + β·KL(q(z|x) ‖ N(0, I)), β small so
+     the latent keeps detail (SD used 1e-6 on sums; we take means and β = 1e-5 per latent element);
+  2. the UNet and the text encoder together, with the diffusion loss of Ho et al. 2020, Eq. (14):
+     L = ‖ε − ε_θ(√ᾱ_t·z_0 + √(1−ᾱ_t)·ε, t, τ_θ(y))‖², t ~ U{0..T−1}, z_0 = VAE latent · scale_factor.
+     The text encoder τ_θ starts from random weights and learns only through the UNet's cross-attention.
+     10 % of captions are replaced by "" so the model also learns p(z) and classifier-free guidance works.
+
+Data: images are drawn from `world.sample(split="train")` with fixed seeds into a pool (rendered in worker
+processes), so held-out (shape, colour, position) triples are never seen; evaluation samples held-out prompts
+and reads the images with the probe (`minisd/probe.py`).
+
+    python -m minisd.pretrain --out weights/minisd-tiny --device cuda --minutes 8      # train
+    python -m minisd.pretrain eval --model weights/minisd-tiny --n 64                  # probe fidelity
+
+Shapes: B=batch, T=77 tokens, N=pool size, z = latent (B, 4, 16, 16) for a 64 px image at f = 4.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from . import world
+from .config import WORLD_TINY, ModelConfig
+from .model import StableDiffusion, save_model
+from .schedule import NoiseSchedule
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "minisd-tiny")
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+def _render_chunk(job: tuple[int, int, str]) -> tuple[np.ndarray, list]:
+    n, seed, split = job
+    pairs = world.sample(n, seed, split=split)
+    return np.stack([np.asarray(world.render(a)) for a, _ in pairs]), [a for a, _ in pairs]
+
+
+def make_pool(n: int, seed: int = 0, split: str = "train", workers: int = 1, chunk: int = 500):
+    """n rendered world images as uint8 (N, 3, 64, 64) and their attributes. Chunk i uses seed
+    seed·100003 + i, so the pool depends on (n, seed, chunk) only, never on the number of workers."""
+    jobs = [(min(chunk, n - s), seed * 100003 + i, split) for i, s in enumerate(range(0, n, chunk))]
+    if workers > 1:
+        with mp.get_context("fork").Pool(workers) as pool:
+            parts = pool.map(_render_chunk, jobs)
+    else:
+        parts = [_render_chunk(j) for j in jobs]
+    images = torch.from_numpy(np.concatenate([p[0] for p in parts])).permute(0, 3, 1, 2).contiguous()
+    return images, [a for p in parts for a in p[1]]
+
+
+def caption_ids(tokenizer, attrs: list) -> torch.Tensor:
+    """Token ids of every caption template for every image: (N, 4, T). Captions depend on the attributes
+    but not on the jitter, so only the few thousand distinct ones are tokenized."""
+    keys = [(a.size, a.colour, a.shape, a.position, a.background) for a in attrs]
+    uniq = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    first = {}
+    for a, k in zip(attrs, keys):
+        first.setdefault(k, a)
+    texts = [world.caption(first[k], t) for k in uniq for t in range(len(world.TEMPLATES))]
+    ids = tokenizer(texts).view(len(uniq), len(world.TEMPLATES), -1)          # (U, 4, T)
+    return ids[torch.tensor([uniq[k] for k in keys])]                          # (N, 4, T)
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [-1, 1], the VAE's input range."""
+    return x.float() / 127.5 - 1.0
+
+
+def lr_at(progress: float, warmup: float = 0.05) -> float:
+    """Linear warm-up over the first 5 % of training, then a cosine decay to 10 % of the peak."""
+    if progress < warmup:
+        return progress / warmup
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+
+
+class Budget:
+    """Progress in [0, 1] as the larger of steps done / steps and seconds spent / seconds allowed, so a run can
+    be capped by either; the learning-rate schedule follows it."""
+
+    def __init__(self, steps: int, seconds: float | None):
+        self.steps, self.seconds, self.t0, self.step = steps, seconds, time.time(), 0
+
+    def progress(self) -> float:
+        p = self.step / self.steps
+        if self.seconds:
+            p = max(p, (time.time() - self.t0) / self.seconds)
+        return p
+
+
+# ---------------------------------------------------------------------------------------------------- phase 1
+
+def train_vae(model: StableDiffusion, images: torch.Tensor, steps: int, batch: int = 64, lr: float = 1e-3,
+              kl_weight: float = 1e-5, seconds: float | None = None, device="cpu", log=print, seed: int = 0) -> dict:
+    """Phase 1: train the autoencoder on pool images; returns the last losses."""
+    vae = model.vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    amp = device.type == "cuda"
+    budget, stats = Budget(steps, seconds), {}
+    while budget.progress() < 1.0:
+        for g in opt.param_groups:
+            g["lr"] = lr * lr_at(budget.progress())
+        idx = torch.randint(len(images), (batch,), generator=gen)
+        x = to_unit(images[idx.to(images.device)].to(device))                 # (B, 3, 64, 64)
+        # bf16 autocast for the convolutions; GroupNorm and the losses stay fp32 under autocast.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            post = vae.encode(x)
+            xr = vae.decode(post.sample()).float()
+        l1, l2 = (xr - x).abs().mean(), ((xr - x) ** 2).mean()
+        # KL(N(μ, σ²) ‖ N(0, 1)) per latent element, Kingma & Welling 2014, Appendix B.
+        kl = 0.5 * (post.mean.float() ** 2 + post.var.float() - 1.0 - post.logvar.float()).mean()
+        loss = l1 + l2 + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        budget.step += 1
+        if budget.step % 100 == 0 or budget.step == 1:
+            stats = {"step": budget.step, "l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
+            log(f"vae step {budget.step:5d}  l1 {stats['l1']:.4f}  l2 {stats['l2']:.5f}  kl {stats['kl']:.2f}  "
+                f"{time.time() - budget.t0:.0f}s")
+    stats = {"steps": budget.step, "seconds": time.time() - budget.t0, "l1": l1.item(), "l2": l2.item(),
+             "kl": kl.item()}
+    vae.eval()
+    return stats
+
+
+@torch.no_grad()
+def encode_pool(model: StableDiffusion, images: torch.Tensor, device, batch: int = 1024) -> torch.Tensor:
+    """Posterior moments (mean, logvar) of every pool image, (N, 8, 16, 16), unscaled."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = to_unit(images[i:i + batch].to(device))
+        out.append(model.vae.encode(x).moments.float())
+    return torch.cat(out)
+
+
+def set_scale_factor(model: StableDiffusion, moments: torch.Tensor) -> float:
+    """As the SD authors did for their VAE (0.18215): measure the std of sampled latents on training data and
+    store 1/std, so the diffusion model sees unit-variance latents whatever scale the autoencoder chose."""
+    mean, logvar = moments.chunk(2, dim=1)
+    z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)
+    model.cfg.vae.scale_factor = float(1.0 / z.std())
+    return model.cfg.vae.scale_factor
+
+
+# ---------------------------------------------------------------------------------------------------- phase 2
+
+def train_diffusion(model: StableDiffusion, moments: torch.Tensor, ids: torch.Tensor, steps: int,
+                    batch: int = 64, lr: float = 5e-4, drop: float = 0.1, ema_decay: float = 0.999,
+                    seconds: float | None = None, device="cpu", log=print, seed: int = 0):
+    """Phase 2: UNet + text encoder with the ε-prediction loss; returns (EMA copies (unet, text encoder), stats)."""
+    unet, te = model.unet.train(), model.text_encoders[0].train()
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    sched = NoiseSchedule(model.cfg.schedule)
+    ab = sched.alphas_cumprod.to(device)
+    # Exponential moving averages of the weights sample far better than the raw weights (Ho et al. 2020, App. B).
+    ema = [copy.deepcopy(unet).eval().requires_grad_(False), copy.deepcopy(te).eval().requires_grad_(False)]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    empty = model.tokenizers[0]([""]).to(device)                                # (1, T)
+    scale = model.cfg.vae.scale_factor
+    amp = device.type == "cuda"
+    budget, losses = Budget(steps, seconds), []
+    while budget.progress() < 1.0:
+        for g in opt.param_groups:
+            g["lr"] = lr * lr_at(budget.progress())
+        idx = torch.randint(len(moments), (batch,), generator=gen).to(moments.device)
+        tpl = torch.randint(ids.shape[1], (batch,), generator=gen).to(ids.device)
+        m = moments[idx].to(device)
+        mean, logvar = m.chunk(2, dim=1)
+        z0 = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)) * scale  # (B, 4, 16, 16)
+        tok = ids[idx, tpl].to(device)                                          # (B, T)
+        # Classifier-free guidance dropout (Ho & Salimans 2022): the empty caption stands for "no prompt".
+        keep = (torch.rand(batch, generator=gen) >= drop).to(device)
+        tok = torch.where(keep[:, None], tok, empty)
+        t = torch.randint(len(ab), (batch,), generator=gen).to(device)
+        eps = torch.randn_like(z0)
+        a = ab[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps                               # Eq. (4) of Ho et al.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            ctx = te(tok)
+            ctx = ctx[0] if isinstance(ctx, tuple) else ctx                     # (B, T, D); [1] is SDXL's pooled
+            pred = unet(zt, t.float(), ctx)
+        loss = F.mse_loss(pred.float(), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        budget.step += 1
+        d = min(ema_decay, (1 + budget.step) / (10 + budget.step))              # short warm-up of the EMA
+        with torch.no_grad():
+            for e, live in zip(ema, (unet, te)):
+                for pe, pl in zip(e.parameters(), live.parameters()):
+                    pe.lerp_(pl, 1 - d)
+        losses.append(loss.item() if budget.step % 10 == 0 or budget.step < 10 else losses[-1])
+        if budget.step % 200 == 0 or budget.step == 1:
+            recent = losses[-200:]
+            log(f"unet step {budget.step:5d}  loss {sum(recent) / len(recent):.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
+                f"{time.time() - budget.t0:.0f}s")
+    recent = losses[-500:]
+    stats = {"steps": budget.step, "seconds": time.time() - budget.t0, "loss": sum(recent) / len(recent),
+             "first_loss": losses[0]}
+    unet.eval(), te.eval()
+    return ema, stats
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+
+def heldout_prompts(n: int, seed: int = 777) -> list:
+    """n (attributes, caption) pairs of held-out (shape, colour, position) triples, template 0."""
+    return world.sample(n, seed, split="heldout", template=0)
+
+
+@torch.no_grad()
+def generate(model: StableDiffusion, prompts: list[str], steps: int = 20, cfg_scale: float = 3.0, seed: int = 0,
+             device="cpu", batch: int = 256, sampler: str = "ddim") -> list:
+    from .pipeline import Pipeline
+    pipe = Pipeline(model, device=device)
+    out = []
+    for i in range(0, len(prompts), batch):
+        out += pipe(prompts[i:i + batch], steps=steps, cfg_scale=cfg_scale, seed=seed + i, sampler=sampler)
+    return out
+
+
+def probe_fidelity(model: StableDiffusion, n: int = 64, steps: int = 20, cfg_scale: float = 3.0, seed: int = 777,
+                   device="cpu") -> dict:
+    """Probe scores (shape, colour, size, position, background, all) of images drawn from n held-out prompts."""
+    from .probe import load_probe, score
+    pairs = heldout_prompts(n, seed)
+    images = generate(model, [c for _, c in pairs], steps, cfg_scale, seed, device)
+    res = score(images, [a for a, _ in pairs], load_probe(device="cpu"))
+    return {k: res[k] for k in ("n", "shape", "colour", "size", "position", "background", "all")}
+
+
+def caption_grid(images: list, captions: list[str], cols: int = 4, scale: int = 2) -> Image.Image:
+    """Images (upscaled `scale`x, nearest) in a grid, each caption wrapped under its image in PIL's default font."""
+    font = ImageFont.load_default()
+    side = images[0].width * scale
+    wrap = []
+    for c in captions:  # greedy word wrap to the cell width (~6 px per character in the default font)
+        lines, cur = [], ""
+        for w in c.split():
+            if cur and len(cur) + 1 + len(w) > side // 6:
+                lines.append(cur)
+                cur = w
+            else:
+                cur = f"{cur} {w}".strip()
+        wrap.append(lines + [cur])
+    text_h = 12 * max(len(w) for w in wrap) + 4
+    rows = (len(images) + cols - 1) // cols
+    pad = 4
+    grid = Image.new("RGB", (cols * (side + pad) + pad, rows * (side + text_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (im, lines) in enumerate(zip(images, wrap)):
+        x, y = pad + (i % cols) * (side + pad), pad + (i // cols) * (side + text_h + pad)
+        grid.paste(im.resize((side, side), Image.NEAREST), (x, y))
+        for j, line in enumerate(lines):
+            draw.text((x, y + side + 2 + 12 * j), line, fill="black", font=font)
+    return grid
+
+
+def grid_prompts(n: int = 8, seed: int = 3) -> list[str]:
+    """n held-out prompts for the default grid: one per shape first, so the grid shows the whole vocabulary."""
+    pairs, seen = [], set()
+    for a, c in heldout_prompts(200, seed):
+        if c not in pairs and (a.shape not in seen or len(seen) == len(world.SHAPES)):
+            seen.add(a.shape)
+            pairs.append(c)
+        if len(pairs) == n:
+            break
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+
+def pretrain(a: argparse.Namespace, log=print) -> dict:
+    """The whole recipe: pool -> VAE -> scale factor -> latents -> UNet + text encoder -> save (EMA weights)."""
+    torch.manual_seed(a.seed)
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    t0 = time.time()
+    # Render first: the worker processes are forked before CUDA is initialised.
+    images, attrs = make_pool(a.pool, a.seed, "train", workers=a.workers)
+    cfg = ModelConfig.from_dict(WORLD_TINY.to_dict())                          # a private copy of the preset
+    model = StableDiffusion(cfg).to(device)
+    ids = caption_ids(model.tokenizers[0], attrs)
+    log(f"pool: {len(images)} train-split images, {ids.shape} caption ids in {time.time() - t0:.0f}s")
+    images = images.to(device)
+    vae_stats = train_vae(model, images, a.vae_steps, a.vae_batch, a.vae_lr, seconds=a.vae_minutes * 60 or None,
+                          device=device, log=log, seed=a.seed)
+    moments = encode_pool(model, images, device)
+    scale = set_scale_factor(model, moments)
+    log(f"latent std {1 / scale:.4f} -> scale_factor {scale:.5f}")
+    ids = ids.to(device)
+    ema, unet_stats = train_diffusion(model, moments, ids, a.steps, a.batch, a.lr, a.drop,
+                                      seconds=a.minutes * 60 or None, device=device, log=log, seed=a.seed)
+    model.unet.load_state_dict(ema[0].state_dict())
+    model.text_encoders[0].load_state_dict(ema[1].state_dict())
+    model = model.float().cpu().eval()
+    info = {"vae": vae_stats, "unet": unet_stats, "scale_factor": scale, "pool": len(images),
+            "seconds": time.time() - t0}
+    if a.out:
+        save_model(model, a.out, dtype=torch.float16)
+        log(f"saved {a.out}")
+    return {"model": model, **info}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minisd.pretrain",
+                                description="Train minisd-tiny (VAE, then UNet + CLIP text encoder) from scratch on "
+                                            "the procedural world. `python -m minisd.pretrain eval --help`: probe "
+                                            "fidelity of a trained model on held-out prompts.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=DEFAULT_OUT, help="minisd folder to write (fp16 weights)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pool", type=int, default=60000, help="train-split images rendered once and reused")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering the pool")
+    p.add_argument("--vae-steps", type=int, default=4000)
+    p.add_argument("--vae-batch", type=int, default=128)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-minutes", type=float, default=0.0, help="also stop phase 1 after this long (0: no cap)")
+    p.add_argument("--steps", type=int, default=20000, help="phase 2 steps")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--drop", type=float, default=0.1, help="caption dropout for classifier-free guidance")
+    p.add_argument("--minutes", type=float, default=0.0, help="also stop phase 2 after this long (0: no cap)")
+    p.add_argument("--eval", type=int, default=0, help="after training, probe this many held-out prompts")
+    return p
+
+
+def eval_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m minisd.pretrain eval",
+                                description="Probe fidelity of a model on held-out world prompts.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_OUT)
+    p.add_argument("--n", type=int, default=64, help="held-out prompts")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, nargs="+", default=[3.0], help="guidance scale(s) to compare")
+    p.add_argument("--seed", type=int, default=777)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    from .formats import load_model
+    model = load_model(a.model).float()
+    for c in a.cfg:
+        t0 = time.time()
+        res = probe_fidelity(model, a.n, a.steps, c, a.seed, a.device)
+        print(f"cfg {c}: " + "  ".join(f"{k} {v if k == 'n' else f'{100 * v:.1f}%'}" for k, v in res.items())
+              + f"  ({time.time() - t0:.0f}s)", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:
+        return eval_main(argv[1:])
+    if argv[:1] == ["train"]:
+        argv = argv[1:]
+    a = build_parser().parse_args(argv)
+    print("pretrain settings: " + ", ".join(f"{k}={v}" for k, v in vars(a).items()), flush=True)
+    res = pretrain(a, log=lambda s: print(s, flush=True))
+    if a.eval:
+        for c in (3.0, 5.0):
+            r = probe_fidelity(res["model"], a.eval, 20, c, device=a.device)
+            print(f"probe, {a.eval} held-out prompts, ddim 20 steps, cfg {c}: {r}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
