@@ -1,0 +1,164 @@
+"""Every option of `train.py` in one dataclass, `TrainConfig`, read from a TOML file and command-line flags.
+
+Precedence, lowest first: the dataclass defaults < the run's saved config.json (with --resume) < the TOML file
+(--config FILE) < command-line flags. The command line is generated from the fields (minGPT's merge-from-args
+idea on a dataclass): field `min_snr_gamma` is flag `--min-snr-gamma`, a bool field gets `--x / --no-x`. The
+help text of each flag is the `help` metadata of its field. The resolved config is printed at start and written
+to `<run dir>/config.json`, which is also what --resume reads back.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from typing import Optional
+
+CHOICES = {
+    "network": ("lora", "dora", "loha", "lokr"),
+    "targets": ("attn", "attn-mlp", "full"),
+    "optimizer": ("adamw", "adamw8bit", "prodigy"),
+    "lr_scheduler": ("constant", "cosine", "linear"),
+    "mixed_precision": ("no", "bf16", "fp16"),
+    "prediction": ("auto", "epsilon", "v_prediction"),
+}
+
+
+def opt(default, help: str):
+    """A dataclass field with its flag's help text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on
+    data: Optional[str] = opt(None, "image folder (NAME.png + NAME.txt, or metadata.jsonl); default: generate "
+                                    "the embedded world's style dataset into the run folder")
+    style: str = opt("striped", "world style used when --data is not given (outlined, striped, dotted)")
+    n_images: int = opt(200, "images generated when --data is not given")
+    model: Optional[str] = opt(None, "base model: minisd folder, diffusers folder, single file or tiny-random; "
+                                     "default weights/minisd-tiny if present, else tiny-random")
+    out: Optional[str] = opt(None, "run folder; default runs/<timestamp>")
+    resume: Optional[str] = opt(None, "continue the run in this folder from its last checkpoint")
+    resolution: int = opt(0, "training resolution in pixels (0: the model's native resolution)")
+    repeats: int = opt(1, "times each image is seen per epoch")
+    random_crop: bool = opt(False, "random instead of centre crop")
+    flip: float = opt(0.0, "probability of a horizontal flip")
+    caption_dropout: float = opt(0.0, "probability of training on the empty caption (keeps CFG working)")
+    # --- the adapter
+    network: str = opt("lora", "adapter kind: " + "|".join(CHOICES["network"]))
+    rank: int = opt(8, "adapter rank (LoRA dim)")
+    alpha: float = opt(8.0, "adapter alpha; the update is scaled by alpha/rank")
+    targets: str = opt("attn-mlp", "UNet layers to adapt: " + "|".join(CHOICES["targets"]))
+    train_text_encoder: bool = opt(False, "also put adapters into the text encoder(s)")
+    # --- optimisation
+    lr: float = opt(1e-3, "learning rate of the UNet adapters (prodigy: use 1.0)")
+    te_lr: Optional[float] = opt(None, "learning rate of the text-encoder adapters (default: --lr)")
+    optimizer: str = opt("adamw", "|".join(CHOICES["optimizer"]))
+    weight_decay: float = opt(1e-2, "AdamW weight decay")
+    lr_scheduler: str = opt("constant", "|".join(CHOICES["lr_scheduler"]) + " (after the warmup)")
+    warmup_steps: int = opt(0, "linear LR warmup steps")
+    max_steps: int = opt(200, "optimizer steps")
+    batch_size: int = opt(4, "images per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    max_grad_norm: float = opt(1.0, "gradient clipping (0: off)")
+    # --- recipe
+    prediction: str = opt("auto", "training target: auto (the model's) | epsilon | v_prediction")
+    min_snr_gamma: float = opt(0.0, "Min-SNR-γ loss weighting (Hang et al. 2023; 5 is usual; 0: off)")
+    noise_offset: float = opt(0.0, "noise offset (0.05-0.1 helps very dark/bright images; 0: off)")
+    zero_terminal_snr: bool = opt(False, "rescale the schedule to zero terminal SNR (Lin et al. 2023)")
+    # --- precision / memory
+    mixed_precision: str = opt("no", "autocast dtype: " + "|".join(CHOICES["mixed_precision"]))
+    gradient_checkpointing: bool = opt(False, "recompute UNet blocks in backward (less memory, ~30%% slower)")
+    device: str = opt("auto", "cpu | cuda | auto")
+    threads: int = opt(0, "torch CPU threads (0: torch's default)")
+    # --- bookkeeping
+    seed: int = opt(0, "seed of data order, noise, timesteps and adapter init")
+    save_every: int = opt(100, "checkpoint every N steps (0: only at the end)")
+    samples: bool = opt(True, "write before/after sample grids and probe scores (world runs)")
+    sample_steps: int = opt(15, "sampler steps for sample grids")
+    n_eval: int = opt(16, "held-out prompts scored with the probe")
+    progress: bool = opt(True, "tqdm progress bar")
+    from_scratch: bool = opt(False, "pretrain a model from scratch instead (minisd/pretrain.py)")
+    config: Optional[str] = opt(None, "TOML file of options (flags win over it)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line message on a bad combination."""
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
+        for name in ("rank", "max_steps", "batch_size", "grad_accum", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("flip", "caption_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be within [0, 1]")
+        if self.lr <= 0 or (self.te_lr is not None and self.te_lr < 0):
+            raise ValueError("learning rates must be positive")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2, no usage dump
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="train.py", description="Fine-tune a LoRA / DoRA / LoHa / LoKr adapter on a folder of "
+                "captioned images. With no arguments: a style LoRA on the embedded world, on the CPU.",
+                argument_default=argparse.SUPPRESS)  # absent flags stay absent, so TOML values survive
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+        else:
+            conv = {"int": int, "float": float}.get(kind.replace("Optional[", "").rstrip("]"), str)
+            p.add_argument(flag, type=conv, metavar=f.name.upper(), help=f.metadata["help"],
+                           choices=CHOICES.get(f.name))
+    return p
+
+
+def _merge(cfg: TrainConfig, values: dict, where: str) -> TrainConfig:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)}")
+    return dataclasses.replace(cfg, **values)
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
+    """The resolved TrainConfig and the flags given explicitly. Raises ValueError on bad files / values."""
+    flags = vars(build_parser().parse_args(argv))
+    cfg = TrainConfig()
+    if flags.get("resume"):
+        saved = os.path.join(flags["resume"], "config.json")
+        if not os.path.isfile(saved):
+            raise ValueError(f"--resume {flags['resume']}: no config.json there (not a run folder)")
+        with open(saved) as f:
+            cfg = _merge(cfg, json.load(f), saved)
+    toml_path = flags.get("config")
+    if toml_path:
+        try:
+            with open(toml_path, "rb") as f:
+                cfg = _merge(cfg, tomllib.load(f), toml_path)
+        except OSError as e:
+            raise ValueError(f"{toml_path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{toml_path}: not valid TOML ({e})") from None
+    cfg = _merge(cfg, flags, "command line")
+    cfg.validate()
+    return cfg, flags
+
+
+def format_config(cfg: TrainConfig) -> str:
+    """The resolved config, one `name = value` per line, for the start-of-run printout."""
+    return "\n".join(f"  {k:<24}= {v!r}" for k, v in cfg.to_dict().items())

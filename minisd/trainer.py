@@ -1,0 +1,355 @@
+"""The fine-tuning loop: adapters (LoRA, DoRA, LoHa, LoKr) trained on a frozen Stable Diffusion.
+
+What is frozen, and why. The VAE is frozen and run in fp32 without gradients: it only maps images to the latent
+space the UNet was trained in, and changing it would move that space under the UNet (the SDXL VAE also overflows
+in fp16). The base weights of the UNet and the text encoder(s) are frozen: only the small adapter matrices beside
+them train, so the optimizer state is tiny, the file is a few MB, and the base model is untouched (the adapter can
+be removed, scaled or mixed). Text-encoder adapters are optional, with their own learning rate, because the text
+encoder overfits faster than the UNet.
+
+One optimizer step, with grad_accum micro-batches of B images each (Ho et al. 2020, Eq. 14, plus the usual recipe):
+
+    z_0 = VAE.encode(x).sample() · scale_factor                 fp32, no grad
+    t ~ U{0..T−1},  ε ~ N(0, I) (+ noise_offset · N(0, I) per channel: lets the model shift the mean brightness)
+    z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε                                 `NoiseSchedule.q_sample`
+    target = ε (eps models) or v = √ᾱ_t·ε − √(1−ᾱ_t)·z_0 (v models)
+    L = mean_b w_b · ‖UNet(z_t, t, c) − target‖² / (C·h·w)
+    w_b = min(SNR_t, γ)/SNR_t (eps) or min(SNR_t, γ)/(SNR_t + 1) (v): Min-SNR-γ, Hang et al. 2023, Eq. 9-10
+
+All randomness of a step (t, ε, the VAE sample) comes from one CPU generator whose state is checkpointed with
+the torch / CUDA / numpy / python RNG states, the optimizer, the LR schedule, the grad scaler and the data
+position; resuming then continues the exact loss sequence of an uninterrupted run (bitwise on the CPU).
+
+Shapes: B = batch, C = latent channels, h, w = latent size, T = 77 tokens, D = text width.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from . import adapters
+from .adamw8bit import AdamW8bit
+from .data import CaptionDataset, Loader
+from .formats import load_model
+from .prodigy import Prodigy
+from .schedule import NoiseSchedule
+from .train_config import TrainConfig
+from .unet import sdxl_vector_cond
+
+# UNet layer presets, as regular expressions over the official module paths
+ATTN = [r".*attn[12]\.to_(q|k|v)", r".*attn[12]\.to_out\.0"]
+ATTN_MLP = ATTN + [r".*ff\.net\.0\.proj", r".*ff\.net\.2", r".*\.proj_in", r".*\.proj_out"]
+FULL = ATTN_MLP + [r".*\.(in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection)",  # ResBlock layers
+                   r"input_blocks\.\d+\.0\.op", r"output_blocks\.\d+\.\d+\.conv"]       # down / up-sampling convs
+TARGETS = {"attn": ATTN, "attn-mlp": ATTN_MLP, "full": FULL}
+# text encoder: every linear layer of the CLIP transformer (kohya's default)
+TE_TARGETS = [r".*self_attn\.(q|k|v|out)_proj", r".*mlp\.fc(1|2)"]
+
+MEMORY_HINT = ("out of memory. Flags that save memory: --gradient-checkpointing, --mixed-precision bf16 "
+               "(fp16 on GPUs without bf16), --optimizer adamw8bit, --batch-size 1 with --grad-accum N, "
+               "--no-train-text-encoder, a lower --rank or --targets attn, a lower --resolution")
+
+
+class TrainError(Exception):
+    """A run that cannot go on (NaN loss, out of memory, bad resume folder); one-line message."""
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Multiplier of the base LR at optimizer step s: linear warmup, then constant / cosine / linear decay."""
+    def f(s: int) -> float:
+        if s < cfg.warmup_steps:
+            return (s + 1) / cfg.warmup_steps
+        p = (s - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)  # progress in [0, 1]
+        if cfg.lr_scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, 1 - p)
+        return 1.0
+    return f
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Min-SNR-γ weights per sample (Hang et al. 2023): the ε-loss weight min(SNR, γ)/SNR; for v-prediction
+    the v-loss equals (SNR + 1)·ε-loss, hence min(SNR, γ)/(SNR + 1)."""
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr
+
+
+def rng_state(gen: torch.Generator) -> dict:
+    """Every RNG a step may touch (tensors and ints only, so torch.load(weights_only=True) reads it)."""
+    np_state = np.random.get_state()
+    return {"gen": gen.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def set_rng_state(gen: torch.Generator, s: dict) -> None:
+    gen.set_state(s["gen"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+
+
+class Trainer:
+    """Builds everything from a TrainConfig; `run()` trains to max_steps and writes the outputs to run_dir."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str, log=print):
+        self.cfg, self.run_dir, self.log = cfg, run_dir, log
+        os.makedirs(run_dir, exist_ok=True)
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
+                                   else cfg.device)
+        if self.device.type == "cpu":
+            # Adam's second moments of tiny LoRA gradients can become subnormal floats, which x86 CPUs compute
+            # many times slower; flushing them to zero changes nothing that matters
+            torch.set_flush_denormal(True)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        self.model = load_model(cfg.model)
+        m = self.model
+        m.requires_grad_(False)  # freeze everything; adapters below are the only trainable tensors
+        # Stored weights may be fp16 (minisd-tiny is). The frozen UNet / text encoders run in the autocast dtype
+        # (half the memory) or fp32; the VAE always in fp32 (the SDXL VAE overflows in fp16: NaN latents).
+        for part in [m.unet, *m.text_encoders]:
+            part.to(self.amp_dtype or torch.float32)
+        m.vae.to(torch.float32)
+        torch.manual_seed(cfg.seed)  # adapter init (load_model may have seeded the global RNG itself)
+        conv_rank = cfg.rank if cfg.targets == "full" else None
+        self.unet_layers = adapters.inject(m.unet, cfg.network, TARGETS[cfg.targets], rank=cfg.rank,
+                                           alpha=cfg.alpha, conv_rank=conv_rank, conv_alpha=cfg.alpha)
+        self.te_layers = []
+        if cfg.train_text_encoder:
+            for te in m.text_encoders:
+                self.te_layers += adapters.inject(te, cfg.network, TE_TARGETS, rank=cfg.rank, alpha=cfg.alpha)
+        m.to(self.device)
+        m.unet.gradient_checkpointing = cfg.gradient_checkpointing
+        unet_params = adapters.adapter_parameters(m.unet)
+        te_params = [p for te in m.text_encoders for p in adapters.adapter_parameters(te)]
+        for p in unet_params + te_params:  # trainable tensors stay fp32 whatever the autocast dtype
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        self.params = unet_params + te_params
+        groups = [{"params": unet_params, "lr": cfg.lr}]
+        if te_params:
+            groups.append({"params": te_params, "lr": cfg.lr if cfg.te_lr is None else cfg.te_lr})
+        if cfg.optimizer == "adamw":
+            self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "adamw8bit":
+            self.opt = AdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.opt = Prodigy(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
+
+        sch = m.cfg.schedule
+        if cfg.prediction != "auto":
+            sch = type(sch)(**{**sch.__dict__, "prediction_type": cfg.prediction})
+        self.noise = NoiseSchedule(sch, zero_terminal_snr=cfg.zero_terminal_snr)
+        self.resolution = cfg.resolution or m.cfg.resolution
+        self.data = CaptionDataset(cfg.data, self.resolution, cfg.repeats, cfg.random_crop, cfg.flip,
+                                   cfg.caption_dropout, cfg.seed)
+        self.loader = Loader(self.data, cfg.batch_size)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.step, self.losses = 0, []
+
+    # ------------------------------------------------------------------------------------------- one step
+    def encode_text(self, captions: list[str]):
+        """Captions -> (context (B, T, D), pooled (B, P) or None); with grad only if the TE has adapters."""
+        grad = bool(self.te_layers)
+        hidden, pooled = [], None
+        with torch.set_grad_enabled(grad):
+            for tok, te in zip(self.model.tokenizers, self.model.text_encoders):
+                out = te(tok(captions).to(self.device))
+                h, p = out if isinstance(out, tuple) else (out, None)
+                pooled = p if p is not None else pooled       # SDXL: pooled of the last encoder
+                hidden.append(h)
+        return torch.cat(hidden, dim=-1), pooled               # (B, T, D)
+
+    def micro_loss(self, batch: dict) -> torch.Tensor:
+        m, cfg, gen = self.model, self.cfg, self.gen
+        with torch.no_grad():  # the frozen VAE, fp32: latents are data, not something to train
+            x = batch["pixels"].to(self.device, torch.float32)                           # (B, 3, R, R)
+            z0 = m.vae.encode(x).sample(generator=gen).float() * m.cfg.vae.scale_factor   # (B, C, h, w)
+        B = z0.shape[0]
+        t = torch.randint(0, self.noise.num_train_timesteps, (B,), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        if cfg.noise_offset:  # one extra offset per (sample, channel): Guttenberg 2023, "diffusion with offset noise"
+            noise = noise + cfg.noise_offset * torch.randn((B, z0.shape[1], 1, 1), generator=gen)
+        noise, t_dev = noise.to(self.device), t.to(self.device)
+        zt = self.noise.q_sample(z0, noise, t_dev)
+        target = self.noise.training_target(z0, noise, t_dev)
+        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext())
+        with amp:
+            ctx, pooled = self.encode_text(batch["captions"])
+            y = None
+            if m.cfg.unet.adm_in_channels:
+                # SDXL micro-conditioning from the real data: (orig h, w, crop top, left, target h, w)
+                R = self.resolution
+                ids = [[h, w, top, left, R, R] for (h, w), (top, left) in zip(batch["original_sizes"], batch["crops"])]
+                y = sdxl_vector_cond(pooled.float(), torch.tensor(ids, dtype=torch.float32, device=self.device),
+                                     embed_dim=m.cfg.unet.addition_time_embed_dim)
+            pred = m.unet(zt, t_dev, ctx, y=y)                                              # (B, C, h, w)
+        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        if cfg.min_snr_gamma > 0:
+            w = min_snr_weight(self.noise.snr(t), cfg.min_snr_gamma, self.noise.prediction_type)
+            per = per * w.to(per)
+        return per.mean()
+
+    def train_step(self) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss."""
+        total = 0.0
+        for _ in range(self.cfg.grad_accum):
+            loss = self.micro_loss(self.loader.next_batch())
+            if not torch.isfinite(loss):
+                raise TrainError(f"loss is {loss.item()} at step {self.step + 1}: lower --lr, use --mixed-precision "
+                                 "bf16 or no instead of fp16, or check the data (run stopped, no step taken)")
+            self.scaler.scale(loss / self.cfg.grad_accum).backward()
+            total += loss.item() / self.cfg.grad_accum
+        if self.cfg.max_grad_norm > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        self.step += 1
+        return total
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.run_dir, "checkpoint.pt")
+
+    def save_checkpoint(self) -> None:
+        """Everything needed to continue exactly, written to a temporary file and renamed (atomic)."""
+        state = {"step": self.step, "losses": self.losses, "adapter": adapters.adapter_state_dict(self.model),
+                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                 "scaler": self.scaler.state_dict(), "loader": self.loader.state_dict(), "rng": rng_state(self.gen)}
+        tmp = self.ckpt_path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt_path)  # a kill mid-write leaves the previous checkpoint intact
+        self.write_loss_log()
+
+    def write_loss_log(self) -> None:
+        """loss.jsonl: one {"step", "loss", "lr"} per optimizer step up to the last checkpoint / the end."""
+        tmp = os.path.join(self.run_dir, "loss.jsonl.tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.losses)
+        os.replace(tmp, os.path.join(self.run_dir, "loss.jsonl"))
+
+    def load_checkpoint(self) -> None:
+        if not os.path.isfile(self.ckpt_path):
+            raise TrainError(f"{self.run_dir}: no checkpoint.pt to resume from")
+        s = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        adapters.load_adapter_state_dict(self.model, s["adapter"], inject=False)  # in place: optimizer refs hold
+        self.opt.load_state_dict(s["optimizer"])
+        self.sched.load_state_dict(s["scheduler"])
+        # the LR of the next step from *this* config's schedule (a resume may extend --max-steps)
+        lam = lr_lambda(self.cfg)
+        for group, base in zip(self.opt.param_groups, self.sched.base_lrs):
+            group["lr"] = base * lam(self.sched.last_epoch)
+        self.scaler.load_state_dict(s["scaler"])
+        self.loader.load_state_dict(s["loader"])
+        set_rng_state(self.gen, s["rng"])
+        self.step, self.losses = int(s["step"]), list(s["losses"])
+
+    # ------------------------------------------------------------------------------------------- the run
+    def run(self) -> dict:
+        cfg = self.cfg
+        n_train = sum(p.numel() for p in self.params)
+        self.log(f"adapters: {cfg.network} rank {cfg.rank} alpha {cfg.alpha} on {len(self.unet_layers)} UNet layers"
+                 f" ({cfg.targets}) + {len(self.te_layers)} text-encoder layers, {n_train:,} trainable parameters")
+        self.log(self.data.summary())
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress)
+        try:
+            while self.step < cfg.max_steps:
+                loss = self.train_step()
+                self.losses.append({"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0]})
+                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.update(1)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                    self.save_checkpoint()
+        except torch.OutOfMemoryError:
+            raise TrainError(MEMORY_HINT) from None
+        finally:
+            bar.close()
+        self.save_checkpoint()
+        return self.write_outputs()
+
+    def write_outputs(self) -> dict:
+        """loss.jsonl, loss.png, the adapter file (minisd) and its kohya export."""
+        from .lora_formats import save_kohya
+        self.write_loss_log()
+        draw_loss_curve([r["loss"] for r in self.losses], os.path.join(self.run_dir, "loss.png"))
+        meta = {"minisd.train_config": json.dumps(self.cfg.to_dict()), "minisd.steps": str(self.step)}
+        lora = os.path.join(self.run_dir, "lora.safetensors")
+        adapters.save_adapter(self.model, lora, metadata=meta)
+        kohya = os.path.join(self.run_dir, "lora_kohya.safetensors")
+        save_kohya(self.model, kohya, metadata={"ss_network_dim": str(self.cfg.rank),
+                                                "ss_network_alpha": str(self.cfg.alpha),
+                                                "ss_max_train_steps": str(self.step)})
+        self.log(self.data.summary() if self.data.skipped else "data: no image was skipped")
+        return {"lora": lora, "kohya": kohya, "losses": [r["loss"] for r in self.losses]}
+
+
+def draw_loss_curve(losses: list[float], path: str, size=(640, 360)) -> None:
+    """A loss-vs-step PNG with pillow: raw losses in grey, a 20-step running mean in blue."""
+    W, H = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    left, top, right, bottom = 60, 20, W - 20, H - 40
+    d.rectangle([left, top, right, bottom], outline="black")
+    if losses:
+        lo, hi = min(losses), max(losses)
+        hi = hi if hi > lo else lo + 1e-8
+        x = lambda i: left + (right - left) * i / max(1, len(losses) - 1)
+        y = lambda v: bottom - (bottom - top) * (v - lo) / (hi - lo)
+        if len(losses) > 1:
+            d.line([(x(i), y(v)) for i, v in enumerate(losses)], fill=(170, 170, 170))
+            k = max(1, min(20, len(losses) // 5))
+            mean = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
+                    for i in range(len(losses))]
+            d.line([(x(i), y(v)) for i, v in enumerate(mean)], fill=(30, 80, 220), width=2)
+        d.text((4, top), f"{hi:.4f}", fill="black")
+        d.text((4, bottom - 10), f"{lo:.4f}", fill="black")
+    d.text((left, bottom + 8), f"step 1 ... {len(losses)}   (grey: loss, blue: running mean)", fill="black")
+    img.save(path)
+
+
+def sample_and_score(trainer: Trainer, tag: str) -> dict:
+    """World runs only: draw held-out prompts in the trained style, save a 4x4 grid `samples_<tag>.png` and the
+    probe's reading of every image (`probe_<tag>.json`): style adoption, shape and colour accuracy."""
+    from . import world
+    from .pipeline import Pipeline
+    from .probe import score
+    cfg = trainer.cfg
+    pairs = world.sample(cfg.n_eval, seed=10_000 + cfg.seed, split="heldout", style=cfg.style)
+    attrs, prompts = [a for a, _ in pairs], [c for _, c in pairs]
+    pipe = Pipeline(trainer.model, device=trainer.device)
+    images = []
+    for i in range(0, len(prompts), 8):  # chunks of 8 prompts bound the attention memory
+        images += pipe(prompts[i:i + 8], steps=cfg.sample_steps, cfg_scale=5.0, seed=cfg.seed + i)
+    trainer.model.train()  # Pipeline switched to eval mode
+    side = trainer.resolution
+    grid = Image.new("RGB", (4 * side, 4 * side), "white")
+    for i, im in enumerate(images[:16]):
+        grid.paste(im.resize((side, side)), ((i % 4) * side, (i // 4) * side))
+    grid.save(os.path.join(trainer.run_dir, f"samples_{tag}.png"))
+    res = score(images, attrs)
+    with open(os.path.join(trainer.run_dir, f"probe_{tag}.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f} %"
+    trainer.log(f"probe {tag}: style adoption {pct(res['style_adoption'])}, shape {pct(res['shape'])}, "
+                f"colour {pct(res['colour'])} ({len(images)} held-out '{cfg.style}' prompts)")
+    return res

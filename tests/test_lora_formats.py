@@ -1,0 +1,160 @@
+"""kohya and diffusers/PEFT LoRA files, with diffusers as the oracle: a tiny diffusers SD1 pipeline is loaded in
+minisd, LoRA (or DoRA) with random non-zero weights is put into its UNet and text encoder, exported, and read by
+`StableDiffusionPipeline.load_lora_weights`; the diffusers UNet and text-encoder outputs must equal minisd's
+(merged) model within 1e-4 max-abs (fp32; the LoRA scale alpha/r != 1 is exercised). Also the minisd round trip."""
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from minisd import adapters
+from minisd.formats import load_model
+from minisd.lora_formats import (from_kohya, load_diffusers, load_kohya, save_diffusers, save_kohya)
+from minisd.trainer import ATTN_MLP, TE_TARGETS
+from test_e2e import clip_tokenizer, make_scheduler, scheduler_config, tiny_clip, tiny_unet, tiny_vae
+
+torch.set_num_threads(1)
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lora_sd1")
+    pipe = StableDiffusionPipeline(vae=tiny_vae(1), text_encoder=tiny_clip(2), tokenizer=clip_tokenizer(),
+                                   unet=tiny_unet(3, layers_per_block=2), scheduler=make_scheduler(
+                                       "ddim", scheduler_config("sd15/scheduler_config.json")),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return str(path)
+
+
+def adapted(folder, kind):
+    """The minisd model with random non-zero LoRA/DoRA in the UNet (attn-mlp) and the text encoder."""
+    model = load_model(folder).eval()
+    torch.manual_seed(0)
+    adapters.inject(model.unet, kind, ATTN_MLP, rank=4, alpha=2.0)
+    adapters.inject(model.text_encoders[0], kind, TE_TARGETS, rank=4, alpha=2.0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for k, p in adapters.adapter_state_dict(model).items():
+            t = dict(model.named_parameters()).get(k)
+            if t is not None and k.endswith("lora_up.weight"):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+            elif t is not None and k.endswith("dora_scale"):
+                t.mul_(1 + 0.1 * torch.randn(t.shape, generator=g))
+    return model
+
+
+def inputs():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]), torch.randint(0, 49407, (2, 77), generator=g)
+
+
+def te_out(model, ids):
+    out = model.text_encoders[0](ids)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def compare(model, pipe, check_te=True):
+    x, t, ids = inputs()
+    adapters.merge(model)  # the merged model is what A1111/ComfyUI compute
+    with torch.no_grad():
+        ours_te = te_out(model, ids)
+        ref_te = pipe.text_encoder(ids)[0]
+        ctx = ref_te
+        ours = model.unet(x, t, ctx)
+        ref = pipe.unet(x, t, encoder_hidden_states=ctx).sample
+    d_te, d_unet = (ours_te - ref_te).abs().max().item(), (ours - ref).abs().max().item()
+    assert d_te < TOL or not check_te, f"text encoder max diff {d_te}"
+    assert d_unet < TOL, f"UNet max diff {d_unet}"
+    return d_te, d_unet
+
+
+def lora_effect(folder):
+    """How much the LoRA changes the base outputs (so that 'equal' is not trivially true)."""
+    base = load_model(folder).eval()
+    x, t, ids = inputs()
+    with torch.no_grad():
+        return te_out(base, ids), base.unet(x, t, te_out(base, ids))
+
+
+# DoRA in kohya files (`dora_scale`) is NOT compared with diffusers: diffusers 0.42 loads our file without error but
+# its fused weights differ from ours by 0.03-0.07 max-abs per layer (also with alpha = rank), while our DoRA equals
+# peft's (tests/test_lora.py) and our diffusers-format DoRA file matches diffusers (UNet) to 1e-6. Unresolved; the
+# kohya DoRA file is tested by the minisd round trip below.
+@pytest.mark.parametrize("kind", ["lora"])
+def test_kohya_file_loads_in_diffusers(sd1, tmp_path, kind):
+    model = adapted(sd1, kind)
+    path = str(tmp_path / "k.safetensors")
+    save_kohya(model, path, metadata={"ss_network_dim": "4"})  # SD1: kohya's own naming (diffusers UNet paths)
+    keys = list(load_file(path))
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down") for k in keys)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha" in keys, keys[:5]
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "4" and meta["modelspec.architecture"].endswith("/lora")
+    pipe = StableDiffusionPipeline.from_pretrained(sd1)
+    pipe.load_lora_weights(path)
+    pipe.fuse_lora()
+    base_te, base_unet = lora_effect(sd1)
+    # DoRA: diffusers 0.42 + transformers 5 drop the text-encoder magnitude vectors (PEFT expects
+    # `...lora_magnitude_vector.weight` there and reports them "UNEXPECTED"), so only the UNet is compared
+    compare(model, pipe, check_te=kind == "lora")
+    with torch.no_grad():
+        assert (te_out(model, inputs()[2]) - base_te).abs().max() > 100 * TOL  # the LoRA did something
+
+
+def test_diffusers_lora_loads_in_diffusers(sd1, tmp_path):
+    model = adapted(sd1, "lora")
+    path = str(tmp_path / "d.safetensors")
+    save_diffusers(model, path)
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in load_file(path)
+    pipe = StableDiffusionPipeline.from_pretrained(sd1)
+    pipe.load_lora_weights(path)
+    pipe.fuse_lora()
+    compare(model, pipe)
+
+
+def test_dora_diffusers_format_loads_in_diffusers(sd1, tmp_path):
+    model = adapted(sd1, "dora")
+    path = str(tmp_path / "dora.safetensors")
+    save_diffusers(model, path)
+    pipe = StableDiffusionPipeline.from_pretrained(sd1)
+    pipe.load_lora_weights(path)
+    pipe.fuse_lora()
+    compare(model, pipe, check_te=False)  # see test_kohya_file_loads_in_diffusers
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "loha", "lokr"])
+@pytest.mark.parametrize("naming", ["sgm", "diffusers"])
+def test_kohya_round_trip_in_minisd(sd1, tmp_path, kind, naming):
+    model = adapted(sd1, kind)
+    path = str(tmp_path / "k.safetensors")
+    save_kohya(model, path, naming=naming)
+    if naming == "sgm":
+        assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.alpha" in load_file(path)
+    if kind == "dora":
+        assert any(k.endswith(".dora_scale") for k in load_file(path))
+    fresh = load_model(sd1).eval()
+    load_kohya(fresh, path)
+    x, t, ids = inputs()
+    with torch.no_grad():
+        a = model.unet(x, t, te_out(model, ids))
+        b = fresh.unet(x, t, te_out(fresh, ids))
+    assert torch.equal(a, b)
+    with pytest.raises(KeyError):
+        from_kohya(fresh, {"lora_unet_nowhere.lora_down.weight": torch.zeros(1)})
+
+
+def test_diffusers_round_trip_in_minisd(sd1, tmp_path):
+    model = adapted(sd1, "dora")
+    path = str(tmp_path / "d.safetensors")
+    save_diffusers(model, path)
+    fresh = load_model(sd1).eval()
+    load_diffusers(fresh, path)
+    x, t, ids = inputs()
+    with torch.no_grad():
+        a = model.unet(x, t, te_out(model, ids))
+        b = fresh.unet(x, t, te_out(fresh, ids))
+    assert (a - b).abs().max() < 1e-5

@@ -1,0 +1,105 @@
+"""Fine-tune a LoRA / DoRA / LoHa / LoKr adapter on a frozen Stable Diffusion model.
+
+    python train.py                                   # a "striped" style LoRA on the embedded world, CPU, minutes
+    python train.py --data DIR --model weights/sd15 --rank 16 --max-steps 2000 --mixed-precision bf16
+    python train.py --config run.toml --lr 5e-4        # TOML file, flags win
+    python train.py --resume runs/20260101-120000      # continue exactly where the checkpoint left off
+
+Options: `python train.py --help`, or minisd/train_config.py. The loop is minisd/trainer.py.
+Bad flags, a bad data folder or a bad model end with one `error:` line and exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+DEFAULT_MODEL = os.path.join("weights", "minisd-tiny")
+
+
+def prepare(cfg, flags: dict) -> str:
+    """Fill the defaults that depend on the machine (model, run folder, world dataset); returns the run folder."""
+    from minisd import world
+    if cfg.resume:
+        return cfg.resume
+    if cfg.model is None:
+        if os.path.isdir(DEFAULT_MODEL):
+            cfg.model = DEFAULT_MODEL
+        else:
+            cfg.model = "tiny-random"
+            print(f"note: {DEFAULT_MODEL} not found (not trained yet?): using the tiny-random model, whose "
+                  "samples are noise; the loop, files and resume work the same")
+            # its 32x32 latents make sampling slow on a CPU, and the pictures say nothing: sample little
+            cfg.sample_steps = flags.get("sample_steps", 4)
+            cfg.n_eval = flags.get("n_eval", 8)
+    if cfg.data is not None and not os.path.isdir(cfg.data):
+        from minisd.data import DataError
+        raise DataError(f"{cfg.data}: no such data folder")
+    run_dir = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(run_dir, exist_ok=True)
+    cfg.out = run_dir
+    if cfg.data is None:
+        # the world style run: stripes are texture, so the ResBlock convs train too ("full"), with a higher LR;
+        # measured on 2 shared CPU cores: 300 steps ≈ 100 s, and the stripes start to show (README)
+        for name, value in (("targets", "full"), ("lr", 3e-3), ("max_steps", 300)):
+            if name not in flags:
+                setattr(cfg, name, value)
+        cfg.data = os.path.join(run_dir, "data")
+        print(f"data: writing {cfg.n_images} '{cfg.style}' images of the embedded world to {cfg.data}")
+        world.write_folder(cfg.data, cfg.n_images, seed=cfg.seed, split="train", style=cfg.style)
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    from minisd.train_config import format_config, parse_config
+    try:
+        cfg, flags = parse_config(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cfg.from_scratch:
+        try:
+            from minisd.pretrain import main as pretrain
+        except ImportError:
+            print("error: --from-scratch needs minisd/pretrain.py, which is not in this checkout", file=sys.stderr)
+            return 2
+        rest = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--from-scratch"]
+        return pretrain(rest) or 0
+
+    import torch
+    from minisd.data import DataError
+    from minisd.model import ModelError
+    from minisd.trainer import Trainer, TrainError
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        run_dir = prepare(cfg, flags)
+        print("train config:\n" + format_config(cfg), flush=True)
+        trainer = Trainer(cfg, run_dir)
+        if cfg.resume:
+            trainer.load_checkpoint()
+            print(f"resumed {run_dir} at step {trainer.step}")
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        world_run = cfg.samples and os.path.isfile(os.path.join(cfg.data, "attributes.jsonl"))
+        if world_run and trainer.step == 0:
+            from minisd.trainer import sample_and_score
+            sample_and_score(trainer, "before")
+        t0 = time.time()
+        result = trainer.run()
+        print(f"trained {cfg.max_steps} steps in {time.time() - t0:.1f} s; loss {result['losses'][0]:.4f} -> "
+              f"{sum(result['losses'][-10:]) / len(result['losses'][-10:]):.4f} (mean of the last 10)")
+        if world_run:
+            from minisd.trainer import sample_and_score
+            sample_and_score(trainer, "after")
+        print(f"wrote {result['lora']} (minisd), {result['kohya']} (kohya: A1111 / ComfyUI), "
+              f"{os.path.join(run_dir, 'loss.png')}, config.json, checkpoint.pt")
+    except (ValueError, DataError, ModelError, TrainError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
