@@ -177,15 +177,10 @@ def load_diffusers_folder(path: str) -> StableDiffusion:
         source["text_model_prefix"].append(any(k.startswith("text_model.") for k in sd))
         sd = with_text_model_prefix(sd)
         extras.update({f"{sub}/{k}": v for k, v in sd.items() if k.endswith("position_ids")})
-        files[text_encoder_file(i)] = _state(clip_from_hf(sd))
+        files[text_encoder_file(i)] = clip_from_hf(sd)[0]   # [1]: position_ids, kept in extras above
     model.load_components(files)
     model.extras, model.source, model.trace = extras, source, trace_by_storage(raw, model)
     return model
-
-
-def _state(result):
-    """Name tables return (state dict, ignored) or a bare state dict."""
-    return result[0] if isinstance(result, tuple) else result
 
 
 def trace_by_storage(raw: dict, model: StableDiffusion) -> list:

@@ -171,7 +171,7 @@ def split_checkpoint(sd: dict, family: str, cfg: ModelConfig, ema: bool | None =
         elif p.endswith(".model."):
             out, ignored = clip_from_openclip(raw, tcfg)
         else:
-            out, ignored = _pair(clip_from_hf(raw))
+            out, ignored = clip_from_hf(raw)
         for name, why in ignored.items():
             trace.append((p + name, f"ignored: {why}"))
             extras[p + name] = raw[name]
@@ -191,11 +191,6 @@ def text_trace(raw: dict, ignored: dict, prefix: str, comp: str, tcfg, openclip:
     if tcfg.projection_dim:
         out.append((prefix + "text_projection", f"{comp}.text_projection.weight (transposed)"))
     return out
-
-
-def _pair(result):
-    """Name-table functions return (state dict, ignored) or a bare state dict."""
-    return result if isinstance(result, tuple) else (result, {})
 
 
 def config_for(family: str, sd: dict, prediction: str | None) -> ModelConfig:

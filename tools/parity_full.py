@@ -55,10 +55,6 @@ def compare(name, ours, ref):
             "ref_absmax": ref.abs().max().item(), "ref_std": ref.std().item()}
 
 
-def as_state(sd):
-    return {k: v for k, v in sd.items()}
-
-
 def unet_case(label, cfg_path, preset, size, ctx_len=77, batch=2, dev="cuda"):
     from diffusers import UNet2DConditionModel
     d = load_json(*cfg_path)
@@ -126,7 +122,7 @@ def clip_case(label, cfg_path, text_cfg, dev="cuda"):
         ours = CLIPTextModel(text_cfg)
     sd = clip_from_hf({("text_model." + k if not k.startswith(("text_model.", "text_projection")) else k): v
                        for k, v in ref.state_dict().items()})
-    sd = sd[0] if isinstance(sd, tuple) else sd
+    sd = sd[0]
     ours.load_state_dict(sd, strict=True, assign=True)
     ids = ids_batch(dev)
     with torch.no_grad():
