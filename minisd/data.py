@@ -1,4 +1,5 @@
-"""The fine-tuning dataset: a folder of captioned images, cropped to one square resolution.
+"""The fine-tuning dataset: a folder of captioned images, each cropped to the square resolution or to its
+aspect-ratio bucket (buckets.py sets `targets`).
 
 Two folder layouts are read (the two that trainers share):
 
@@ -21,7 +22,8 @@ Randomness (crop offset, flip, caption dropout, epoch order) is drawn from numpy
 (seed, epoch, index), not from a running generator: the data position (epoch, cursor) is then the whole
 data state, and a resumed run sees exactly the batches of an uninterrupted one.
 
-Shapes: B = batch, R = resolution; pixels are (B, 3, R, R) in [-1, 1], the VAE's input range.
+Shapes: B = batch, R = resolution; pixels are (B, 3, R, R) in [-1, 1], the VAE's input range ((B, 3, bh, bw)
+with buckets: a batch holds one bucket).
 """
 from __future__ import annotations
 
@@ -104,23 +106,29 @@ def open_rgb(path: str) -> Image.Image:
     return img
 
 
-def crop_square(img: Image.Image, resolution: int, random_crop: bool, flip: bool,
-                rng: np.random.Generator) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """Resize the short side to `resolution`, crop a square (centre or random), maybe mirror.
-    Returns (pixels (3, R, R) in [-1, 1], original size (h, w), crop top-left (top, left) in resized pixels),
-    the last two being what SDXL's micro-conditioning wants to know."""
+def cover_crop(w: int, h: int, tw: int, th: int) -> tuple[int, int]:
+    """The size (nw, nh) that an image of w x h is resized to so that it covers a tw x th target with the
+    least scaling (the target's short side fits exactly; the other side spills over and is cropped)."""
+    s = max(tw / w, th / h)
+    return max(tw, round(w * s)), max(th, round(h * s))
+
+
+def resize_crop(img: Image.Image, width: int, height: int, random_crop: bool, flip: bool,
+                rng: np.random.Generator | None) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """Resize to cover width x height (`cover_crop`), crop it (centre or random), maybe mirror.
+    Returns (pixels (3, height, width) in [-1, 1], original size (h, w), crop top-left (top, left) in resized
+    pixels), the last two being what SDXL's micro-conditioning wants to know."""
     w, h = img.size
-    s = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    nw, nh = cover_crop(w, h, width, height)
     img = img.resize((nw, nh), Image.BICUBIC)
     if random_crop:
-        top, left = int(rng.integers(nh - resolution + 1)), int(rng.integers(nw - resolution + 1))
+        top, left = int(rng.integers(nh - height + 1)), int(rng.integers(nw - width + 1))
     else:
-        top, left = (nh - resolution) // 2, (nw - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+        top, left = (nh - height) // 2, (nw - width) // 2
+    img = img.crop((left, top, left + width, top + height))
     if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    a = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (3, R, R)
+    a = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (3, H, W)
     return a.contiguous(), (h, w), (top, left)
 
 
@@ -135,6 +143,7 @@ class CaptionDataset:
         self.skipped: list[tuple[str, str]] = []  # (file, reason)
         self.upscaled = 0
         self.examples: list[Example] = []
+        self.sizes: list[tuple[int, int]] = []  # (w, h) of each upright image, read once here
         for ex in scan_folder(folder):
             try:
                 img = open_rgb(ex.path)
@@ -143,9 +152,14 @@ class CaptionDataset:
                 continue
             self.upscaled += min(img.size) < resolution
             self.examples.append(ex)
+            self.sizes.append(img.size)
         if not self.examples:
             more = f" ({len(self.skipped)} unreadable)" if self.skipped else ""
             raise DataError(f"{folder}: no usable images{more}")
+        # the (w, h) each example is cropped to: the square, or its aspect-ratio bucket (buckets.assign_buckets)
+        self.targets = [(resolution, resolution)] * len(self.examples)
+        # False once the latents are cached (cache.py): `get` then reads no image, only the crop geometry
+        self.load_pixels = True
 
     def __len__(self) -> int:
         """Examples per epoch (repeats included)."""
@@ -156,16 +170,41 @@ class CaptionDataset:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self))
 
     def get(self, i: int, epoch: int) -> dict:
-        ex = self.examples[i % len(self.examples)]
+        """Item i of an epoch. The draws of its generator, in this order: flip, crop (top, left), caption
+        dropout; the cache (cache.py) relies on the flip and dropout decisions being returned as they are."""
+        k = i % len(self.examples)
+        ex, (tw, th) = self.examples[k], self.targets[k]
         rng = np.random.default_rng([self.seed, epoch, i, 1])
-        try:
-            img = open_rgb(ex.path)
-        except ValueError:  # the file changed since the check: train on a neighbour instead of stopping
-            return self.get((i + 1) % len(self), epoch)
         flip = self.flip_prob > 0 and rng.random() < self.flip_prob
-        pixels, size, crop = crop_square(img, self.resolution, self.random_crop, flip, rng)
+        if self.load_pixels:
+            try:
+                img = open_rgb(ex.path)
+            except ValueError:  # the file changed since the check: train on a neighbour instead of stopping
+                return self.get(self.neighbour(i), epoch)
+            pixels, size, crop = resize_crop(img, tw, th, self.random_crop, flip, rng)
+        else:  # cached latents: centre crop only (TrainConfig refuses --random-crop), geometry from the size
+            assert not self.random_crop, "a random crop cannot be cached"
+            (w, h), (nw, nh) = self.sizes[k], cover_crop(*self.sizes[k], tw, th)
+            pixels, size, crop = None, (h, w), ((nh - th) // 2, (nw - tw) // 2)
         drop = self.caption_dropout > 0 and rng.random() < self.caption_dropout
-        return {"pixels": pixels, "caption": "" if drop else ex.caption, "original_size": size, "crop": crop}
+        return {"pixels": pixels, "caption": "" if drop else ex.caption, "original_size": size, "crop": crop,
+                "target_size": (th, tw), "index": k, "flip": flip, "dropped": drop}
+
+    def neighbour(self, i: int) -> int:
+        """The next index with the same crop target (a batch of buckets must keep one shape)."""
+        n = len(self.examples)
+        for j in range(i + 1, i + len(self)):
+            if self.targets[j % n] == self.targets[i % n] and j % n != i % n:
+                return j % len(self)
+        raise DataError(f"{self.examples[i % n].path}: became unreadable during training")
+
+    def load(self, k: int, flip: bool) -> torch.Tensor:
+        """Pixels (3, H, W) of example k, centre-cropped to its target, mirrored or not (what the cache encodes)."""
+        try:
+            img = open_rgb(self.examples[k].path)
+        except ValueError as e:
+            raise DataError(f"{self.examples[k].path}: {e}") from None
+        return resize_crop(img, *self.targets[k], random_crop=False, flip=flip, rng=None)[0]
 
     def summary(self) -> str:
         """One paragraph: how many images are used, which were skipped and why."""
@@ -178,7 +217,20 @@ class CaptionDataset:
             lines += [f"  {f}: {r}" for f, r in self.skipped[:10]]
             if len(self.skipped) > 10:
                 lines.append(f"  ... and {len(self.skipped) - 10} more")
+        shapes = Counter(self.targets)
+        if set(shapes) != {(self.resolution, self.resolution)}:  # aspect-ratio buckets (buckets.py)
+            lines.append(f"data: {len(shapes)} buckets (w x h: images) "
+                         + ", ".join(f"{w}x{h}: {n}" for (w, h), n in shapes.most_common()))
         return "\n".join(lines)
+
+
+def collate(items: list[dict]) -> dict:
+    """Dataset items -> one batch: pixels stacked (None when the latents are cached), the rest as lists."""
+    pixels = None if items[0]["pixels"] is None else torch.stack([x["pixels"] for x in items])  # (B, 3, H, W)
+    return {"pixels": pixels, "captions": [x["caption"] for x in items],
+            "original_sizes": [x["original_size"] for x in items], "crops": [x["crop"] for x in items],
+            "target_sizes": [x["target_size"] for x in items], "indices": [x["index"] for x in items],
+            "flips": [x["flip"] for x in items], "dropped": [x["dropped"] for x in items]}
 
 
 class Loader:
@@ -197,10 +249,7 @@ class Loader:
                 self._order = self.ds.order(self.epoch)
             items.append(self.ds.get(int(self._order[self.cursor]), self.epoch))
             self.cursor += 1
-        return {"pixels": torch.stack([x["pixels"] for x in items]),           # (B, 3, R, R)
-                "captions": [x["caption"] for x in items],
-                "original_sizes": [x["original_size"] for x in items],
-                "crops": [x["crop"] for x in items]}
+        return collate(items)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}

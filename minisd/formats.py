@@ -234,3 +234,54 @@ def with_text_model_prefix(sd: dict) -> dict:
     and the single files keep it. Put it back so one name table serves both."""
     return {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
             for k, v in sd.items()}
+
+
+# ------------------------------------------------------------------------------------------- a VAE on its own
+# Tensors of VAE *training* checkpoints that are not part of the autoencoder (non-pruned .ckpt files).
+VAE_IGNORED = ("loss.",       # the discriminator and LPIPS of the VAE's GAN training
+               "model_ema.")  # EMA bookkeeping of that training
+
+
+def read_vae(path: str) -> tuple[dict, dict]:
+    """(VAE state dict with our names, {"force_upcast", "scale_factor"} where the source says) of a VAE given on
+    its own: a diffusers `vae/` folder (config.json + weights), a diffusers pipeline folder (its vae/), a minisd
+    folder (its vae.safetensors), or a single .safetensors / .ckpt file in CompVis names (`encoder.down.0...`,
+    e.g. `sdxl_vae.safetensors`), diffusers names, or a whole SD checkpoint (its `first_stage_model.` part)."""
+    from .model import is_minisd_folder
+    if os.path.isdir(path):
+        if is_diffusers_folder(path):
+            path = os.path.join(path, "vae")
+        if is_minisd_folder(path):
+            vae_cfg = _read_json(os.path.join(path, "config.json")).get("vae", {})
+            return read_safetensors(os.path.join(path, "vae.safetensors")), {
+                "force_upcast": vae_cfg.get("force_upcast"), "scale_factor": vae_cfg.get("scale_factor")}
+        d = _read_json(os.path.join(path, "config.json"))
+        return vae_from_diffusers(read_weights(path)), {"force_upcast": d.get("force_upcast"),
+                                                         "scale_factor": d.get("scaling_factor")}
+    from .single_file import VAE, read_checkpoint
+    sd, _ = read_checkpoint(path)
+    if any(k.startswith(VAE) for k in sd):  # a whole checkpoint: its VAE part
+        sd = {k[len(VAE):]: v for k, v in sd.items() if k.startswith(VAE)}
+    sd = {k: v for k, v in sd.items() if not k.startswith(VAE_IGNORED)}
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
+        return vae_from_diffusers(sd), {}
+    # some re-saved files store the mid-attention q/k/v/proj_out as Linear [C, C]; ours are 1x1 convs
+    return {k: v[:, :, None, None] if ".attn_1." in k and k.endswith("weight") and v.ndim == 2 else v
+            for k, v in sd.items()}, {}
+
+
+def load_vae(model: StableDiffusion, path: str) -> dict:
+    """Replace the weights of `model.vae` by the VAE at `path` (see `read_vae`). The architecture stays the model's,
+    so the shapes must be equal: a one-line ModelError otherwise. Returns the source's info plus "fp16_safe": its
+    config says force_upcast false (as the sdxl-vae-fp16-fix one does), or its name says fp16-fix."""
+    if not os.path.exists(path):
+        raise ModelError(f"--vae {path}: no such file or folder")
+    try:
+        sd, info = read_vae(path)
+    except KeyError as e:  # the diffusers name table met a tensor it does not know
+        raise ModelError(f"--vae {path}: not a VAE of a known layout ({e.args[0] if e.args else e})") from None
+    from .model import load_strict
+    load_strict(model.vae, sd, f"--vae {path}")
+    name = os.path.basename(os.path.normpath(path)).lower().replace("_", "-")
+    info["fp16_safe"] = info.get("force_upcast") is False or "fp16-fix" in name
+    return info

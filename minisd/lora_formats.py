@@ -18,6 +18,13 @@ diffusers unet.<diffusers module path>.lora_A.weight / .lora_B.weight, text_enco
           LoRA and DoRA only.
 
 Training metadata goes to the safetensors header (ss_* keys as kohya names them, plus modelspec.architecture).
+
+DoRA in kohya files: `dora_scale` is the magnitude per *output* channel, shape [out, 1] (conv [out, 1, 1, 1]), of
+W + (alpha/r)·B A - LyCORIS' default axis, and exactly PEFT's `lora_magnitude_vector` (ComfyUI picks the axis by
+shape; older ComfyUI / Forge code that always normalises over the input axis misreads it). diffusers 0.42
+`load_lora_weights` *drops* every `dora_scale` key (with a warning) and applies such a file as plain LoRA; for
+diffusers write the diffusers format (`save_diffusers`), which keeps the magnitude. Pinned in
+tests/test_lora_formats.py.
 """
 from __future__ import annotations
 

@@ -24,9 +24,14 @@ from .unet import sdxl_vector_cond
 
 class Pipeline:
     def __init__(self, model: StableDiffusion, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, cast: bool = True):
         self.model = model.eval().to(device)
         self.device, self.dtype = torch.device(device), dtype
+        if not cast:
+            # the caller's dtypes stay as they are (a trainer: frozen base in bf16, adapters in fp32, which a
+            # cast would round); `dtype` is then only the UNet input dtype
+            self.vae_dtype = next(model.vae.parameters()).dtype
+            return
         # The UNet and text encoders run in `dtype`; the VAE stays fp32 when its config asks for it
         # (the SDXL VAE overflows in fp16 and decodes black images).
         self.model.unet.to(dtype)

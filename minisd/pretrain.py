@@ -43,16 +43,30 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 # ---------------------------------------------------------------------------------------------------- data
 
-def _render_chunk(job: tuple[int, int, str]) -> tuple[np.ndarray, list]:
-    n, seed, split = job
-    pairs = world.sample(n, seed, split=split)
+def _render_chunk(job: tuple) -> tuple[np.ndarray, list]:
+    n, seed, split, style, subject = job
+    pairs = world.sample(n, seed, split=split, style=style, subject=subject)
     return np.stack([np.asarray(world.render(a)) for a, _ in pairs]), [a for a, _ in pairs]
 
 
-def make_pool(n: int, seed: int = 0, split: str = "train", workers: int = 1, chunk: int = 500):
+# What the autoencoder alone also sees, chunk by chunk (see `make_pool(styled=True)`)
+VAE_EXTRA = [("outlined", False), ("striped", False), ("dotted", False), (None, True)]
+
+
+def make_pool(n: int, seed: int = 0, split: str = "train", workers: int = 1, chunk: int = 500,
+              styled: bool = False):
     """n rendered world images as uint8 (N, 3, 64, 64) and their attributes. Chunk i uses seed
-    seed·100003 + i, so the pool depends on (n, seed, chunk) only, never on the number of workers."""
-    jobs = [(min(chunk, n - s), seed * 100003 + i, split) for i, s in enumerate(range(0, n, chunk))]
+    seed·100003 + i, so the pool depends on (n, seed, chunk) only, never on the number of workers.
+
+    styled=True renders the fine-tuning material instead, chunk i in style / subject VAE_EXTRA[i mod 4] (seeds
+    offset so they differ from the plain pool's). Only the autoencoder trains on it: like SD's VAE, which was
+    trained on a broad image set (OpenImages), it is a general image codec and must be able to represent stripes,
+    dots and the subject, or no fine-tune of the UNet could ever draw them (a VAE trained on plain images alone
+    reconstructs striped shapes as plain ones: the probe read 19 % of them as striped). The UNet and the text
+    encoder never see these images or their words."""
+    extra = lambda i: VAE_EXTRA[i % len(VAE_EXTRA)] if styled else (None, False)
+    base = seed * 100003 + (50021 if styled else 0)
+    jobs = [(min(chunk, n - s), base + i, split, *extra(i)) for i, s in enumerate(range(0, n, chunk))]
     if workers > 1:
         with mp.get_context("fork").Pool(workers) as pool:
             parts = pool.map(_render_chunk, jobs)
@@ -156,6 +170,24 @@ def set_scale_factor(model: StableDiffusion, moments: torch.Tensor) -> float:
     z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)
     model.cfg.vae.scale_factor = float(1.0 / z.std())
     return model.cfg.vae.scale_factor
+
+
+@torch.no_grad()
+def reconstruction_scores(model: StableDiffusion, n: int = 256, seed: int = 4242, device="cpu") -> dict:
+    """How much of each style and of the subject survives encode -> decode (posterior mean), as the probe reads
+    it: an upper bound for what a fine-tune can reach. {"plain": shape & colour acc, "<style>": style acc, ...}."""
+    from .probe import load_probe, score, to_tensor
+    probe, out = load_probe(device="cpu"), {}
+    for style, subject in [("plain", False), *VAE_EXTRA]:
+        pairs = world.sample(n, seed, split="heldout", style=None if style == "plain" else style, subject=subject)
+        attrs = [a for a, _ in pairs]
+        x = to_tensor([world.render(a) for a in attrs]).to(device) * 2 - 1                 # (n, 3, 64, 64)
+        y = model.vae.decode(model.vae.encode(x).mean).float().clamp(-1, 1)
+        res = score(((y + 1) / 2).cpu(), attrs, probe)
+        key = "subject" if subject else style
+        out[key] = round(res["subject"] if subject else res["style_adoption"] if style != "plain"
+                         else min(res["shape"], res["colour"]), 4)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- phase 2
@@ -297,14 +329,19 @@ def pretrain(a: argparse.Namespace, log=print) -> dict:
     t0 = time.time()
     # Render first: the worker processes are forked before CUDA is initialised.
     images, attrs = make_pool(a.pool, a.seed, "train", workers=a.workers)
+    vae_extra = make_pool(a.vae_styled, a.seed, "train", workers=a.workers, styled=True)[0] if a.vae_styled else None
     cfg = ModelConfig.from_dict(WORLD_TINY.to_dict())                          # a private copy of the preset
     model = StableDiffusion(cfg).to(device)
     ids = caption_ids(model.tokenizers[0], attrs)
     log(f"pool: {len(images)} train-split images, {ids.shape} caption ids in {time.time() - t0:.0f}s")
     images = images.to(device)
-    vae_stats = train_vae(model, images, a.vae_steps, a.vae_batch, a.vae_lr, seconds=a.vae_minutes * 60 or None,
+    vae_images = images if vae_extra is None else torch.cat([images, vae_extra.to(device)])
+    vae_stats = train_vae(model, vae_images, a.vae_steps, a.vae_batch, a.vae_lr, seconds=a.vae_minutes * 60 or None,
                           device=device, log=log, seed=a.seed)
-    moments = encode_pool(model, images, device)
+    del vae_images
+    vae_stats["recon"] = reconstruction_scores(model, device=device)
+    log(f"VAE reconstructions read by the probe: {vae_stats['recon']}")
+    moments = encode_pool(model, images, device)  # the diffusion phase: plain images only
     scale = set_scale_factor(model, moments)
     log(f"latent std {1 / scale:.4f} -> scale_factor {scale:.5f}")
     ids = ids.to(device)
@@ -335,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-steps", type=int, default=4000)
     p.add_argument("--vae-batch", type=int, default=128)
     p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-styled", type=int, default=20000,
+                   help="extra styled / subject images for the VAE phase only (the UNet never sees them)")
     p.add_argument("--vae-minutes", type=float, default=0.0, help="also stop phase 1 after this long (0: no cap)")
     p.add_argument("--steps", type=int, default=20000, help="phase 2 steps")
     p.add_argument("--batch", type=int, default=256)

@@ -24,6 +24,8 @@ CHOICES = {
     "lr_scheduler": ("constant", "cosine", "linear"),
     "mixed_precision": ("no", "bf16", "fp16"),
     "prediction": ("auto", "epsilon", "v_prediction"),
+    "init": ("kaiming", "gaussian"),
+    "vae_dtype": ("fp32", "fp16", "bf16"),
 }
 
 
@@ -37,8 +39,8 @@ class TrainConfig:
     # --- what to train on
     data: Optional[str] = opt(None, "image folder (NAME.png + NAME.txt, or metadata.jsonl); default: generate "
                                     "the embedded world's style dataset into the run folder")
-    style: str = opt("striped", "world style used when --data is not given (outlined, striped, dotted)")
-    n_images: int = opt(200, "images generated when --data is not given")
+    style: str = opt("outlined", "world style used when --data is not given (outlined, striped, dotted)")
+    n_images: int = opt(400, "images generated when --data is not given")
     model: Optional[str] = opt(None, "base model: minisd folder, diffusers folder, single file or tiny-random; "
                                      "default weights/minisd-tiny if present, else tiny-random")
     out: Optional[str] = opt(None, "run folder; default runs/<timestamp>")
@@ -48,15 +50,37 @@ class TrainConfig:
     random_crop: bool = opt(False, "random instead of centre crop")
     flip: float = opt(0.0, "probability of a horizontal flip")
     caption_dropout: float = opt(0.0, "probability of training on the empty caption (keeps CFG working)")
+    buckets: bool = opt(False, "aspect-ratio buckets: each image at the shape nearest its own, area <= "
+                               "resolution², one shape per batch (minisd/buckets.py)")
+    bucket_step: int = opt(0, "bucket side step in px, a multiple of VAE factor x UNet down-sampling "
+                              "(0: auto, 64 for SD/SDXL)")
+    bucket_min: int = opt(0, "smallest bucket side in px (0: resolution / 2)")
+    bucket_max: int = opt(0, "largest bucket side in px (0: 2 x resolution)")
+    cache_latents: bool = opt(False, "VAE-encode every image once before training (posterior mean, logvar; with "
+                                     "--flip both orientations); not with --random-crop")
+    cache_text: bool = opt(False, "encode every caption (and the empty one) once; not with --train-text-encoder")
+    cache_dir: Optional[str] = opt(None, "keep the caches in this folder, reused while model, data and resolution "
+                                         "match (default: in memory)")
     # --- the adapter
     network: str = opt("lora", "adapter kind: " + "|".join(CHOICES["network"]))
     rank: int = opt(8, "adapter rank (LoRA dim)")
     alpha: float = opt(8.0, "adapter alpha; the update is scaled by alpha/rank")
     targets: str = opt("attn-mlp", "UNet layers to adapt: " + "|".join(CHOICES["targets"]))
     train_text_encoder: bool = opt(False, "also put adapters into the text encoder(s)")
+    init: str = opt("kaiming", "LoRA/DoRA down-matrix init: kaiming (kohya, PEFT default) | gaussian (N(0, 1/rank))")
+    dropout: float = opt(0.0, "LoRA/DoRA dropout on the adapter input (PEFT's lora_dropout; training only)")
+    rank_dropout: float = opt(0.0, "probability of zeroing each rank channel per sample (kohya; training only)")
+    module_dropout: float = opt(0.0, "probability of skipping a whole adapter for a step (kohya; training only)")
+    conv_rank: Optional[int] = opt(None, "rank of the 3x3 conv adapters of --targets full (default: --rank; "
+                                         "0: no adapters on 3x3 convs)")
+    conv_alpha: Optional[float] = opt(None, "alpha of the 3x3 conv adapters (default: --alpha)")
     # --- optimisation
     lr: float = opt(1e-3, "learning rate of the UNet adapters (prodigy: use 1.0)")
     te_lr: Optional[float] = opt(None, "learning rate of the text-encoder adapters (default: --lr)")
+    te1_lr: Optional[float] = opt(None, "learning rate of the first text encoder's adapters (SDXL: CLIP-L; "
+                                        "default: --te-lr)")
+    te2_lr: Optional[float] = opt(None, "learning rate of the second text encoder's adapters (SDXL: OpenCLIP "
+                                        "bigG; default: --te-lr)")
     optimizer: str = opt("adamw", "|".join(CHOICES["optimizer"]))
     weight_decay: float = opt(1e-2, "AdamW weight decay")
     lr_scheduler: str = opt("constant", "|".join(CHOICES["lr_scheduler"]) + " (after the warmup)")
@@ -65,23 +89,42 @@ class TrainConfig:
     batch_size: int = opt(4, "images per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     max_grad_norm: float = opt(1.0, "gradient clipping (0: off)")
+    ema_decay: float = opt(0.0, "EMA of the adapter weights, e.g. 0.999; the final files and after-grid use it, "
+                                "lora_raw.safetensors keeps the raw weights (0: off)")
+    ema_warmup: bool = opt(True, "EMA decay warmup min(decay, (1+s)/(10+s)), so short runs forget the initial "
+                                 "adapter (minisd/ema.py)")
     # --- recipe
     prediction: str = opt("auto", "training target: auto (the model's) | epsilon | v_prediction")
     min_snr_gamma: float = opt(0.0, "Min-SNR-γ loss weighting (Hang et al. 2023; 5 is usual; 0: off)")
     noise_offset: float = opt(0.0, "noise offset (0.05-0.1 helps very dark/bright images; 0: off)")
     zero_terminal_snr: bool = opt(False, "rescale the schedule to zero terminal SNR (Lin et al. 2023)")
+    input_perturbation: float = opt(0.0, "input perturbation γ: noisy input from ε + γ·ξ, target ε (Ning et al. "
+                                         "2023; 0.1 is theirs; 0: off)")
     # --- precision / memory
     mixed_precision: str = opt("no", "autocast dtype: " + "|".join(CHOICES["mixed_precision"]))
     gradient_checkpointing: bool = opt(False, "recompute UNet blocks in backward (less memory, ~30%% slower)")
     device: str = opt("auto", "cpu | cuda | auto")
     threads: int = opt(0, "torch CPU threads (0: torch's default)")
+    vae: Optional[str] = opt(None, "replace the model's VAE weights: diffusers vae/ folder (e.g. "
+                                   "sdxl-vae-fp16-fix) or single .safetensors/.ckpt VAE file")
+    vae_dtype: str = opt("fp32", "VAE dtype while encoding: " + "|".join(CHOICES["vae_dtype"])
+                         + " (fp16 only with an fp16-safe VAE)")
+    vae_slicing: bool = opt(False, "encode one image at a time (less VAE memory, same latents)")
+    vae_tiling: bool = opt(False, "encode in overlapping tiles (large images; latents close, not equal)")
     # --- bookkeeping
     seed: int = opt(0, "seed of data order, noise, timesteps and adapter init")
     save_every: int = opt(100, "checkpoint every N steps (0: only at the end)")
     samples: bool = opt(True, "write before/after sample grids and probe scores (world runs)")
     sample_steps: int = opt(15, "sampler steps for sample grids")
-    n_eval: int = opt(16, "held-out prompts scored with the probe")
+    sample_cfg: float = opt(5.0, "classifier-free guidance scale of the sample grids")
+    n_eval: int = opt(32, "held-out prompts scored with the probe")
+    validate_every: int = opt(0, "write <run>/validation/step_N.png every N steps, same seed each time (0: off)")
+    validation_prompts: Optional[str] = opt(None, "validation prompts: 'a|b|c' or a .txt file, one per line "
+                                                  "(world runs: 4 held-out prompts in the style)")
+    validation_steps: int = opt(15, "sampler steps of the validation images")
     progress: bool = opt(True, "tqdm progress bar")
+    profile: bool = opt(False, "time each stage of a step (data, VAE, text encoders, UNet, backward, optimizer); "
+                               "table at the end and <run>/profile.json")
     from_scratch: bool = opt(False, "pretrain a model from scratch instead (minisd/pretrain.py)")
     config: Optional[str] = opt(None, "TOML file of options (flags win over it)")
 
@@ -100,8 +143,33 @@ class TrainConfig:
         for name in ("flip", "caption_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be within [0, 1]")
-        if self.lr <= 0 or (self.te_lr is not None and self.te_lr < 0):
+        if self.lr <= 0 or any(v is not None and v < 0 for v in (self.te_lr, self.te1_lr, self.te2_lr)):
             raise ValueError("learning rates must be positive")
+        for name in ("dropout", "rank_dropout", "module_dropout", "ema_decay"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be within [0, 1)")
+        if self.network in ("loha", "lokr") and (self.dropout > 0 or self.init != "kaiming"):
+            raise ValueError(f"--dropout and --init are LoRA/DoRA options; {self.network} has --rank-dropout "
+                             "and --module-dropout")
+        for name in ("conv_rank", "input_perturbation", "validate_every"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.validation_steps < 1:
+            raise ValueError("--validation-steps must be >= 1")
+        # caches would freeze what must change per step (cache.py)
+        if self.cache_latents and self.random_crop:
+            raise ValueError("--cache-latents cannot be used with --random-crop: every step would see the crop "
+                             "cached at the start (drop one of them)")
+        if self.cache_text and self.train_text_encoder:
+            raise ValueError("--cache-text cannot be used with --train-text-encoder: the text encoder's output "
+                             "changes every step (drop one of them)")
+        if self.cache_dir and not (self.cache_latents or self.cache_text):
+            raise ValueError("--cache-dir needs --cache-latents and/or --cache-text")
+        for name in ("bucket_step", "bucket_min", "bucket_max"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.bucket_min and self.bucket_max and self.bucket_min > self.bucket_max:
+            raise ValueError("--bucket-min must be <= --bucket-max")
 
 
 class _Parser(argparse.ArgumentParser):

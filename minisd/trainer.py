@@ -9,16 +9,17 @@ encoder overfits faster than the UNet.
 
 One optimizer step, with grad_accum micro-batches of B images each (Ho et al. 2020, Eq. 14, plus the usual recipe):
 
-    z_0 = VAE.encode(x).sample() · scale_factor                 fp32, no grad
+    z_0 = VAE.encode(x).sample() · scale_factor                 fp32, no grad (--cache-latents: encode once, cache.py)
     t ~ U{0..T−1},  ε ~ N(0, I) (+ noise_offset · N(0, I) per channel: lets the model shift the mean brightness)
-    z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε                                 `NoiseSchedule.q_sample`
+    z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε                                 `NoiseSchedule.q_sample` (ε + γ·ξ: `Trainer.noised`)
     target = ε (eps models) or v = √ᾱ_t·ε − √(1−ᾱ_t)·z_0 (v models)
     L = mean_b w_b · ‖UNet(z_t, t, c) − target‖² / (C·h·w)
     w_b = min(SNR_t, γ)/SNR_t (eps) or min(SNR_t, γ)/(SNR_t + 1) (v): Min-SNR-γ, Hang et al. 2023, Eq. 9-10
 
 All randomness of a step (t, ε, the VAE sample) comes from one CPU generator whose state is checkpointed with
 the torch / CUDA / numpy / python RNG states, the optimizer, the LR schedule, the grad scaler and the data
-position; resuming then continues the exact loss sequence of an uninterrupted run (bitwise on the CPU).
+position (and the EMA shadow, minisd/ema.py); resuming then continues the exact loss sequence of an uninterrupted
+run (bitwise on the CPU). Validation grids (minisd/validation.py) restore every RNG they touch, so they change nothing.
 
 Shapes: B = batch, C = latent channels, h, w = latent size, T = 77 tokens, D = text width.
 """
@@ -37,12 +38,17 @@ from PIL import Image, ImageDraw
 
 from . import adapters
 from .adamw8bit import AdamW8bit
+from .buckets import BucketLoader, assign_buckets, buckets_for
+from .cache import build_caches, offload_cached
 from .data import CaptionDataset, Loader
-from .formats import load_model
+from .ema import EMA
+from .formats import load_model, load_vae
 from .prodigy import Prodigy
+from .profiler import StageTimer
 from .schedule import NoiseSchedule
 from .train_config import TrainConfig
 from .unet import sdxl_vector_cond
+from .validation import sampling, validate, validation_prompts
 
 # UNet layer presets, as regular expressions over the official module paths
 ATTN = [r".*attn[12]\.to_(q|k|v)", r".*attn[12]\.to_out\.0"]
@@ -117,20 +123,35 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         self.model = load_model(cfg.model)
         m = self.model
+        vae_info = load_vae(m, cfg.vae) if cfg.vae else {}  # e.g. sdxl-vae-fp16-fix; same shapes or a ModelError
         m.requires_grad_(False)  # freeze everything; adapters below are the only trainable tensors
         # Stored weights may be fp16 (minisd-tiny is). The frozen UNet / text encoders run in the autocast dtype
-        # (half the memory) or fp32; the VAE always in fp32 (the SDXL VAE overflows in fp16: NaN latents).
+        # (half the memory) or fp32; the VAE in fp32 unless --vae-dtype (the SDXL VAE overflows in fp16: NaN latents).
         for part in [m.unet, *m.text_encoders]:
             part.to(self.amp_dtype or torch.float32)
-        m.vae.to(torch.float32)
+        self.vae_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.vae_dtype]
+        m.vae.to(self.vae_dtype)
+        m.vae.slicing, m.vae.tiling = cfg.vae_slicing, cfg.vae_tiling
+        if cfg.vae_dtype == "fp16" and not vae_info.get("fp16_safe", m.cfg.vae.force_upcast is False):
+            log("warning: --vae-dtype fp16 with a VAE not known to be fp16-safe: expect NaN latents (the SDXL VAE "
+                "overflows); use bf16, or an fp16-fix VAE via --vae")
+        if vae_info.get("scale_factor") and abs(vae_info["scale_factor"] - m.cfg.vae.scale_factor) > 1e-6:
+            log(f"note: --vae says scale_factor {vae_info['scale_factor']}, the model's {m.cfg.vae.scale_factor} "
+                "is kept (the UNet was trained with it)")
         torch.manual_seed(cfg.seed)  # adapter init (load_model may have seeded the global RNG itself)
-        conv_rank = cfg.rank if cfg.targets == "full" else None
+        # 3x3 convs (only "full" targets them): --conv-rank / --conv-alpha, default --rank / --alpha; 0 skips them
+        conv_rank = (cfg.rank if cfg.conv_rank is None else cfg.conv_rank or None) if cfg.targets == "full" else None
+        conv_alpha = cfg.alpha if cfg.conv_alpha is None else cfg.conv_alpha
+        opts = dict(rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout)
+        if cfg.network in ("lora", "dora"):  # LoHa / LoKr have no input dropout, and `init` means else there
+            opts.update(init=cfg.init, dropout=cfg.dropout)
         self.unet_layers = adapters.inject(m.unet, cfg.network, TARGETS[cfg.targets], rank=cfg.rank,
-                                           alpha=cfg.alpha, conv_rank=conv_rank, conv_alpha=cfg.alpha)
+                                           alpha=cfg.alpha, conv_rank=conv_rank, conv_alpha=conv_alpha, **opts)
         self.te_layers = []
         if cfg.train_text_encoder:
             for te in m.text_encoders:
-                self.te_layers += adapters.inject(te, cfg.network, TE_TARGETS, rank=cfg.rank, alpha=cfg.alpha)
+                self.te_layers += adapters.inject(te, cfg.network, TE_TARGETS, rank=cfg.rank, alpha=cfg.alpha,
+                                                  **opts)
         m.to(self.device)
         m.unet.gradient_checkpointing = cfg.gradient_checkpointing
         unet_params = adapters.adapter_parameters(m.unet)
@@ -140,8 +161,11 @@ class Trainer:
             p.requires_grad_(True)
         self.params = unet_params + te_params
         groups = [{"params": unet_params, "lr": cfg.lr}]
-        if te_params:
-            groups.append({"params": te_params, "lr": cfg.lr if cfg.te_lr is None else cfg.te_lr})
+        te_lr = cfg.lr if cfg.te_lr is None else cfg.te_lr
+        for i, te in enumerate(m.text_encoders):  # a group per encoder: SDXL's two may differ (--te1-lr, --te2-lr)
+            own = (cfg.te1_lr, cfg.te2_lr)[i] if i < 2 else None
+            if adapters.adapter_parameters(te):
+                groups.append({"params": adapters.adapter_parameters(te), "lr": te_lr if own is None else own})
         if cfg.optimizer == "adamw":
             self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         elif cfg.optimizer == "adamw8bit":
@@ -158,9 +182,23 @@ class Trainer:
         self.resolution = cfg.resolution or m.cfg.resolution
         self.data = CaptionDataset(cfg.data, self.resolution, cfg.repeats, cfg.random_crop, cfg.flip,
                                    cfg.caption_dropout, cfg.seed)
-        self.loader = Loader(self.data, cfg.batch_size)
+        if cfg.buckets:  # aspect-ratio buckets (buckets.py): each image at the shape nearest its own
+            assign_buckets(self.data, buckets_for(m, self.resolution, cfg.bucket_step, cfg.bucket_min,
+                                                  cfg.bucket_max))
+            self.loader = BucketLoader(self.data, cfg.batch_size)
+        else:
+            self.loader = Loader(self.data, cfg.batch_size)
+        # --cache-latents / --cache-text (cache.py): the frozen VAE / text encoders run once, here, not every step
+        self.latent_cache, self.text_cache = build_caches(self)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step, self.losses = 0, []
+        self.prof = StageTimer(cfg.profile, self.device)  # --profile; no-op contexts otherwise
+        self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
+        self.val_prompts = validation_prompts(cfg) if cfg.validate_every else []  # bad prompts fail now, not later
+
+    def eval_weights(self):
+        """Context in which the adapters hold the weights to judge and ship: the EMA ones if on, else the raw."""
+        return self.ema.applied() if self.ema else nullcontext()
 
     # ------------------------------------------------------------------------------------------- one step
     def encode_text(self, captions: list[str]):
@@ -177,51 +215,84 @@ class Trainer:
 
     def micro_loss(self, batch: dict) -> torch.Tensor:
         m, cfg, gen = self.model, self.cfg, self.gen
-        with torch.no_grad():  # the frozen VAE, fp32: latents are data, not something to train
-            x = batch["pixels"].to(self.device, torch.float32)                           # (B, 3, R, R)
-            z0 = m.vae.encode(x).sample(generator=gen).float() * m.cfg.vae.scale_factor   # (B, C, h, w)
-        B = z0.shape[0]
-        t = torch.randint(0, self.noise.num_train_timesteps, (B,), generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        if cfg.noise_offset:  # one extra offset per (sample, channel): Guttenberg 2023, "diffusion with offset noise"
-            noise = noise + cfg.noise_offset * torch.randn((B, z0.shape[1], 1, 1), generator=gen)
-        noise, t_dev = noise.to(self.device), t.to(self.device)
-        zt = self.noise.q_sample(z0, noise, t_dev)
-        target = self.noise.training_target(z0, noise, t_dev)
+        # the frozen VAE (fp32 unless --vae-dtype): latents are data, not something to train
+        with torch.no_grad(), self.prof.stage("vae_encode"):
+            if self.latent_cache is not None:  # cached moments: z_0 is still drawn from gen, as below
+                posterior = self.latent_cache.lookup(batch["indices"], batch["flips"], self.device)
+            else:
+                posterior = m.vae.encode(batch["pixels"].to(self.device, self.vae_dtype))  # (B, 3, H, W) in
+            z0 = posterior.sample(generator=gen).float() * m.cfg.vae.scale_factor          # (B, C, h, w)
+        zt, t, target = self.noised(z0)
+        t_dev = t.to(self.device)
         amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext())
         with amp:
-            ctx, pooled = self.encode_text(batch["captions"])
+            with self.prof.stage("text_encoders"):
+                if self.text_cache is not None:  # cached; a dropped caption reads the cached "" embedding
+                    ctx, pooled = self.text_cache.lookup(batch["indices"], batch["dropped"], self.device)
+                else:
+                    ctx, pooled = self.encode_text(batch["captions"])
             y = None
             if m.cfg.unet.adm_in_channels:
                 # SDXL micro-conditioning from the real data: (orig h, w, crop top, left, target h, w)
-                R = self.resolution
-                ids = [[h, w, top, left, R, R] for (h, w), (top, left) in zip(batch["original_sizes"], batch["crops"])]
+                ids = [[h, w, top, left, th, tw] for (h, w), (top, left), (th, tw)
+                       in zip(batch["original_sizes"], batch["crops"], batch["target_sizes"])]
                 y = sdxl_vector_cond(pooled.float(), torch.tensor(ids, dtype=torch.float32, device=self.device),
                                      embed_dim=m.cfg.unet.addition_time_embed_dim)
-            pred = m.unet(zt, t_dev, ctx, y=y)                                              # (B, C, h, w)
+            with self.prof.stage("unet_forward"):
+                pred = m.unet(zt, t_dev, ctx, y=y)                                          # (B, C, h, w)
         per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if cfg.min_snr_gamma > 0:
             w = min_snr_weight(self.noise.snr(t), cfg.min_snr_gamma, self.noise.prediction_type)
             per = per * w.to(per)
         return per.mean()
 
+    def noised(self, z0: torch.Tensor):
+        """(z_t, t, target) for clean latents z0 (B, C, h, w), every draw from self.gen (CPU) in a fixed order:
+
+            t ~ U{0..T−1},  ε ~ N(0, I)  (+ noise_offset · N(0, I) per (sample, channel))
+            z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·(ε + γ·ξ),   ξ ~ N(0, I),  γ = --input-perturbation
+            target = ε, or v = √ᾱ_t·ε − √(1−ᾱ_t)·z_0 (v models), both from the unperturbed ε
+
+        Input perturbation (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion Models", DDPM-IP):
+        when sampling, the network sees its own slightly wrong x_t, never an exact q_sample as in training (exposure
+        bias); training on inputs moved by √(1−ᾱ_t)·γ·ξ while still asking for ε simulates that gap. γ = 0 draws no ξ,
+        so the random stream is exactly that of a run without the option."""
+        cfg, gen, B = self.cfg, self.gen, z0.shape[0]
+        t = torch.randint(0, self.noise.num_train_timesteps, (B,), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        if cfg.noise_offset:  # one extra offset per (sample, channel): Guttenberg 2023, "diffusion with offset noise"
+            noise = noise + cfg.noise_offset * torch.randn((B, z0.shape[1], 1, 1), generator=gen)
+        noise_in = noise
+        if cfg.input_perturbation:
+            noise_in = noise + cfg.input_perturbation * torch.randn(z0.shape, generator=gen)
+        t_dev = t.to(self.device)
+        zt = self.noise.q_sample(z0, noise_in.to(self.device), t_dev)
+        target = self.noise.training_target(z0, noise.to(self.device), t_dev)
+        return zt, t, target
+
     def train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean loss."""
         total = 0.0
         for _ in range(self.cfg.grad_accum):
-            loss = self.micro_loss(self.loader.next_batch())
+            with self.prof.stage("data"):
+                batch = self.loader.next_batch()
+            loss = self.micro_loss(batch)
             if not torch.isfinite(loss):
                 raise TrainError(f"loss is {loss.item()} at step {self.step + 1}: lower --lr, use --mixed-precision "
                                  "bf16 or no instead of fp16, or check the data (run stopped, no step taken)")
-            self.scaler.scale(loss / self.cfg.grad_accum).backward()
+            with self.prof.stage("backward"):
+                self.scaler.scale(loss / self.cfg.grad_accum).backward()
             total += loss.item() / self.cfg.grad_accum
-        if self.cfg.max_grad_norm > 0:
-            self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-        self.sched.step()
+        with self.prof.stage("optimizer"):  # clipping, the update, EMA, zeroing, the LR schedule
+            if self.cfg.max_grad_norm > 0:
+                self.scaler.unscale_(self.opt)
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            if self.ema:
+                self.ema.update()
+            self.opt.zero_grad(set_to_none=True)
+            self.sched.step()
         self.step += 1
         return total
 
@@ -235,17 +306,24 @@ class Trainer:
         state = {"step": self.step, "losses": self.losses, "adapter": adapters.adapter_state_dict(self.model),
                  "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                  "scaler": self.scaler.state_dict(), "loader": self.loader.state_dict(), "rng": rng_state(self.gen)}
+        if self.ema:
+            state["ema"] = self.ema.state_dict()
         tmp = self.ckpt_path + ".tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt_path)  # a kill mid-write leaves the previous checkpoint intact
-        self.write_loss_log()
 
     def write_loss_log(self) -> None:
-        """loss.jsonl: one {"step", "loss", "lr"} per optimizer step up to the last checkpoint / the end."""
+        """loss.jsonl rewritten from self.losses: at the start of `run` (a resumed run's file is cut back to its
+        checkpoint's step, so it ends up equal to the uninterrupted run's) and at the end; `append_loss` in between."""
         tmp = os.path.join(self.run_dir, "loss.jsonl.tmp")
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.losses)
         os.replace(tmp, os.path.join(self.run_dir, "loss.jsonl"))
+
+    def append_loss(self, record: dict) -> None:
+        """One {"step", "loss", "lr"} line per optimizer step, on disk at once (closing the file flushes it)."""
+        with open(os.path.join(self.run_dir, "loss.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def load_checkpoint(self) -> None:
         if not os.path.isfile(self.ckpt_path):
@@ -262,6 +340,10 @@ class Trainer:
         self.loader.load_state_dict(s["loader"])
         set_rng_state(self.gen, s["rng"])
         self.step, self.losses = int(s["step"]), list(s["losses"])
+        if self.ema and "ema" in s:
+            self.ema.load_state_dict(s["ema"])
+        elif self.ema:  # EMA switched on at this resume: average from the loaded weights on
+            self.ema.reset()
 
     # ------------------------------------------------------------------------------------------- the run
     def run(self) -> dict:
@@ -270,12 +352,18 @@ class Trainer:
         self.log(f"adapters: {cfg.network} rank {cfg.rank} alpha {cfg.alpha} on {len(self.unet_layers)} UNet layers"
                  f" ({cfg.targets}) + {len(self.te_layers)} text-encoder layers, {n_train:,} trainable parameters")
         self.log(self.data.summary())
+        offload_cached(self)  # cached VAE / text encoders leave the GPU for the loop
         from tqdm import tqdm
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress)
+        self.write_loss_log()
         try:
             while self.step < cfg.max_steps:
-                loss = self.train_step()
+                with self.prof.step():
+                    loss = self.train_step()
                 self.losses.append({"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0]})
+                self.append_loss(self.losses[-1])
+                if cfg.validate_every and self.step % cfg.validate_every == 0:
+                    validate(self, self.val_prompts)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 bar.update(1)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
@@ -284,6 +372,9 @@ class Trainer:
             raise TrainError(MEMORY_HINT) from None
         finally:
             bar.close()
+        if cfg.profile:  # this process's steps only (a resumed run profiles what it trained)
+            self.log(self.prof.table())
+            self.prof.save(os.path.join(self.run_dir, "profile.json"))
         self.save_checkpoint()
         return self.write_outputs()
 
@@ -294,13 +385,19 @@ class Trainer:
         draw_loss_curve([r["loss"] for r in self.losses], os.path.join(self.run_dir, "loss.png"))
         meta = {"minisd.train_config": json.dumps(self.cfg.to_dict()), "minisd.steps": str(self.step)}
         lora = os.path.join(self.run_dir, "lora.safetensors")
-        adapters.save_adapter(self.model, lora, metadata=meta)
         kohya = os.path.join(self.run_dir, "lora_kohya.safetensors")
-        save_kohya(self.model, kohya, metadata={"ss_network_dim": str(self.cfg.rank),
-                                                "ss_network_alpha": str(self.cfg.alpha),
-                                                "ss_max_train_steps": str(self.step)})
+        out = {"lora": lora, "kohya": kohya, "losses": [r["loss"] for r in self.losses]}
+        if self.ema:  # lora.safetensors and the kohya file hold the EMA weights, lora_raw.safetensors the raw ones
+            out["lora_raw"] = os.path.join(self.run_dir, "lora_raw.safetensors")
+            adapters.save_adapter(self.model, out["lora_raw"], metadata={**meta, "minisd.weights": "raw"})
+            meta = {**meta, "minisd.weights": f"ema {self.cfg.ema_decay}"}
+        with self.eval_weights():
+            adapters.save_adapter(self.model, lora, metadata=meta)
+            save_kohya(self.model, kohya, metadata={"ss_network_dim": str(self.cfg.rank),
+                                                    "ss_network_alpha": str(self.cfg.alpha),
+                                                    "ss_max_train_steps": str(self.step)})
         self.log(self.data.summary() if self.data.skipped else "data: no image was skipped")
-        return {"lora": lora, "kohya": kohya, "losses": [r["loss"] for r in self.losses]}
+        return out
 
 
 def draw_loss_curve(losses: list[float], path: str, size=(640, 360)) -> None:
@@ -331,16 +428,14 @@ def sample_and_score(trainer: Trainer, tag: str) -> dict:
     """World runs only: draw held-out prompts in the trained style, save a 4x4 grid `samples_<tag>.png` and the
     probe's reading of every image (`probe_<tag>.json`): style adoption, shape and colour accuracy."""
     from . import world
-    from .pipeline import Pipeline
     from .probe import score
     cfg = trainer.cfg
     pairs = world.sample(cfg.n_eval, seed=10_000 + cfg.seed, split="heldout", style=cfg.style)
     attrs, prompts = [a for a, _ in pairs], [c for _, c in pairs]
-    pipe = Pipeline(trainer.model, device=trainer.device)
     images = []
-    for i in range(0, len(prompts), 8):  # chunks of 8 prompts bound the attention memory
-        images += pipe(prompts[i:i + 8], steps=cfg.sample_steps, cfg_scale=5.0, seed=cfg.seed + i)
-    trainer.model.train()  # Pipeline switched to eval mode
+    with sampling(trainer) as pipe:  # EMA weights if on; dtypes, RNGs and train mode left as they were
+        for i in range(0, len(prompts), 8):  # chunks of 8 prompts bound the attention memory
+            images += pipe(prompts[i:i + 8], steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg, seed=cfg.seed + i)
     side = trainer.resolution
     grid = Image.new("RGB", (4 * side, 4 * side), "white")
     for i, im in enumerate(images[:16]):

@@ -1,0 +1,131 @@
+"""The GPU benchmark harness (bench/) smoke-tested on the CPU with tiny models of both implementations: a training
+case with checkpointing, an SDXL sampling case and the optimizer case run in-process and write complete results;
+bitsandbytes' row is recorded as skipped (not a test skip) where it is not installed; a failing case becomes an
+"error" result; report.py renders the tables with the minisd / reference ratio; run.py runs a case in a subprocess and
+skips it the second time."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+from bench import case as bench_case
+from bench import report
+from bench.cases import BY_NAME, CASES, select
+
+CPU = torch.device("cpu")
+COMMON = ["case", "impl", "status", "error", "step_ms", "images_per_s", "steps_per_s", "peak_alloc_gib",
+          "peak_reserved_gib", "flops_per_step", "mfu", "versions", "device", "command", "options", "info", "date"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Run the three smoke cases once (warmup 0, one timed iteration) and keep their records."""
+    out = str(tmp_path_factory.mktemp("bench"))
+    torch.set_num_threads(1)
+    recs = {}
+    for name, impls in [("sd15-lora-512-bs4-gc", ("minisd", "diffusers")),
+                        ("sample-sdxl-1024", ("minisd", "diffusers")),
+                        ("optim-sd15", ("minisd", "bnb", "torch"))]:
+        for impl in impls:
+            rec = bench_case.run_case(BY_NAME[name], impl, CPU, tiny=True, warmup=0, iters=1,
+                                      command=f"python bench/case.py {name} --impl {impl} --tiny")
+            bench_case.write_json(rec, out)
+            recs[(name, impl)] = rec
+    return out, recs
+
+
+def test_case_table_is_consistent():
+    assert len({c.name for c in CASES}) == len(CASES)
+    assert {c.kind for c in CASES} == {"train", "sample", "optim"}
+    assert [c.name for c in select(["sd15-lora-512-bs8*"])] == ["sd15-lora-512-bs8", "sd15-lora-512-bs8-gc",
+                                                                 "sd15-lora-512-bs8-cached",
+                                                                 "sd15-lora-512-bs8-gc-cached"]
+    assert all(c.targets for c in select(["@targets"]))
+
+
+def test_train_case_records_everything(results):
+    _, recs = results
+    a, b = recs[("sd15-lora-512-bs4-gc", "minisd")], recs[("sd15-lora-512-bs4-gc", "diffusers")]
+    for r in (a, b):
+        assert r["status"] == "ok", r["error"]
+        assert all(k in r for k in COMMON)
+        assert r["step_ms"] > 0 and r["images_per_s"] == pytest.approx(2 * 1e3 / r["step_ms"])  # tiny: batch 2
+        assert r["flops_per_step"] > 0 and r["mfu"] is None and r["peak_alloc_gib"] is None    # CPU
+        assert r["versions"]["torch"] and r["versions"]["diffusers"]
+        assert r["checkpointing"] and r["info"]["dtypes"]["unet"] == "bfloat16"
+    # the same adapter on the same network on both sides
+    assert a["info"]["trainable_params"] == b["info"]["trainable_params"] > 0
+    assert a["info"]["unet_params"] == b["info"]["unet_params"]
+    assert a["info"]["vae_params"] == b["info"]["vae_params"] and a["info"]["text_params"] == b["info"]["text_params"]
+
+
+def test_sample_case_times_each_phase(results):
+    _, recs = results
+    for impl in ("minisd", "diffusers"):
+        r = recs[("sample-sdxl-1024", impl)]
+        assert r["status"] == "ok", r["error"]
+        assert r["loop_ms"] > 0 and r["text_ms"] > 0 and r["decode_ms"] > 0
+        assert r["unet_it_s"] == pytest.approx(r["info"]["steps"] * 1e3 / r["loop_ms"])
+        assert r["step_ms"] >= r["loop_ms"]
+    # the same work is counted on both sides (attention has no FLOP formula on the CPU, so allow a little)
+    f = [recs[("sample-sdxl-1024", i)]["flops_per_step"] for i in ("minisd", "diffusers")]
+    assert f[0] == pytest.approx(f[1], rel=0.1)
+
+
+def test_optimizer_case_and_bitsandbytes_row(results):
+    _, recs = results
+    m, t, b = (recs[("optim-sd15", i)] for i in ("minisd", "torch", "bnb"))
+    assert m["status"] == t["status"] == "ok"
+    # 8-bit codes + block scales (~2.03 B) plus fp32 state of the tiny model's many small tensors, vs fp32 m and v
+    assert 2.0 < m["state_bytes_per_param"] < 2.6 and t["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)
+    try:
+        import bitsandbytes  # noqa: F401
+        installed = True
+    except ImportError:
+        installed = False
+    if installed:
+        assert b["status"] in ("ok", "error")   # bitsandbytes may have no CPU kernels
+    else:
+        assert b["status"] == "skipped" and b["error"] == "bitsandbytes not installed" and b["step_ms"] is None
+        assert b["versions"]["bitsandbytes"] is None and b["versions"]["torch"]
+
+
+def test_failure_is_recorded(monkeypatch):
+    def broken(*a, **kw):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(bench_case, "build_workload", broken)
+    rec = bench_case.run_case(BY_NAME["optim-sd15"], "torch", CPU, tiny=True)
+    assert rec["status"] == "error" and rec["error"] == "RuntimeError: boom" and rec["step_ms"] is None
+
+
+def test_report_renders(results):
+    out, recs = results
+    text = report.render(out)
+    assert "--tiny smoke-test numbers" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| sd15-lora-512-bs4-gc | minisd |")]
+    assert len(rows) == 1
+    q = recs[("sd15-lora-512-bs4-gc", "minisd")]["images_per_s"] / recs[("sd15-lora-512-bs4-gc", "diffusers")][
+        "images_per_s"]
+    assert f"{q:.2f}×" in rows[0]
+    opt = [ln for ln in text.splitlines() if ln.startswith("| optim-sd15 | minisd |")][0]
+    assert "state_bytes_per_param ≤ 2.1" in opt
+    assert any(ln.startswith("| sample-sdxl-1024 | diffusers |") for ln in text.splitlines())
+
+
+def test_run_py_subprocess_and_skip(tmp_path):
+    out = str(tmp_path / "r")
+    cmd = [sys.executable, "bench/run.py", "--cases", "optim-sd15", "--impl", "torch", "--tiny", "--device", "cpu",
+           "--out", out, "--args", "--warmup 0 --iters 1"]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    rec = json.load(open(os.path.join(out, "optim-sd15.torch.json")))
+    assert rec["status"] == "ok" and rec["command"].startswith("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    assert os.path.isfile(os.path.join(out, "optim-sd15.torch.log"))
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "0 run(s)" in second.stdout
+    assert len(json.load(open(os.path.join(out, "run.json")))) == 2
