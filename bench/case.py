@@ -126,6 +126,8 @@ def parse_args(argv):
     p.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last memory format")
     p.add_argument("--cuda-graph", action="store_true", help="sampling, minisd: replay the UNet from a CUDA graph")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls and convolutions (the VAE)")
+    p.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the frozen VAE encoder in training cases")
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="do not let cuDNN autotune convolutions")
     return p.parse_args(argv)
 
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
         return 2
     opts = Options(compile=a.compile, compile_mode=a.compile_mode, compile_optim=a.compile_optim,
                    channels_last=a.channels_last, cuda_graph=a.cuda_graph, tf32=a.tf32,
-                   cudnn_benchmark=not a.no_cudnn_benchmark)
+                   cudnn_benchmark=not a.no_cudnn_benchmark, vae_dtype=a.vae_dtype)
     alloc = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
     command = (f"PYTORCH_CUDA_ALLOC_CONF={alloc} " if alloc else "") + "python " + shlex.join(
         [os.path.relpath(os.path.abspath(__file__))] + argv)

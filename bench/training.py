@@ -2,8 +2,11 @@
 diffusers + peft (as diffusers' examples/text_to_image/train_text_to_image_lora.py sets it up).
 
 The recipe (both sides):
-    frozen base: UNet and text encoder(s) in bf16, VAE in fp32 (both trainers' default: the SDXL VAE overflows in
-        fp16/bf16), all in eval mode except the UNet
+    frozen base: UNet and text encoder(s) in bf16, VAE in fp32 by default; `--vae-dtype bfloat16` encodes in bf16.
+        diffusers' SD1 LoRA script casts its VAE to the weight dtype (bf16), its SDXL script keeps it in fp32 (the
+        SDXL VAE overflows in fp16; bf16 has fp32's exponent range, so it cannot overflow there). minisd's train.py
+        encodes in the autocast dtype when that is bf16. Each row records its VAE dtype. All frozen parts in eval
+        mode, the UNet in train mode
     LoRA rank 16, alpha 16 on every attn1/attn2 to_q, to_k, to_v, to_out.0 of the UNet; adapter weights in fp32
         (minisd's default; diffusers casts them with `cast_training_params`)
     full fine-tune instead (`case.full_ft`): every UNet weight trains, kept in fp32 (the usual mixed-precision
@@ -75,7 +78,9 @@ class TrainStep:
         self.R = TINY_RESOLUTION if tiny else case.resolution
         unet_dtype = torch.float32 if case.full_ft else torch.bfloat16
         build = minisd_parts if impl == "minisd" else diffusers_parts
-        self.parts: Parts = build(case.family, tiny, device, unet_dtype, vae=not case.cached, text=not case.cached)
+        self.vae_dtype = getattr(torch, opts.vae_dtype)
+        self.parts: Parts = build(case.family, tiny, device, unet_dtype, vae_dtype=self.vae_dtype,
+                                  vae=not case.cached, text=not case.cached)
         p = self.parts
         p.unet.requires_grad_(False)
         for m in [p.vae, *p.text_encoders]:
@@ -119,7 +124,7 @@ class TrainStep:
             if self.case.cached:
                 z0, cond = self.latents[:n], self.cached_cond(n)
             else:
-                z0 = self.encode_image(self.pixels[:n])                      # fp32 VAE, outside autocast
+                z0 = self.encode_image(self.pixels[:n].to(self.vae_dtype)).float()  # outside autocast
                 with self.autocast():
                     cond = self.encode_text(self.ids[:n])
         t = torch.randint(0, 1000, (n,), device=self.device)
@@ -152,7 +157,7 @@ class TrainStep:
                 "batch": self.B, "resolution": self.R,
                 "dtypes": {"unet": str(next(self.parts.unet.parameters()).dtype).replace("torch.", ""),
                            "trainable": str(self.params[0].dtype).replace("torch.", ""),
-                           "vae": None if self.parts.vae is None else "float32", "autocast": "bfloat16"},
+                           "vae": None if self.parts.vae is None else str(self.vae_dtype).replace("torch.", ""), "autocast": "bfloat16"},
                 "optimizer": type(self.opt).__module__ + "." + type(self.opt).__name__}
         return Workload(step=self.step, images=self.B, count_flops=self.flops, info=info)
 

@@ -158,7 +158,11 @@ class LoRAMixin(AdapterLayer):
 
     def lora_path(self, x: torch.Tensor) -> torch.Tensor:
         """(α/r) · B A x: x -> down -> (rank dropout) -> up, never materialising ΔW."""
-        h = self.lora_down(x.to(self.lora_down.weight.dtype))
+        # fp32 adapters on bf16 activations: cast the input, unless autocast casts both to bf16 for the matmul anyway
+        # (the cast would then only copy the activation twice)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_down.weight.dtype)
+        h = self.lora_down(x)
         scale = self.scale
         if self.training and self.rank_dropout > 0.0:
             # one keep-mask per sample over the r channels (dim -1 for Linear, dim 1 for conv)

@@ -72,6 +72,7 @@ class NoiseSchedule:
     def __init__(self, cfg: ScheduleConfig, zero_terminal_snr: bool = False):
         self.cfg = cfg
         self.prediction_type = cfg.prediction_type
+        self._tables = {}  # (table, device, dtype) -> the table there, for _at
         betas = make_betas(cfg)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
@@ -88,7 +89,11 @@ class NoiseSchedule:
     def _at(self, values: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
         """values[t] in x's dtype/device, shaped to broadcast against x."""
         # Cast the whole table first, then gather: the order diffusers uses in add_noise.
-        v = values.to(device=x.device, dtype=x.dtype)[torch.as_tensor(t, device=x.device)]
+        key = (id(values), x.device, x.dtype)
+        hit = self._tables.get(key)
+        if hit is None or hit[0] is not values:  # one host->device copy per table, device and dtype, not one per
+            hit = self._tables[key] = (values, values.to(device=x.device, dtype=x.dtype))  # call (each would sync)
+        v = hit[1][torch.as_tensor(t, device=x.device)]
         return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
     # ------------------------------------------------------------------ forward process

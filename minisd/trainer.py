@@ -126,10 +126,13 @@ class Trainer:
         vae_info = load_vae(m, cfg.vae) if cfg.vae else {}  # e.g. sdxl-vae-fp16-fix; same shapes or a ModelError
         m.requires_grad_(False)  # freeze everything; adapters below are the only trainable tensors
         # Stored weights may be fp16 (minisd-tiny is). The frozen UNet / text encoders run in the autocast dtype
-        # (half the memory) or fp32; the VAE in fp32 unless --vae-dtype (the SDXL VAE overflows in fp16: NaN latents).
+        # (half the memory) or fp32. The VAE encodes in bf16 under bf16 autocast (bf16 has fp32's exponent range, so
+        # the SDXL VAE cannot overflow as it does in fp16, and the encoder in fp32 costs more than the UNet step at
+        # 512-1024 px), else in fp32 unless --vae-dtype says otherwise (fp16: NaN latents from the SDXL VAE).
         for part in [m.unet, *m.text_encoders]:
             part.to(self.amp_dtype or torch.float32)
-        self.vae_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.vae_dtype]
+        vae_dtype = cfg.vae_dtype if cfg.vae_dtype != "auto" else "bf16" if cfg.mixed_precision == "bf16" else "fp32"
+        self.vae_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[vae_dtype]
         m.vae.to(self.vae_dtype)
         m.vae.slicing, m.vae.tiling = cfg.vae_slicing, cfg.vae_tiling
         if cfg.vae_dtype == "fp16" and not vae_info.get("fp16_safe", m.cfg.vae.force_upcast is False):
@@ -167,7 +170,9 @@ class Trainer:
             if adapters.adapter_parameters(te):
                 groups.append({"params": adapters.adapter_parameters(te), "lr": te_lr if own is None else own})
         if cfg.optimizer == "adamw":
-            self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            # fused: one kernel for every tensor on CUDA instead of a dozen per tensor
+            self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                         fused=self.device.type == "cuda")
         elif cfg.optimizer == "adamw8bit":
             self.opt = AdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:

@@ -67,7 +67,9 @@ class AttnBlock(nn.Module):
         B, C, h, w = x.shape
         y = self.norm(x)
         # One head of width C: (B, C, h, w) -> (B, 1, N, C)
-        q, k, v = (t(y).reshape(B, 1, C, h * w).transpose(2, 3) for t in (self.q, self.k, self.v))
+        # contiguous: SDPA's fused kernels need a unit stride in the last dim, else it falls back to the math
+        # kernel, which stores the whole (N, N) score matrix in fp32 (1 GiB per image at 1024 px)
+        q, k, v = (t(y).reshape(B, 1, C, h * w).transpose(2, 3).contiguous() for t in (self.q, self.k, self.v))
         # SDPA's fused kernels never materialise the (N, N) matrix: 1 GiB per image at a 1024 px
         # SDXL decode with the plain softmax(q kᵀ) v of the original; they also softmax in fp32.
         y = F.scaled_dot_product_attention(q, k, v)                          # (B, 1, N, C)
