@@ -41,7 +41,7 @@ def prepare(cfg, flags: dict) -> str:
     cfg.out = run_dir
     if cfg.data is None:
         # the world style run. A style changes how a shape is drawn, not only what the words mean, so the ResBlock
-        # convs train too ("full"), with a high LR decayed by a cosine. Chosen from a sweep of 30 recipes on the
+        # convs train too ("full"), with a high LR decayed by a cosine. Chosen from a sweep of 36 runs on the
         # embedded model (docs/WORLD.md): 300 steps fit the 3-minute CPU budget and reach the probe's targets.
         for name, value in (("targets", "full"), ("lr", 3e-3), ("max_steps", 300), ("lr_scheduler", "cosine")):
             if name not in flags:

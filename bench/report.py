@@ -10,6 +10,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 
 if __name__ == "__main__":
@@ -25,7 +26,9 @@ presets SD15 / SDXL_BASE / LDM_256; diffusers and transformers models from the o
 
 - Training, both sides: frozen base in bf16 (UNet, text encoders), LoRA rank 16 alpha 16 on every attn1/attn2
   to_q, to_k, to_v, to_out.0 with fp32 adapter weights (minisd `adapters.inject`; peft `LoraConfig` +
-  `unet.add_adapter` + `cast_training_params`), bf16 autocast, VAE encode in fp32 (both trainers' default) and the
+  `unet.add_adapter` + `cast_training_params`), bf16 autocast, VAE encode in the dtype the row's flags name
+  (`--vae-dtype bfloat16`, else fp32: minisd's train.py does with `--vae-dtype bf16` / `auto`; diffusers' SD1 LoRA
+  script casts its VAE to the weight dtype, bf16, its SDXL script keeps the VAE in fp32) and the
   text encoder(s) inside the step, ε-MSE loss, backward, torch AdamW (fused), zero_grad. "cached" rows feed
   precomputed latents and text states: the step is the UNet alone. Checkpointing: minisd
   `unet.gradient_checkpointing = True`, diffusers `unet.enable_gradient_checkpointing()`.
@@ -184,11 +187,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", help="results folder of bench/run.py")
     p.add_argument("--write", default=None, help="write the markdown to this file instead of stdout")
+    p.add_argument("--commit", default=None, help="the minisd commit measured, when the results do not know it")
+    p.add_argument("--notes", default=None, help="a markdown file appended at the end (findings, profiles)")
     a = p.parse_args(argv)
     if not os.path.isdir(a.folder):
         print(f"error: {a.folder}: no such folder", file=sys.stderr)
         return 2
     text = render(a.folder)
+    if a.commit:
+        text = re.sub(r"(?m)^- minisd commit: .*$", f"- minisd commit: {a.commit}", text)
+    if a.notes:
+        with open(a.notes) as f:
+            text += "\n" + f.read()
     if a.write:
         with open(a.write + ".tmp", "w") as f:
             f.write(text)

@@ -5,7 +5,7 @@ The recipe (both sides):
     frozen base: UNet and text encoder(s) in bf16, VAE in fp32 by default; `--vae-dtype bfloat16` encodes in bf16.
         diffusers' SD1 LoRA script casts its VAE to the weight dtype (bf16), its SDXL script keeps it in fp32 (the
         SDXL VAE overflows in fp16; bf16 has fp32's exponent range, so it cannot overflow there). minisd's train.py
-        encodes in the autocast dtype when that is bf16. Each row records its VAE dtype. All frozen parts in eval
+        does so with --vae-dtype bf16 / auto. Each row records its VAE dtype. All frozen parts in eval
         mode, the UNet in train mode
     LoRA rank 16, alpha 16 on every attn1/attn2 to_q, to_k, to_v, to_out.0 of the UNet; adapter weights in fp32
         (minisd's default; diffusers casts them with `cast_training_params`)

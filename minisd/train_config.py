@@ -107,8 +107,9 @@ class TrainConfig:
     threads: int = opt(0, "torch CPU threads (0: torch's default)")
     vae: Optional[str] = opt(None, "replace the model's VAE weights: diffusers vae/ folder (e.g. "
                                    "sdxl-vae-fp16-fix) or single .safetensors/.ckpt VAE file")
-    vae_dtype: str = opt("auto", "VAE dtype while encoding: " + "|".join(CHOICES["vae_dtype"])
-                         + " (auto: bf16 under --mixed-precision bf16, else fp32; fp16 only with an fp16-safe VAE)")
+    vae_dtype: str = opt("fp32", "VAE dtype while encoding: " + "|".join(CHOICES["vae_dtype"]) + " (auto: bf16 "
+                         "under --mixed-precision bf16, else fp32. bf16 is safe - it cannot overflow as fp16 does - "
+                         "and much faster on a GPU; fp16 only with an fp16-safe VAE)")
     vae_slicing: bool = opt(False, "encode one image at a time (less VAE memory, same latents)")
     vae_tiling: bool = opt(False, "encode in overlapping tiles (large images; latents close, not equal)")
     # --- bookkeeping

@@ -126,9 +126,9 @@ class Trainer:
         vae_info = load_vae(m, cfg.vae) if cfg.vae else {}  # e.g. sdxl-vae-fp16-fix; same shapes or a ModelError
         m.requires_grad_(False)  # freeze everything; adapters below are the only trainable tensors
         # Stored weights may be fp16 (minisd-tiny is). The frozen UNet / text encoders run in the autocast dtype
-        # (half the memory) or fp32. The VAE encodes in bf16 under bf16 autocast (bf16 has fp32's exponent range, so
-        # the SDXL VAE cannot overflow as it does in fp16, and the encoder in fp32 costs more than the UNet step at
-        # 512-1024 px), else in fp32 unless --vae-dtype says otherwise (fp16: NaN latents from the SDXL VAE).
+        # (half the memory) or fp32. The VAE encodes in fp32 by default; --vae-dtype bf16 (or auto under bf16
+        # autocast) is safe too - bf16 has fp32's exponent range, so the SDXL VAE cannot overflow as it does in fp16
+        # (NaN latents) - and much faster on a GPU, where the fp32 encoder can cost more than the UNet step.
         for part in [m.unet, *m.text_encoders]:
             part.to(self.amp_dtype or torch.float32)
         vae_dtype = cfg.vae_dtype if cfg.vae_dtype != "auto" else "bf16" if cfg.mixed_precision == "bf16" else "fp32"

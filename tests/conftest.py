@@ -31,3 +31,34 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def save_tiny_sdxl(path) -> str:
+    """A tiny random SDXL (two text encoders, pooled + size conditioning) saved as a minisd folder; returns the path."""
+    from minisd.config import CLIPTextConfig, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig
+    from minisd.model import StableDiffusion, save_model
+    te = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, layer=-2,
+              final_norm=False)
+    cfg = ModelConfig(family="sdxl", unet=UNetConfig(
+        model_channels=32, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(0, 1),
+        transformer_depth_middle=1, num_head_channels=8, context_dim=64, use_linear_in_transformer=True,
+        adm_in_channels=32 + 6 * 8, addition_time_embed_dim=8, norm_num_groups=8),
+        vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_num_groups=8, scale_factor=0.13025),
+        text_encoders=[CLIPTextConfig(**te), CLIPTextConfig(**te, hidden_act="gelu", projection_dim=32, pad_token="!")],
+        schedule=ScheduleConfig(timestep_spacing="leading"), resolution=32, zero_empty_negative=True)
+    torch.manual_seed(0)
+    save_model(StableDiffusion(cfg), str(path))
+    return str(path)
+
+
+def kill_at(trainer, step: int) -> None:
+    """Run `trainer` until it is about to take step `step`, then stop it as a SIGKILL would (nothing more written)."""
+    real_step = trainer.train_step
+
+    def dying_step():
+        if trainer.step == step:
+            raise KeyboardInterrupt
+        return real_step()
+    trainer.train_step = dying_step
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()

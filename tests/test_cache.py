@@ -15,6 +15,7 @@ from minisd import world  # noqa: E402
 from minisd.train_config import parse_config  # noqa: E402
 from minisd.trainer import Trainer  # noqa: E402
 from test_buckets import write_shapes  # noqa: E402
+from conftest import save_tiny_sdxl  # noqa: E402
 
 torch.set_num_threads(1)
 FAST = ["--threads", "1", "--no-progress", "--batch-size", "2", "--no-samples", "--save-every", "0"]
@@ -29,21 +30,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory):
     """A tiny SDXL (two text encoders, pooled + size conditioning), saved as a minisd folder."""
-    from minisd.config import CLIPTextConfig, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig
-    from minisd.model import StableDiffusion, save_model
-    te = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, layer=-2,
-              final_norm=False)
-    cfg = ModelConfig(family="sdxl", unet=UNetConfig(
-        model_channels=32, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(0, 1),
-        transformer_depth_middle=1, num_head_channels=8, context_dim=64, use_linear_in_transformer=True,
-        adm_in_channels=32 + 6 * 8, addition_time_embed_dim=8, norm_num_groups=8),
-        vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_num_groups=8, scale_factor=0.13025),
-        text_encoders=[CLIPTextConfig(**te), CLIPTextConfig(**te, hidden_act="gelu", projection_dim=32, pad_token="!")],
-        schedule=ScheduleConfig(timestep_spacing="leading"), resolution=32, zero_empty_negative=True)
-    torch.manual_seed(0)
-    out = str(tmp_path_factory.mktemp("xl") / "xl")
-    save_model(StableDiffusion(cfg), out)
-    return out
+    return save_tiny_sdxl(tmp_path_factory.mktemp("xl") / "xl")
 
 
 def _trainer(out, *flags, logs=None):

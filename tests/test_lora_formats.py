@@ -188,6 +188,26 @@ def test_dora_diffusers_format_loads_in_diffusers(sd1, tmp_path):
     compare(model, pipe, check_te=False)  # see test_kohya_file_loads_in_diffusers
 
 
+def test_dora_diffusers_format_text_encoder_keys_are_peft_names(sd1, tmp_path):
+    """The text-encoder half of that file, which diffusers 0.42 + transformers 5 do not load: its names are exactly the
+    ones PEFT itself writes for the same DoRA (`get_peft_model_state_dict`, what diffusers' `save_lora_weights`
+    stores), magnitudes as `...lora_magnitude_vector` without `.weight`, with equal shapes. So the file is what
+    diffusers would write, and the gap is in the loader (transformers expects `.weight` there), not in the file."""
+    from peft import LoraConfig, get_peft_model_state_dict
+    model = adapted(sd1, "dora")
+    path = str(tmp_path / "dora.safetensors")
+    save_diffusers(model, path)
+    ours = {k[len("text_encoder."):]: v.shape for k, v in load_file(path).items() if k.startswith("text_encoder.")}
+    te = StableDiffusionPipeline.from_pretrained(sd1).text_encoder
+    te.add_adapter(LoraConfig(r=4, lora_alpha=2, use_dora=True,
+                              target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]))
+    peft = {k: v.shape for k, v in get_peft_model_state_dict(te).items()}
+    peft = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in peft.items()}
+    ours = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in ours.items()}
+    assert any(k.endswith("lora_magnitude_vector") for k in peft)
+    assert ours == peft, sorted(set(ours) ^ set(peft))[:6]
+
+
 @pytest.mark.parametrize("kind", ["lora", "dora", "loha", "lokr"])
 @pytest.mark.parametrize("naming", ["sgm", "diffusers"])
 def test_kohya_round_trip_in_minisd(sd1, tmp_path, kind, naming):

@@ -14,6 +14,7 @@ from minisd import world  # noqa: E402
 from minisd.adapters import adapter_state_dict  # noqa: E402
 from minisd.train_config import parse_config  # noqa: E402
 from minisd.trainer import Trainer, TrainError, lr_lambda, min_snr_weight  # noqa: E402
+from conftest import save_tiny_sdxl, kill_at  # noqa: E402
 
 torch.set_num_threads(1)
 FAST = ["--model", "tiny-random", "--threads", "1", "--no-progress", "--batch-size", "2"]
@@ -65,15 +66,7 @@ def test_resume_is_exact(tmp_path, data_dir):
     # a run that dies after its step-3 checkpoint (as under SIGKILL: nothing else is written)
     killed = _trainer(tmp_path / "part", data_dir, *flags, "--save-every", "3")
     json.dump(killed.cfg.to_dict(), open(os.path.join(part, "config.json"), "w"))
-    real_step = killed.train_step
-
-    def dying_step():
-        if killed.step == 4:
-            raise KeyboardInterrupt
-        return real_step()
-    killed.train_step = dying_step
-    with pytest.raises(KeyboardInterrupt):
-        killed.run()
+    kill_at(killed, 4)
     assert not os.path.exists(os.path.join(part, "lora.safetensors"))
     assert train.main(["--resume", part, "--max-steps", "6", "--threads", "1"]) == 0
     got = [json.loads(line)["loss"] for line in open(os.path.join(part, "loss.jsonl"))]
@@ -153,19 +146,7 @@ def test_from_scratch_dispatches_to_pretrain(monkeypatch):
 def test_sdxl_vector_conditioning_trains(tmp_path, data_dir):
     """A tiny SDXL (two text encoders, pooled + size conditioning): one step with TE adapters, kohya te1/te2 names."""
     from safetensors.torch import load_file
-    from minisd.config import CLIPTextConfig, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig
-    from minisd.model import StableDiffusion, save_model
-    te = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, layer=-2,
-              final_norm=False)
-    cfg = ModelConfig(family="sdxl", unet=UNetConfig(
-        model_channels=32, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(0, 1),
-        transformer_depth_middle=1, num_head_channels=8, context_dim=64, use_linear_in_transformer=True,
-        adm_in_channels=32 + 6 * 8, addition_time_embed_dim=8, norm_num_groups=8),
-        vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_num_groups=8, scale_factor=0.13025),
-        text_encoders=[CLIPTextConfig(**te), CLIPTextConfig(**te, hidden_act="gelu", projection_dim=32, pad_token="!")],
-        schedule=ScheduleConfig(timestep_spacing="leading"), resolution=32, zero_empty_negative=True)
-    torch.manual_seed(0)
-    save_model(StableDiffusion(cfg), str(tmp_path / "xl"))
+    save_tiny_sdxl(tmp_path / "xl")
     out = tmp_path / "run"
     assert train.main(["--model", str(tmp_path / "xl"), "--data", data_dir, "--out", str(out), "--max-steps", "1",
                        "--batch-size", "1", "--train-text-encoder", "--threads", "1", "--no-progress"]) == 0

@@ -19,6 +19,7 @@ from minisd.ema import EMA  # noqa: E402
 from minisd.train_config import parse_config  # noqa: E402
 from minisd.trainer import Trainer  # noqa: E402
 from minisd.validation import parse_prompts, validation_prompts  # noqa: E402
+from conftest import save_tiny_sdxl, kill_at  # noqa: E402
 
 torch.set_num_threads(1)
 FAST = ["--model", "tiny-random", "--threads", "1", "--no-progress", "--batch-size", "2", "--no-samples"]
@@ -133,15 +134,7 @@ def test_resume_exact_with_ema_validation_and_per_step_loss_log(tmp_path, data_d
     part = str(tmp_path / "part")
     killed = _trainer(tmp_path / "part", data_dir, *flags, "--save-every", "3")
     json.dump(killed.cfg.to_dict(), open(os.path.join(part, "config.json"), "w"))
-    real_step = killed.train_step
-
-    def dying_step():
-        if killed.step == 4:
-            raise KeyboardInterrupt
-        return real_step()
-    killed.train_step = dying_step
-    with pytest.raises(KeyboardInterrupt):
-        killed.run()
+    kill_at(killed, 4)
     log = os.path.join(part, "loss.jsonl")
     assert [json.loads(x)["step"] for x in open(log)] == [1, 2, 3, 4]  # written every step, not at checkpoints
     assert train.main(["--resume", part, "--max-steps", "5", "--threads", "1"]) == 0
@@ -276,26 +269,11 @@ def test_external_vae_wrong_shapes_one_line_error(tmp_path, data_dir, capsys):
 
 
 # ------------------------------------------------------------------------------------------- per-encoder LRs
-def _tiny_sdxl(path):
-    from minisd.config import CLIPTextConfig, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig
-    from minisd.model import StableDiffusion, save_model
-    te = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, layer=-2,
-              final_norm=False)
-    cfg = ModelConfig(family="sdxl", unet=UNetConfig(
-        model_channels=32, channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(0, 1),
-        transformer_depth_middle=1, num_head_channels=8, context_dim=64, use_linear_in_transformer=True,
-        adm_in_channels=32 + 6 * 8, addition_time_embed_dim=8, norm_num_groups=8),
-        vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_num_groups=8, scale_factor=0.13025),
-        text_encoders=[CLIPTextConfig(**te), CLIPTextConfig(**te, hidden_act="gelu", projection_dim=32, pad_token="!")],
-        schedule=ScheduleConfig(timestep_spacing="leading"), resolution=32, zero_empty_negative=True)
-    torch.manual_seed(0)
-    save_model(StableDiffusion(cfg), str(path))
-    return str(path)
 
 
 def test_per_encoder_learning_rates_sdxl(tmp_path, data_dir):
     from minisd.adapters import adapter_parameters
-    xl = _tiny_sdxl(tmp_path / "xl")
+    xl = save_tiny_sdxl(tmp_path / "xl")
     base = ["--model", xl, "--train-text-encoder", "--lr", "1e-3", "--batch-size", "1"]
     for extra, want in (([], [1e-3, 1e-3, 1e-3]), (["--te-lr", "5e-4"], [1e-3, 5e-4, 5e-4]),
                         (["--te-lr", "5e-4", "--te2-lr", "2e-4"], [1e-3, 5e-4, 2e-4]),

@@ -1,6 +1,6 @@
 """Where one benchmark case spends its GPU time: torch.profiler over a few iterations, top kernels by CUDA time.
 
-    python bench/profile.py sdxl-lora-1024-bs1-cached --impl minisd [--iters 3] [--top 25] [--vae-dtype bfloat16]
+    python bench/kernels.py sdxl-lora-1024-bs1-cached --impl minisd [--iters 3] [--top 25] [--vae-dtype bfloat16]
 
 This is the "profile that shows why" of BENCHMARKS.md: it prints the kernels (and operator groups) that take the
 time of a step, so a missed target can be traced to what dominates (convolution, attention, normalisation, casts).
