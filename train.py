@@ -85,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(cfg.to_dict(), f, indent=2)
         world_run = cfg.samples and os.path.isfile(os.path.join(cfg.data, "attributes.jsonl"))
         if world_run and trainer.step == 0:
-            from minisd.trainer import sample_and_score
+            from minisd.validation import sample_and_score
             sample_and_score(trainer, "before")
         t0 = time.time()
         result = trainer.run()
         print(f"trained {cfg.max_steps} steps in {time.time() - t0:.1f} s; loss {result['losses'][0]:.4f} -> "
               f"{sum(result['losses'][-10:]) / len(result['losses'][-10:]):.4f} (mean of the last 10)")
         if world_run:
-            from minisd.trainer import sample_and_score
+            from minisd.validation import sample_and_score
             sample_and_score(trainer, "after")
         print(f"wrote {result['lora']} (minisd), {result['kohya']} (kohya: A1111 / ComfyUI), "
               + (f"both with EMA weights, {result['lora_raw']} (raw weights), " if "lora_raw" in result else "")

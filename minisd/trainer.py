@@ -48,7 +48,7 @@ from .profiler import StageTimer
 from .schedule import NoiseSchedule
 from .train_config import TrainConfig
 from .unet import sdxl_vector_cond
-from .validation import sampling, validate, validation_prompts
+from .validation import validate, validation_prompts
 
 # UNet layer presets, as regular expressions over the official module paths
 ATTN = [r".*attn[12]\.to_(q|k|v)", r".*attn[12]\.to_out\.0"]
@@ -428,28 +428,3 @@ def draw_loss_curve(losses: list[float], path: str, size=(640, 360)) -> None:
     d.text((left, bottom + 8), f"step 1 ... {len(losses)}   (grey: loss, blue: running mean)", fill="black")
     img.save(path)
 
-
-def sample_and_score(trainer: Trainer, tag: str) -> dict:
-    """World runs only: draw held-out prompts in the trained style, save a 4x4 grid `samples_<tag>.png` and the
-    probe's reading of every image (`probe_<tag>.json`): style adoption, shape and colour accuracy."""
-    from . import world
-    from .probe import score
-    cfg = trainer.cfg
-    pairs = world.sample(cfg.n_eval, seed=10_000 + cfg.seed, split="heldout", style=cfg.style)
-    attrs, prompts = [a for a, _ in pairs], [c for _, c in pairs]
-    images = []
-    with sampling(trainer) as pipe:  # EMA weights if on; dtypes, RNGs and train mode left as they were
-        for i in range(0, len(prompts), 8):  # chunks of 8 prompts bound the attention memory
-            images += pipe(prompts[i:i + 8], steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg, seed=cfg.seed + i)
-    side = trainer.resolution
-    grid = Image.new("RGB", (4 * side, 4 * side), "white")
-    for i, im in enumerate(images[:16]):
-        grid.paste(im.resize((side, side)), ((i % 4) * side, (i // 4) * side))
-    grid.save(os.path.join(trainer.run_dir, f"samples_{tag}.png"))
-    res = score(images, attrs)
-    with open(os.path.join(trainer.run_dir, f"probe_{tag}.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    pct = lambda v: "-" if v is None else f"{100 * v:.0f} %"
-    trainer.log(f"probe {tag}: style adoption {pct(res['style_adoption'])}, shape {pct(res['shape'])}, "
-                f"colour {pct(res['colour'])} ({len(images)} held-out '{cfg.style}' prompts)")
-    return res

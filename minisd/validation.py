@@ -1,4 +1,5 @@
-"""Images in the middle of a training run, without disturbing it: validation grids every N steps.
+"""Images in the middle of a training run, without disturbing it: validation grids every N steps, and the world
+runs' before/after grids with the probe's scores (`sample_and_score`).
 
 `validate(trainer, prompts)` writes `<run>/validation/step_000100.png`: one image per prompt, captioned, drawn with
 the same seed at every step so the grids of a run can be compared side by side (what changes is the adapter only).
@@ -15,6 +16,7 @@ grids:
 """
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 
@@ -117,3 +119,29 @@ def wrap(text: str, width: int, d: ImageDraw.ImageDraw, font) -> list[str]:
         else:
             line = trial
     return out + ([line] if line else [])
+
+
+def sample_and_score(trainer, tag: str) -> dict:
+    """World runs only: draw held-out prompts in the trained style, save a 4x4 grid `samples_<tag>.png` and the
+    probe's reading of every image (`probe_<tag>.json`): style adoption, shape and colour accuracy."""
+    from . import world
+    from .probe import score
+    cfg = trainer.cfg
+    pairs = world.sample(cfg.n_eval, seed=10_000 + cfg.seed, split="heldout", style=cfg.style)
+    attrs, prompts = [a for a, _ in pairs], [c for _, c in pairs]
+    images = []
+    with sampling(trainer) as pipe:  # EMA weights if on; dtypes, RNGs and train mode left as they were
+        for i in range(0, len(prompts), 8):  # chunks of 8 prompts bound the attention memory
+            images += pipe(prompts[i:i + 8], steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg, seed=cfg.seed + i)
+    side = trainer.resolution
+    grid = Image.new("RGB", (4 * side, 4 * side), "white")
+    for i, im in enumerate(images[:16]):
+        grid.paste(im.resize((side, side)), ((i % 4) * side, (i // 4) * side))
+    grid.save(os.path.join(trainer.run_dir, f"samples_{tag}.png"))
+    res = score(images, attrs)
+    with open(os.path.join(trainer.run_dir, f"probe_{tag}.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f} %"
+    trainer.log(f"probe {tag}: style adoption {pct(res['style_adoption'])}, shape {pct(res['shape'])}, "
+                f"colour {pct(res['colour'])} ({len(images)} held-out '{cfg.style}' prompts)")
+    return res
