@@ -1,6 +1,6 @@
 """Fine-tune a LoRA / DoRA / LoHa / LoKr adapter on a frozen Stable Diffusion model.
 
-    python train.py                                   # a "striped" style LoRA on the embedded world, CPU, minutes
+    python train.py                                   # an "outlined" style LoRA on the embedded world, CPU, ~2.5 min
     python train.py --data DIR --model weights/sd15 --rank 16 --max-steps 2000 --mixed-precision bf16
     python train.py --config run.toml --lr 5e-4        # TOML file, flags win
     python train.py --resume runs/20260101-120000      # continue exactly where the checkpoint left off
