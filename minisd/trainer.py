@@ -225,7 +225,7 @@ class Trainer:
             if self.latent_cache is not None:  # cached moments: z_0 is still drawn from gen, as below
                 posterior = self.latent_cache.lookup(batch["indices"], batch["flips"], self.device)
             else:
-                posterior = m.vae.encode(batch["pixels"].to(self.device, self.vae_dtype))  # (B, 3, H, W) in
+                posterior = m.vae.encode(batch["pixels"].to(self.device, self.vae_dtype))  # (B, 3, H, W) in [-1, 1]
             z0 = posterior.sample(generator=gen).float() * m.cfg.vae.scale_factor          # (B, C, h, w)
         zt, t, target = self.noised(z0)
         t_dev = t.to(self.device)
