@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from .data import CaptionDataset, collate
+from .data import CaptionDataset, Loader, collate
 
 
 def size_unit(model) -> int:
@@ -76,15 +76,10 @@ def assign_buckets(ds: CaptionDataset, buckets: list[tuple[int, int]]) -> None:
     ds.targets = [nearest_bucket(w, h, buckets) for w, h in ds.sizes]
 
 
-class BucketLoader:
+class BucketLoader(Loader):
     """Single-bucket batches. An epoch is a list of batches, a pure function of (seed, epoch), so the state is
     (epoch, cursor) as for `data.Loader` and a resumed run draws the same batches. A bucket's last batch may
     be smaller than batch_size (its images are not repeated to fill it)."""
-
-    def __init__(self, dataset: CaptionDataset, batch_size: int):
-        self.ds, self.batch_size = dataset, batch_size
-        self.epoch, self.cursor = 0, 0
-        self._batches = self.plan(0)
 
     def plan(self, epoch: int) -> list[list[int]]:
         """The batches of one epoch: shuffle all indices, group them by bucket, chunk, shuffle the chunks."""
@@ -97,16 +92,5 @@ class BucketLoader:
         return [batches[j] for j in rng.permutation(len(batches))]
 
     def next_batch(self) -> dict:
-        if self.cursor >= len(self._batches):  # epoch boundary: a new plan from the next epoch's seed
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self._batches = self.plan(self.epoch)
-        items = [self.ds.get(i, self.epoch) for i in self._batches[self.cursor]]
-        self.cursor += 1
-        return collate(items)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._batches = self.plan(self.epoch)
+        batch = self._advance()  # one whole batch of the plan
+        return collate([self.ds.get(i, self.epoch) for i in batch])

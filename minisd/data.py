@@ -234,26 +234,32 @@ def collate(items: list[dict]) -> dict:
 
 
 class Loader:
-    """Batches in epoch order; its whole state is (epoch, cursor), saved in checkpoints."""
+    """Batches in epoch order; its whole state is (epoch, cursor), saved in checkpoints. `plan(epoch)` is the
+    epoch's sequence (here example indices, one per item; `buckets.BucketLoader`: whole batches), a pure function of
+    (seed, epoch), so a resumed run rebuilds it and continues at the cursor."""
 
     def __init__(self, dataset: CaptionDataset, batch_size: int):
         self.ds, self.batch_size = dataset, batch_size
         self.epoch, self.cursor = 0, 0
-        self._order = dataset.order(0)
+        self._plan = self.plan(0)
+
+    def plan(self, epoch: int):
+        return self.ds.order(epoch)
+
+    def _advance(self):
+        """The next entry of the plan, moving to the next epoch's plan at the boundary."""
+        if self.cursor >= len(self._plan):  # epoch boundary: reshuffle with the next epoch's seed
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._plan = self.plan(self.epoch)
+        self.cursor += 1
+        return self._plan[self.cursor - 1]
 
     def next_batch(self) -> dict:
-        items = []
-        for _ in range(self.batch_size):
-            if self.cursor >= len(self._order):  # epoch boundary: reshuffle with the next epoch's seed
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._order = self.ds.order(self.epoch)
-            items.append(self.ds.get(int(self._order[self.cursor]), self.epoch))
-            self.cursor += 1
-        return collate(items)
+        return collate([self.ds.get(int(self._advance()), self.epoch) for _ in range(self.batch_size)])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._order = self.ds.order(self.epoch)
+        self._plan = self.plan(self.epoch)

@@ -95,7 +95,7 @@ def test_batches_single_bucket_and_state(tmp_path):
     assert len(set(ds.targets)) >= 5
     ld = BucketLoader(ds, batch_size=3)
     seen, shapes = [], set()
-    for _ in range(len(ld._batches)):                   # one epoch
+    for _ in range(len(ld._plan)):                   # one epoch
         b = ld.next_batch()
         assert len(set(b["target_sizes"])) == 1                        # one bucket per batch
         th, tw = b["target_sizes"][0]
