@@ -25,41 +25,6 @@ from bench.models import (TINY_RESOLUTION, TINY_STEPS, diffusers_parts, minisd_p
 from bench.training import compile_unet
 
 
-class GraphedUNet:
-    """The UNet call replayed from one CUDA graph. Sampling calls the UNet with identical shapes at every step, so
-    the several thousand kernel launches of an eager forward are recorded once and replayed as one (no Python or
-    launch overhead between kernels). Inputs are copied into the graph's fixed buffers; the result is the graph's
-    fixed output tensor, valid until the next call (the sampling loop consumes it before that)."""
-
-    def __init__(self, unet):
-        self.unet, self.graph = unet, None
-
-    @torch.no_grad()
-    def __call__(self, x, t, context, y=None):
-        args = (x, t, context, y)
-        if self.graph is None:
-            self.capture(args)
-        assert all(a is None or a.shape == s.shape for a, s in zip(args, self.inputs)), "graph captured other shapes"
-        for a, s in zip(args, self.inputs):
-            if a is not None:
-                s.copy_(a)
-        self.graph.replay()
-        return self.output
-
-    def capture(self, args):
-        self.inputs = [None if a is None else a.clone() for a in args]
-        x, t, c, y = self.inputs
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture: cuDNN algorithm search, allocator pools
-            for _ in range(3):
-                self.unet(x, t, c, y=y)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = self.unet(x, t, c, y=y)
-
-
 class SampleRun:
     """Times text encoding, the loop and the decode of each iteration; `metrics()` gives the medians."""
 
@@ -130,7 +95,9 @@ class MinisdSample(SampleRun):
         from minisd.samplers import make_sampler
         self.sampler = make_sampler("ddim", self.cfg.schedule, self.steps)
         if self.opts.cuda_graph and self.device.type == "cuda":
-            self.unet = GraphedUNet(self.unet)
+            # the product's graphed UNet call (Pipeline(cuda_graph=True)): the first call eager, the second records
+            from minisd.pipeline import UNetGraphs
+            self.unet = UNetGraphs(self.unet)
 
     def encode(self):
         from minisd.unet import sdxl_vector_cond

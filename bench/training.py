@@ -19,6 +19,8 @@ The recipe (both sides):
     optimizer: torch AdamW (fused on CUDA), lr 1e-4, weight decay 1e-2; full FT: minisd AdamW8bit vs
         bitsandbytes AdamW8bit, same hyperparameters
 Inputs are fixed random tensors on the device (no data loading in the timing): pixels in [-1, 1], prompt ids.
+`--cuda-graph` (minisd rows): the forward + backward above is recorded once with `minisd.graphs.CudaGraph` (what
+`train.py --cuda-graph` records) and replayed every step; the optimizer step and zeroing stay eager.
 
 Shapes: B = batch, R = image side, h = R / 8, T = 77 tokens, D = text width, P = pooled width.
 """
@@ -98,6 +100,10 @@ class TrainStep:
         self.opt = make_optimizer(impl, case.optimizer, self.params, device)
         self.f = 2 ** (len(self.cfg.vae.ch_mult) - 1)          # VAE downscale
         self.make_inputs()
+        self.graph = None
+        if opts.cuda_graph:  # minisd only (case.py checks): the product's recorder, as train.py --cuda-graph uses it
+            from minisd.graphs import CudaGraph
+            self.graph = CudaGraph(self.forward_backward, warmup=2)
 
     # -------------------------------------------------------------------- inputs
     def make_inputs(self):
@@ -119,7 +125,18 @@ class TrainStep:
 
     # -------------------------------------------------------------------- the step
     def step(self, n: int | None = None) -> torch.Tensor:
+        """One optimizer step on the first n images (n < B only for counting FLOPs)."""
         n = n or self.B
+        if self.graph is not None and n == self.B:
+            loss = self.graph(n)                 # minisd --cuda-graph: forward + backward replayed
+        else:
+            loss = self.forward_backward(n)
+        self.opt.step()
+        # a recording accumulates into the .grad tensors it saw: zero them in place, never drop them
+        self.opt.zero_grad(set_to_none=self.graph is None)
+        return loss
+
+    def forward_backward(self, n: int) -> torch.Tensor:
         with torch.no_grad():
             if self.case.cached:
                 z0, cond = self.latents[:n], self.cached_cond(n)
@@ -134,9 +151,7 @@ class TrainStep:
             pred = self.unet_forward(zt, t, cond)                            # (n, 4, h, h)
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
 
     def cached_cond(self, n: int):
         return self.context[:n], None if self.pooled is None else self.pooled[:n]    # (n, T, D), (n, P)

@@ -49,8 +49,11 @@ class LatentCache:
 
     def lookup(self, indices: list[int], flips: list[bool], device) -> DiagonalGaussian:
         """The posterior q(z|x) of a batch, as `vae.encode` would return it."""
-        m = torch.stack([self.moments[(k, bool(f))] for k, f in zip(indices, flips)])  # (B, 2C, h, w)
-        return DiagonalGaussian(m.to(device))
+        return DiagonalGaussian(self.moments_of(indices, flips).to(device))
+
+    def moments_of(self, indices: list[int], flips: list[bool]) -> torch.Tensor:
+        """The stored moments of a batch, (B, 2C, h, w) on the CPU."""
+        return torch.stack([self.moments[(k, bool(f))] for k, f in zip(indices, flips)])
 
 
 class TextCache:

@@ -122,6 +122,11 @@ def checkpoint(fn, *args, preserve_rng_state: bool = True, **kwargs):
                 raise TypeError("checkpoint: pass tensors that require grad as separate arguments, not in containers")
     if not torch.is_grad_enabled():
         return fn(*args, **kwargs)
+    if preserve_rng_state and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        # Recording a CUDA graph (minisd/graphs.py): generator states cannot be read or set then (each replay
+        # advances them instead), so there is nothing to save. Recorders must keep random ops out of checkpointed
+        # blocks (the trainer refuses --cuda-graph with dropout + checkpointing).
+        preserve_rng_state = False
     if not any(torch.is_tensor(v) and v.requires_grad for v in values) and not _may_have_trainable(fn):
         return fn(*args, **kwargs)  # nothing to differentiate: nothing is stored anyway
     n, keys = len(args), list(kwargs)

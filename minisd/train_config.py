@@ -103,6 +103,9 @@ class TrainConfig:
     # --- precision / memory
     mixed_precision: str = opt("no", "autocast dtype: " + "|".join(CHOICES["mixed_precision"]))
     gradient_checkpointing: bool = opt(False, "recompute UNet blocks in backward (less memory, ~30%% slower)")
+    cuda_graph: bool = opt(False, "record the forward + backward of a micro-batch once as a CUDA graph and replay it "
+                                  "(removes the launch overhead that dominates small batches; needs CUDA, fixed "
+                                  "shapes: no --buckets, no fp16, no --module-dropout; minisd/graphs.py)")
     device: str = opt("auto", "cpu | cuda | auto")
     threads: int = opt(0, "torch CPU threads (0: torch's default)")
     vae: Optional[str] = opt(None, "replace the model's VAE weights: diffusers vae/ folder (e.g. "
@@ -171,6 +174,18 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         if self.bucket_min and self.bucket_max and self.bucket_min > self.bucket_max:
             raise ValueError("--bucket-min must be <= --bucket-max")
+        if self.cuda_graph:  # what a recorded step cannot do (minisd/graphs.py); the device is checked by Trainer
+            if self.buckets:
+                raise ValueError("--cuda-graph needs one image shape: drop --buckets (a graph replays fixed shapes)")
+            if self.mixed_precision == "fp16":
+                raise ValueError("--cuda-graph does not support --mixed-precision fp16 (its grad scaler skips "
+                                 "steps from the host); use bf16")
+            if self.module_dropout > 0:
+                raise ValueError("--cuda-graph cannot be used with --module-dropout: it decides on the host, per "
+                                 "call, which adapters run, and a recording would freeze that choice")
+            if self.gradient_checkpointing and (self.dropout > 0 or self.rank_dropout > 0):
+                raise ValueError("--cuda-graph with --gradient-checkpointing cannot use --dropout/--rank-dropout: "
+                                 "the recompute must replay the dropout masks, which a recording cannot do")
 
 
 class _Parser(argparse.ArgumentParser):

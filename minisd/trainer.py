@@ -43,11 +43,13 @@ from .cache import build_caches, offload_cached
 from .data import CaptionDataset, Loader
 from .ema import EMA
 from .formats import load_model, load_vae
+from .graphs import CudaGraph
 from .prodigy import Prodigy
 from .profiler import StageTimer
 from .schedule import NoiseSchedule
 from .train_config import TrainConfig
 from .unet import sdxl_vector_cond
+from .vae import DiagonalGaussian
 from .validation import validate, validation_prompts
 
 # UNet layer presets, as regular expressions over the official module paths
@@ -113,9 +115,11 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run_dir: str, log=print):
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
-        os.makedirs(run_dir, exist_ok=True)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
                                    else cfg.device)
+        if cfg.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"--cuda-graph needs a CUDA device, not {self.device.type}")
+        os.makedirs(run_dir, exist_ok=True)
         if self.device.type == "cpu":
             # Adam's second moments of tiny LoRA gradients can become subnormal floats, which x86 CPUs compute
             # many times slower; flushing them to zero changes nothing that matters
@@ -200,6 +204,8 @@ class Trainer:
         self.prof = StageTimer(cfg.profile, self.device)  # --profile; no-op contexts otherwise
         self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
         self.val_prompts = validation_prompts(cfg) if cfg.validate_every else []  # bad prompts fail now, not later
+        # --cuda-graph: forward + backward of a micro-batch replayed from one recording
+        self.graph = CudaGraph(self.graphed_backward, warmup=2) if cfg.cuda_graph else None
 
     def eval_weights(self):
         """Context in which the adapters hold the weights to judge and ship: the EMA ones if on, else the raw."""
@@ -208,48 +214,115 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- one step
     def encode_text(self, captions: list[str]):
         """Captions -> (context (B, T, D), pooled (B, P) or None); with grad only if the TE has adapters."""
-        grad = bool(self.te_layers)
+        return self.encode_ids([tok(captions).to(self.device) for tok in self.model.tokenizers])
+
+    def encode_ids(self, ids: list[torch.Tensor]):
+        """Token ids of each encoder [(B, T), ...] -> (context (B, T, D), pooled (B, P) or None)."""
         hidden, pooled = [], None
-        with torch.set_grad_enabled(grad):
-            for tok, te in zip(self.model.tokenizers, self.model.text_encoders):
-                out = te(tok(captions).to(self.device))
+        with torch.set_grad_enabled(bool(self.te_layers)):
+            for x, te in zip(ids, self.model.text_encoders):
+                out = te(x)
                 h, p = out if isinstance(out, tuple) else (out, None)
                 pooled = p if p is not None else pooled       # SDXL: pooled of the last encoder
                 hidden.append(h)
         return torch.cat(hidden, dim=-1), pooled               # (B, T, D)
 
     def micro_loss(self, batch: dict) -> torch.Tensor:
+        """The loss of one micro-batch (no backward): `micro_forward(*micro_inputs(batch))`."""
+        return self.micro_forward(*self.micro_inputs(batch))
+
+    def micro_inputs(self, batch: dict) -> tuple:
+        """Everything a micro-batch step reads, made on the host, every draw from self.gen in a fixed order:
+
+            source    (B, 3, H, W) pixels in the VAE dtype, or the cached posterior moments (B, 2C, h, w)
+            eps_z     (B, C, h, w) the posterior sample's noise: z_0 = μ + σ·ε_z
+            t, noise, noise_in   `draw_noise`: (B,), (B, C, h, w), (B, C, h, w)
+            text      token ids of each encoder [(B, T), ...], or the cached (context (B, T, D), pooled (B, P))
+            time_ids  (B, 6) SDXL micro-conditioning, else None
+            snr_w     (B,) Min-SNR-γ weights, else None
+
+        Only tensors, so that `micro_forward` is a pure function of them: what --cuda-graph records (graphs.py)."""
         m, cfg, gen = self.model, self.cfg, self.gen
+        if self.latent_cache is not None:
+            source = self.latent_cache.moments_of(batch["indices"], batch["flips"])     # (B, 2C, h, w)
+            B, C, h, w = source.shape[0], source.shape[1] // 2, *source.shape[2:]
+        else:
+            source = batch["pixels"].to(self.vae_dtype)                                  # (B, 3, H, W) in [-1, 1]
+            f = m.vae_scale
+            B, C, h, w = source.shape[0], m.cfg.vae.embed_dim, source.shape[2] // f, source.shape[3] // f
+        eps_z = torch.randn((B, C, h, w), generator=gen, dtype=source.dtype)            # as DiagonalGaussian.sample
+        t, noise, noise_in = self.draw_noise((B, C, h, w))
+        if self.text_cache is not None:  # cached; a dropped caption reads the cached "" embedding
+            text = self.text_cache.lookup(batch["indices"], batch["dropped"], "cpu")
+        else:
+            text = tuple(tok(batch["captions"]) for tok in self.model.tokenizers)
+        time_ids = None
+        if m.cfg.unet.adm_in_channels:
+            # SDXL micro-conditioning from the real data: (orig h, w, crop top, left, target h, w)
+            time_ids = torch.tensor([[h_, w_, top, left, th, tw] for (h_, w_), (top, left), (th, tw)
+                                     in zip(batch["original_sizes"], batch["crops"], batch["target_sizes"])],
+                                    dtype=torch.float32)
+        snr_w = None
+        if cfg.min_snr_gamma > 0:
+            snr_w = min_snr_weight(self.noise.snr(t), cfg.min_snr_gamma, self.noise.prediction_type)
+        return source, eps_z, t, noise, noise_in, text, time_ids, snr_w
+
+    def micro_forward(self, source, eps_z, t, noise, noise_in, text, time_ids, snr_w,
+                      prof: StageTimer | None = None) -> torch.Tensor:
+        """The device side of a micro-batch: latents, noising, text states, UNet, loss (see the module docstring).
+        No host synchronisation and no randomness of its own (dropout aside), so it can be recorded."""
+        m, cfg, dev = self.model, self.cfg, self.device
+        prof = prof or self.prof
         # the frozen VAE (fp32 unless --vae-dtype): latents are data, not something to train
-        with torch.no_grad(), self.prof.stage("vae_encode"):
-            if self.latent_cache is not None:  # cached moments: z_0 is still drawn from gen, as below
-                posterior = self.latent_cache.lookup(batch["indices"], batch["flips"], self.device)
-            else:
-                posterior = m.vae.encode(batch["pixels"].to(self.device, self.vae_dtype))  # (B, 3, H, W) in [-1, 1]
-            z0 = posterior.sample(generator=gen).float() * m.cfg.vae.scale_factor          # (B, C, h, w)
-        zt, t, target = self.noised(z0)
-        t_dev = t.to(self.device)
-        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext())
+        with torch.no_grad(), prof.stage("vae_encode"):
+            source = source.to(dev)
+            posterior = (DiagonalGaussian(source) if self.latent_cache is not None
+                         else m.vae.encode(source))
+            z0 = (posterior.mean + posterior.std * eps_z.to(dev)).float() * m.cfg.vae.scale_factor  # (B, C, h, w)
+        t_dev = t.to(dev)
+        zt, target = self.apply_noise(z0, t_dev, noise, noise_in)
+        amp = (torch.autocast(dev.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext())
         with amp:
-            with self.prof.stage("text_encoders"):
-                if self.text_cache is not None:  # cached; a dropped caption reads the cached "" embedding
-                    ctx, pooled = self.text_cache.lookup(batch["indices"], batch["dropped"], self.device)
+            with prof.stage("text_encoders"):
+                if self.text_cache is not None:
+                    ctx, pooled = (None if x is None else x.to(dev) for x in text)
                 else:
-                    ctx, pooled = self.encode_text(batch["captions"])
+                    ctx, pooled = self.encode_ids([ids.to(dev) for ids in text])
             y = None
-            if m.cfg.unet.adm_in_channels:
-                # SDXL micro-conditioning from the real data: (orig h, w, crop top, left, target h, w)
-                ids = [[h, w, top, left, th, tw] for (h, w), (top, left), (th, tw)
-                       in zip(batch["original_sizes"], batch["crops"], batch["target_sizes"])]
-                y = sdxl_vector_cond(pooled.float(), torch.tensor(ids, dtype=torch.float32, device=self.device),
-                                     embed_dim=m.cfg.unet.addition_time_embed_dim)
-            with self.prof.stage("unet_forward"):
+            if time_ids is not None:
+                y = sdxl_vector_cond(pooled.float(), time_ids.to(dev), embed_dim=m.cfg.unet.addition_time_embed_dim)
+            with prof.stage("unet_forward"):
                 pred = m.unet(zt, t_dev, ctx, y=y)                                          # (B, C, h, w)
         per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        if cfg.min_snr_gamma > 0:
-            w = min_snr_weight(self.noise.snr(t), cfg.min_snr_gamma, self.noise.prediction_type)
-            per = per * w.to(per)
+        if snr_w is not None:
+            per = per * snr_w.to(per)
         return per.mean()
+
+    def graphed_backward(self, *inputs) -> torch.Tensor:
+        """micro_forward + backward, the function --cuda-graph records: gradients accumulate in place into the
+        adapters' .grad (kept allocated: zero_grad(set_to_none=False)). Returns the loss."""
+        loss = self.micro_forward(*inputs, prof=StageTimer(False, self.device))  # no timers inside a recording
+        (loss / self.cfg.grad_accum).backward()
+        return loss.detach()
+
+    def draw_noise(self, shape: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t, ε, ε_in) for latents of `shape` (B, C, h, w), drawn from self.gen (CPU) in a fixed order:
+        t ~ U{0..T−1}; ε ~ N(0, I) (+ noise_offset · N(0, I) per (sample, channel)); ε_in = ε + γ·ξ, ξ ~ N(0, I)."""
+        cfg, gen, B = self.cfg, self.gen, shape[0]
+        t = torch.randint(0, self.noise.num_train_timesteps, (B,), generator=gen)
+        noise = torch.randn(shape, generator=gen)
+        if cfg.noise_offset:  # one extra offset per (sample, channel): Guttenberg 2023, "diffusion with offset noise"
+            noise = noise + cfg.noise_offset * torch.randn((B, shape[1], 1, 1), generator=gen)
+        noise_in = noise
+        if cfg.input_perturbation:
+            noise_in = noise + cfg.input_perturbation * torch.randn(shape, generator=gen)
+        return t, noise, noise_in
+
+    def apply_noise(self, z0: torch.Tensor, t_dev: torch.Tensor, noise: torch.Tensor, noise_in: torch.Tensor):
+        """(z_t, target) = (√ᾱ_t·z_0 + √(1−ᾱ_t)·ε_in, ε or v from the unperturbed ε)."""
+        zt = self.noise.q_sample(z0, noise_in.to(z0.device), t_dev)
+        target = self.noise.training_target(z0, noise.to(z0.device), t_dev)
+        return zt, target
 
     def noised(self, z0: torch.Tensor):
         """(z_t, t, target) for clean latents z0 (B, C, h, w), every draw from self.gen (CPU) in a fixed order:
@@ -262,17 +335,8 @@ class Trainer:
         when sampling, the network sees its own slightly wrong x_t, never an exact q_sample as in training (exposure
         bias); training on inputs moved by √(1−ᾱ_t)·γ·ξ while still asking for ε simulates that gap. γ = 0 draws no ξ,
         so the random stream is exactly that of a run without the option."""
-        cfg, gen, B = self.cfg, self.gen, z0.shape[0]
-        t = torch.randint(0, self.noise.num_train_timesteps, (B,), generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        if cfg.noise_offset:  # one extra offset per (sample, channel): Guttenberg 2023, "diffusion with offset noise"
-            noise = noise + cfg.noise_offset * torch.randn((B, z0.shape[1], 1, 1), generator=gen)
-        noise_in = noise
-        if cfg.input_perturbation:
-            noise_in = noise + cfg.input_perturbation * torch.randn(z0.shape, generator=gen)
-        t_dev = t.to(self.device)
-        zt = self.noise.q_sample(z0, noise_in.to(self.device), t_dev)
-        target = self.noise.training_target(z0, noise.to(self.device), t_dev)
+        t, noise, noise_in = self.draw_noise(tuple(z0.shape))
+        zt, target = self.apply_noise(z0, t.to(z0.device), noise, noise_in)
         return zt, t, target
 
     def train_step(self) -> float:
@@ -281,12 +345,18 @@ class Trainer:
         for _ in range(self.cfg.grad_accum):
             with self.prof.stage("data"):
                 batch = self.loader.next_batch()
-            loss = self.micro_loss(batch)
+            if self.graph is not None:  # forward and backward replayed from the recording
+                inputs = self.micro_inputs(batch)
+                with self.prof.stage("forward_backward_graph"):
+                    loss = self.graph(*inputs)
+            else:
+                loss = self.micro_loss(batch)
             if not torch.isfinite(loss):
                 raise TrainError(f"loss is {loss.item()} at step {self.step + 1}: lower --lr, use --mixed-precision "
                                  "bf16 or no instead of fp16, or check the data (run stopped, no step taken)")
-            with self.prof.stage("backward"):
-                self.scaler.scale(loss / self.cfg.grad_accum).backward()
+            if self.graph is None:
+                with self.prof.stage("backward"):
+                    self.scaler.scale(loss / self.cfg.grad_accum).backward()
             total += loss.item() / self.cfg.grad_accum
         with self.prof.stage("optimizer"):  # clipping, the update, EMA, zeroing, the LR schedule
             if self.cfg.max_grad_norm > 0:
@@ -296,7 +366,8 @@ class Trainer:
             self.scaler.update()
             if self.ema:
                 self.ema.update()
-            self.opt.zero_grad(set_to_none=True)
+            # a recording accumulates into the .grad tensors it saw: zero them in place, never drop them
+            self.opt.zero_grad(set_to_none=self.graph is None)
             self.sched.step()
         self.step += 1
         return total
