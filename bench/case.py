@@ -31,9 +31,6 @@ from bench.harness import Options  # noqa: E402
 
 
 def build_workload(case: Case, impl: str, tiny: bool, device: torch.device, opts: Options) -> harness.Workload:
-    if impl == "minisd" and opts.compile_optim:
-        from bench.optim import compile_adamw8bit
-        compile_adamw8bit()
     if case.kind == "train":
         from bench.training import build
     elif case.kind == "sample":
@@ -121,10 +118,9 @@ def parse_args(argv):
                    help="torch.compile the UNet: each block (default) or the whole network")
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode (default, max-autotune-no-cudagraphs, reduce-overhead)")
-    p.add_argument("--compile-optim", action="store_true",
-                   help="minisd AdamW8bit with torch.compile'd quantize/dequantize (bench-only experiment)")
     p.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last memory format")
-    p.add_argument("--cuda-graph", action="store_true", help="sampling, minisd: replay the UNet from a CUDA graph")
+    p.add_argument("--cuda-graph", action="store_true", help="minisd on CUDA: replay the UNet call (sampling) or a training "
+                   "step's forward + backward (training) from a CUDA graph (minisd/graphs.py)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls and convolutions (the VAE)")
     p.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype of the frozen VAE encoder in training cases")
@@ -150,15 +146,13 @@ def main(argv=None) -> int:
         if value is not None and value < (0 if flag == "--warmup" else 1):
             print(f"error: {flag} {value} is out of range", file=sys.stderr)
             return 2
-    if a.cuda_graph and (a.impl != "minisd" or case.kind != "sample" or device.type != "cuda"):
-        print("error: --cuda-graph applies to the minisd rows of sampling cases on CUDA only", file=sys.stderr)
+    if a.cuda_graph and (a.impl != "minisd" or case.kind not in ("sample", "train") or device.type != "cuda"):
+        print("error: --cuda-graph applies to the minisd rows of sampling and training cases on CUDA only",
+              file=sys.stderr)
         return 2
-    if a.compile_optim and a.impl != "minisd":
-        print("error: --compile-optim applies to the minisd rows only", file=sys.stderr)
-        return 2
-    opts = Options(compile=a.compile, compile_mode=a.compile_mode, compile_optim=a.compile_optim,
-                   channels_last=a.channels_last, cuda_graph=a.cuda_graph, tf32=a.tf32,
-                   cudnn_benchmark=not a.no_cudnn_benchmark, vae_dtype=a.vae_dtype)
+    opts = Options(compile=a.compile, compile_mode=a.compile_mode, channels_last=a.channels_last,
+                   cuda_graph=a.cuda_graph, tf32=a.tf32, cudnn_benchmark=not a.no_cudnn_benchmark,
+                   vae_dtype=a.vae_dtype)
     alloc = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
     command = (f"PYTORCH_CUDA_ALLOC_CONF={alloc} " if alloc else "") + "python " + shlex.join(
         [os.path.relpath(os.path.abspath(__file__))] + argv)

@@ -36,9 +36,8 @@ class Options:
     """Speed switches of a run (flags of bench/case.py); recorded in every result."""
     compile: str | None = None          # None | "blocks" (each UNet block compiled) | "full" (the whole UNet)
     compile_mode: str = "default"       # torch.compile mode: default | max-autotune-no-cudagraphs | reduce-overhead
-    compile_optim: bool = False         # minisd AdamW8bit: compile its quantize / dequantize (bench-only experiment)
     channels_last: bool = False         # UNet and VAE weights and inputs in NHWC
-    cuda_graph: bool = False            # sampling: replay the UNet call from one CUDA graph (minisd)
+    cuda_graph: bool = False            # minisd: the UNet call (sampling) / forward + backward (training) replayed
     tf32: bool = False                  # TF32 matmuls / convolutions for fp32 work (the fp32 VAE); off in both trainers
     cudnn_benchmark: bool = True        # let cuDNN pick the fastest convolution algorithm per shape
     vae_dtype: str = "float32"          # frozen VAE encoder: float32 | bfloat16 (see training.py's docstring)

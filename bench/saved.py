@@ -41,11 +41,14 @@ def main(argv=None) -> int:
 
     stack: list[str] = []
     handles = []
+
+    def pop(module, args, out):                          # a forward hook that returns None keeps the output
+        stack.pop()
     for name, mod in ts.parts.unet.named_modules():
         where = re.sub(r"\.\d+(?=\.|$)", "", name) or "unet"    # input_blocks.4.1.proj_in -> input_blocks.1.proj_in
         where = f"{where} ({type(mod).__name__})"
         handles.append(mod.register_forward_pre_hook(lambda m, args, w=where: stack.append(w)))
-        handles.append(mod.register_forward_hook(lambda m, args, out: stack.pop()))
+        handles.append(mod.register_forward_hook(pop))
     parts = [ts.parts.unet, ts.parts.vae, *ts.parts.text_encoders]
     params = {p.untyped_storage().data_ptr() for m in parts if m is not None for p in m.parameters()}
     seen: dict[int, tuple[int, str]] = {}

@@ -1,4 +1,5 @@
-"""AdamW with 8-bit optimizer state, in plain PyTorch (no bitsandbytes, no CUDA kernels, runs on any device).
+"""AdamW with 8-bit optimizer state, in plain PyTorch (no bitsandbytes, no hand-written kernels, runs on any device;
+on CUDA the update is fused into a few kernels by torch.compile).
 
 AdamW (Loshchilov & Hutter 2019, Algorithm 2, with Adam's bias correction, Kingma & Ba 2015):
 
@@ -25,14 +26,33 @@ error ‖θ_8bit - θ_fp32‖ / ‖θ_fp32 - θ_0‖ ≈ 0.02 (linear m + √-co
 
 Memory: 1 + 1 bytes per value + 2 · 4 / 256 bytes of scales = 2.03 bytes per parameter (fp32 AdamW: 8). Tensors with
 fewer than `min_8bit_size` (4096) values keep fp32 state (biases, norms: negligible memory, and exact).
-Speed: a dequantize/quantize round trip per step in plain PyTorch ops. Measured on one H100 (torch 2.11, 100.7M fp32
-parameters in 6 tensors): 13.3 ms/step, against 3.1 ms for torch.optim.AdamW(foreach=True) and 1.1 ms fused; for a
-LoRA's few million parameters that is noise, for a full SDXL UNet (2.6B) ~0.35 s/step. Slower than bitsandbytes' fused
-kernel, but it installs and runs everywhere (bitsandbytes setup failures are a top complaint of SD trainer users).
+
+Speed. Two code paths, one set of equations and one state layout (a state_dict moves freely between them):
+- eager (the CPU, other devices, `fused=False`): the round trip dequantize → update → quantize as ~45 PyTorch ops per
+  tensor, each a launch and a full pass over the tensor in memory (of the order of 400 bytes of traffic per
+  parameter). Measured on one H100 (torch 2.11): 13.3 ms/step for 100.7M fp32 parameters in 6 tensors (torch AdamW:
+  3.1 ms foreach, 1.1 ms fused), and 304 ms for the SD1.5 UNet parameter set (686 tensors, 860M parameters;
+  bitsandbytes: 80 ms).
+- fused (the default for parameters on CUDA when Triton is installed, `fused=None`): the same update of one 8-bit
+  tensor written as one function of tensors (`update_8bit`) and compiled by torch.compile, which fuses it into one to
+  three kernels that read θ, g and the codes and write them back (tens of bytes of traffic per parameter, one call
+  per tensor). The small fp32-state tensors of a group are updated together by torch._foreach_* ops, ~10 launches for
+  all of them. What changes between steps (lr from a schedule, the bias corrections 1 - β1ᵗ and √(1 - β2ᵗ)) enters
+  the compiled graph as one small fp32 tensor, so a new lr does not recompile; tensor sizes are dynamic, so one graph
+  serves every tensor (one graph per parameter dtype). Cost: the first step compiles, expect tens of seconds (~20 s
+  measured for Inductor's C++ backend on a 2-core CPU with a cold cache; TORCHINDUCTOR_CACHE_DIR keeps the result for
+  later runs). Run without torch.compile, the fused function equals the eager path bit for bit; compiled kernels may
+  round an ulp differently, which now and then moves a code by one step: on the CPU the parameters agree to ~1e-4 of
+  the update after 30 steps (tests/test_adamw8bit.py). The fused path's measured speed (ms/step against bitsandbytes
+  and torch's fused AdamW on the SD1.5 parameter set) is in BENCHMARKS.md, row optim-sd15.
+For a LoRA's few million parameters either path is noise. The point of doing it in PyTorch: it installs and runs
+everywhere (bitsandbytes setup failures are a top complaint of SD trainer users).
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,21 +90,109 @@ def dequantize(code: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, sign
     return x.reshape(-1)[:n].reshape(shape)
 
 
+# The step's scalars, in this order, as one fp32 tensor `hp` on the parameters' device (see `step_scalars`)
+HP = ("1 - lr·λ", "1 - β1", "β2", "1 - β2", "-lr / (1 - β1ᵗ)", "√(1 - β2ᵗ)", "ε")
+
+
+def step_scalars(lr: float, beta1: float, beta2: float, eps: float, wd: float, t: int,
+                 device: torch.device) -> torch.Tensor:
+    """`HP` for step t as a [7] fp32 tensor, each value computed in double on the host as the eager path does. A
+    tensor, not Python floats: torch.compile would bake floats into the graph and recompile whenever lr changes."""
+    hp = torch.tensor([1 - lr * wd, 1 - beta1, beta2, 1 - beta2, -lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t),
+                       eps], dtype=torch.float32)
+    if device.type == "cuda":  # from pinned memory, asynchronously: a plain copy would wait for the queued kernels
+        return hp.pin_memory().to(device, non_blocking=True)
+    return hp.to(device)
+
+
+def update_8bit(w: torch.Tensor, g: torch.Tensor, m_code: torch.Tensor, m_absmax: torch.Tensor, v_code: torch.Tensor,
+                v_absmax: torch.Tensor, hp: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
+    """One AdamW step of one 8-bit tensor as a pure function: (new θ [n] fp32, m_code, m_absmax, v_code, v_absmax).
+    w, g: [n] parameter and gradient (any float dtype); codes [n]; absmax [ceil(n / block)]; hp: `step_scalars`.
+    The same ops in the same order as the eager path of `AdamW8bit.step`, with its scalars read from hp."""
+    m = dequantize(m_code, m_absmax, w.shape, True, block)
+    v = dequantize(v_code, v_absmax, w.shape, False, block)
+    grad = g.float()
+    x = w.float() * hp[0]                               # θ (1 - lr·λ)
+    m = m.lerp(grad, hp[1])                             # β1 m + (1 - β1) g
+    v = torch.addcmul(v * hp[2], hp[3] * grad, grad)    # β2 v + (1 - β2) g², rounded as the eager addcmul_
+    denom = v.sqrt() / hp[5] + hp[6]                    # √(v / (1 - β2ᵗ)) + ε
+    x = x + hp[4] * m / denom                           # θ - lr / (1 - β1ᵗ) · m / denom
+    v_code, v_absmax = quantize(v, False, block)
+    m_code, m_absmax = quantize(m, True, block)
+    m_code = m_code.masked_fill(v_code == 0, 0)         # guard: no step from m where v̂ = 0
+    return x, m_code, m_absmax, v_code, v_absmax
+
+
+_COMPILED: dict[int, Callable] = {}  # block size -> compiled fused step (one per process; graphs are shared)
+
+
+def fused_step_fn(block: int, compile: bool = True):
+    """fn(w, g, m_code, m_absmax, v_code, v_absmax, hp): `update_8bit`, then its results written into w and the state
+    tensors in place. Compiled, the writes are the stores of the fused kernel(s), not extra passes over memory.
+
+    `block` is closed over, so it is a constant of the graph (the per-block absmax is then a reduction of fixed
+    length, kept in registers). For the same reason this is compiled with dynamic=None plus sizes marked dynamic per
+    call (see `AdamW8bit._step_fused_8bit`) rather than dynamic=True, which would make the closed-over int symbolic
+    too. fullgraph=True: a graph break would silently split the fusion, so fail loudly instead."""
+    def fused_step(w, g, m_code, m_absmax, v_code, v_absmax, hp):
+        x, m_code_new, m_absmax_new, v_code_new, v_absmax_new = update_8bit(w, g, m_code, m_absmax, v_code,
+                                                                            v_absmax, hp, block)
+        w.copy_(x)  # casts back to the parameter's dtype (round to nearest), as the eager path's p.copy_(w)
+        m_code.copy_(m_code_new)
+        m_absmax.copy_(m_absmax_new)
+        v_code.copy_(v_code_new)
+        v_absmax.copy_(v_absmax_new)
+
+    if not compile:
+        return fused_step
+    if block not in _COMPILED:
+        _COMPILED[block] = torch.compile(fused_step, fullgraph=True)
+    return _COMPILED[block]
+
+
+@functools.cache
+def _triton_available() -> bool:
+    """torch.compile's CUDA backend (Inductor) generates Triton kernels: without Triton there is no fused path."""
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return has_triton()
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW whose moments are stored in 8 bits (see the module docstring). Same hyperparameters and defaults as
     `torch.optim.AdamW`; `block_size` values share one scale; tensors below `min_8bit_size` keep fp32 state.
 
+    `fused`: None (default) = the fused path for parameters on CUDA when Triton is available, the eager path for
+    everything else; True = fused for every parameter (on the CPU torch.compile needs a C++ compiler); False = eager
+    everywhere. The fused path's first step compiles (some tens of seconds). `compile_fused = False` runs the fused
+    path's function without torch.compile (tests, debugging).
+
     State per parameter: `step` (int); 8-bit: `m_code` int8, `m_absmax` fp32, `v_code` uint8, `v_absmax` fp32;
     fp32: `exp_avg`, `exp_avg_sq`. `state_dict()` / `load_state_dict()` round-trip exactly (dtypes preserved), so a
-    resumed run continues bit for bit."""
+    resumed run continues bit for bit; both paths read and write the same state."""
+
+    compile_fused = True
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, block_size: int = 256, min_8bit_size: int = 4096):
+                 weight_decay: float = 1e-2, block_size: int = 256, min_8bit_size: int = 4096,
+                 fused: bool | None = None):
         if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid AdamW8bit hyperparameters lr={lr} betas={betas} eps={eps} wd={weight_decay}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block_size=block_size,
                         min_8bit_size=min_8bit_size)
         super().__init__(params, defaults)
+        self.fused = fused  # not a group setting: a state_dict saved on a GPU must load and run on the CPU
+
+    def __getstate__(self) -> dict:  # torch's keeps defaults, state and groups only: copies would lose `fused`
+        return {**super().__getstate__(), "fused": self.fused}
+
+    def _use_fused(self, p: torch.Tensor) -> bool:
+        if self.fused is None:
+            return p.is_cuda and _triton_available()
+        return self.fused
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -93,41 +201,101 @@ class AdamW8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            block = group["block_size"]
+            small, large = [], []  # parameters of the fused path: fp32 state / 8-bit state
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamW8bit does not support sparse gradients")
-                grad = p.grad.float()
                 state = self.state[p]
                 if not state:
                     self._init_state(state, p, group)
-                eight_bit = "m_code" in state
-                if eight_bit:  # the moments live in fp32 only during this step
-                    m = dequantize(state["m_code"], state["m_absmax"], p.shape, True, block)
-                    v = dequantize(state["v_code"], state["v_absmax"], p.shape, False, block)
+                if self._use_fused(p):
+                    state["step"] += 1
+                    (large if "m_code" in state else small).append(p)
                 else:
-                    m, v = state["exp_avg"], state["exp_avg_sq"]
-                state["step"] += 1
-                t = state["step"]
-                # the fp32 update, written op for op like torch.optim.AdamW (single-tensor path)
-                w = p.float() if p.dtype != torch.float32 else p
-                w.mul_(1 - lr * wd)
-                m.lerp_(grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                step_size = lr / (1 - beta1 ** t)
-                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-                w.addcdiv_(m, denom, value=-step_size)
-                if w is not p:
-                    p.copy_(w)
-                if eight_bit:
-                    v_code, v_absmax = quantize(v, False, block)
-                    m_code, m_absmax = quantize(m, True, block)
-                    m_code.masked_fill_(v_code == 0, 0)  # guard: no step from m where v̂ = 0 (see docstring)
-                    state.update(m_code=m_code, m_absmax=m_absmax, v_code=v_code, v_absmax=v_absmax)
+                    self._step_eager(p, state, group)
+            if small:
+                self._step_fused_fp32(small, group)
+            if large:
+                self._step_fused_8bit(large, group)
         return loss
+
+    @staticmethod
+    def _step_eager(p: torch.Tensor, state: dict, group: dict) -> None:
+        """The reference path: one tensor, plain PyTorch ops (dequantize, the fp32 update, quantize)."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        block = group["block_size"]
+        grad = p.grad.float()
+        eight_bit = "m_code" in state
+        if eight_bit:  # the moments live in fp32 only during this step
+            m = dequantize(state["m_code"], state["m_absmax"], p.shape, True, block)
+            v = dequantize(state["v_code"], state["v_absmax"], p.shape, False, block)
+        else:
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        t = state["step"]
+        # the fp32 update, written op for op like torch.optim.AdamW (single-tensor path)
+        w = p.float() if p.dtype != torch.float32 else p
+        w.mul_(1 - lr * wd)
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = lr / (1 - beta1 ** t)
+        denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+        w.addcdiv_(m, denom, value=-step_size)
+        if w is not p:
+            p.copy_(w)
+        if eight_bit:
+            v_code, v_absmax = quantize(v, False, block)
+            m_code, m_absmax = quantize(m, True, block)
+            m_code.masked_fill_(v_code == 0, 0)  # guard: no step from m where v̂ = 0 (see docstring)
+            state.update(m_code=m_code, m_absmax=m_absmax, v_code=v_code, v_absmax=v_absmax)
+
+    def _step_fused_8bit(self, params: list[torch.Tensor], group: dict) -> None:
+        """8-bit tensors: one call of the compiled `fused_step_fn` per tensor, on flat [n] views."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        fn = fused_step_fn(group["block_size"], self.compile_fused)
+        scalars = {}  # (device, t) -> hp: one tiny host-to-device copy per step, not one per tensor
+        for p in params:
+            state = self.state[p]
+            key = (p.device, state["step"])
+            if key not in scalars:
+                scalars[key] = step_scalars(lr, beta1, beta2, eps, wd, state["step"], p.device)
+            # [n] views, so that the writes land in p (detached: requires_grad is part of the graph's guards); a
+            # non-contiguous p (channels-last) goes through a copy in its logical order, the order of the codes
+            # (passed as a view too: a view and a plain tensor would compile to two graphs)
+            in_place = p.is_contiguous()
+            w = p.detach().view(-1) if in_place else p.detach().reshape(-1).clone().view(-1)
+            args = [w, p.grad.reshape(-1)] + [state[k].view(-1) for k in ("m_code", "m_absmax", "v_code", "v_absmax")]
+            for a in args:  # sizes are graph inputs, not constants: one graph for every tensor. Marked on fresh
+                torch._dynamo.maybe_mark_dynamic(a, 0)  # views, so that the stored state tensors carry no marks
+            fn(*args, scalars[key])
+            if not in_place:
+                p.copy_(w.view(p.shape))
+
+    def _step_fused_fp32(self, params: list[torch.Tensor], group: dict) -> None:
+        """fp32-state tensors (biases, norms: many, small): the eager path's ops, each applied to all of them at once
+        by a torch._foreach_* op (a few kernel launches in all instead of ~10 per tensor). Python floats are fine
+        here: nothing is compiled."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        buckets = {}  # foreach ops want one device and dtype per list; the bias corrections depend on t
+        for p in params:
+            buckets.setdefault((p.device, p.dtype, self.state[p]["step"]), []).append(p)
+        for (_, dtype, t), ps in buckets.items():
+            grads = [p.grad.float() for p in ps]
+            ms = [self.state[p]["exp_avg"] for p in ps]
+            vs = [self.state[p]["exp_avg_sq"] for p in ps]
+            ws = ps if dtype == torch.float32 else [p.float() for p in ps]
+            torch._foreach_mul_(ws, 1 - lr * wd)
+            torch._foreach_lerp_(ms, grads, 1 - beta1)
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(ws, ms, denom, value=-lr / (1 - beta1 ** t))
+            if ws is not ps:
+                torch._foreach_copy_(ps, ws)
 
     @staticmethod
     def _init_state(state: dict, p: torch.Tensor, group: dict) -> None:

@@ -86,21 +86,24 @@ GPU_CASES = {
 @pytest.mark.parametrize("name", sorted(GPU_CASES))
 def test_graph_run_equals_eager_run(tmp_path, data_dir, name):
     """Same seed, same data: the replayed steps compute what the eager ones do. Both runs issue the same kernels,
-    so the difference is only the GPU's own run-to-run variation (atomic-add reductions in some backward kernels);
-    with dropout the masks come from the CUDA generator, whose stream the graph advances like eager code does."""
+    so losses differ only by the GPU's run-to-run variation (atomic-add reductions in some backward kernels, bf16
+    rounding of their order). Adapters are compared in units of Adam's step: AdamW moves each weight by about lr per
+    step whatever the gradient's size, so reduction-order noise in a near-zero gradient entry can move that entry by
+    up to lr (measured on an H100: 0.005·lr·steps in the bf16 case); 5 % of the largest possible move is allowed.
+    With dropout the masks come from the CUDA generator, whose stream a replay advances as eager code does."""
     flags = GPU_CASES[name]
+    steps, lr = 6, 1e-3                                      # _run's --max-steps, TrainConfig's default lr
     torch.manual_seed(0)
     eager_losses, eager_ad, _ = _run(tmp_path, data_dir, "eager", flags)
     torch.manual_seed(0)
     graph_losses, graph_ad, t = _run(tmp_path, data_dir, "graph", flags + ["--cuda-graph"])
     assert t.graph is not None and t.graph.graph is not None, "the graph was never recorded"
-    assert len(graph_losses) == 6
+    assert len(graph_losses) == steps
     tol = 1e-3 if "dropout" not in name else 2e-2
     for a, b in zip(eager_losses, graph_losses):
         assert abs(a - b) <= tol * max(1.0, abs(a)), (eager_losses, graph_losses)
     for k in eager_ad:
-        scale = eager_ad[k].abs().max().item() + 1e-8
-        assert (eager_ad[k] - graph_ad[k]).abs().max().item() <= tol * scale, k
+        assert (eager_ad[k] - graph_ad[k]).abs().max().item() <= 0.05 * lr * steps, k
 
 
 @pytest.mark.gpu
