@@ -60,9 +60,8 @@ def compile_unet(unet: torch.nn.Module, impl: str, how: str, mode: str) -> torch
     if how == "full":
         return torch.compile(unet, mode=mode, dynamic=False)
     if impl == "minisd":
-        blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks, unet.out]
-    else:
-        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+        return unet.compile_blocks(mode)                 # the product's own (Pipeline(compile=True))
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
     for b in blocks:
         if b is not None:
             b.compile(mode=mode, dynamic=False)

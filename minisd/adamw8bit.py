@@ -25,7 +25,12 @@ error ‖θ_8bit - θ_fp32‖ / ‖θ_fp32 - θ_0‖ ≈ 0.02 (linear m + √-co
 1.01, diverged); final loss equal to 3 digits. The test asserts < 0.05.
 
 Memory: 1 + 1 bytes per value + 2 · 4 / 256 bytes of scales = 2.03 bytes per parameter (fp32 AdamW: 8). Tensors with
-fewer than `min_8bit_size` (4096) values keep fp32 state (biases, norms: negligible memory, and exact).
+fewer than `min_8bit_size` (4096) values keep fp32 state (biases, norms: negligible memory, and exact). The fused
+path's chunk buffers add < 1 block of padding per tensor. Its temporaries during a step, one chunk at a time: the flat
+θ and g in the parameters' dtype (2 · 4 · 2²⁵ bytes = 256 MB for fp32 at the default chunk_size), plus what the
+compiled kernels keep between them (on the CPU one fp32 and one int8 buffer of the chunk's length, ~160 MB); never
+a flat copy of the whole model. When the state is first created or re-packed (first step, after load_state_dict),
+the per-tensor state and one chunk's buffers coexist for a moment: ~2 bytes per parameter + 64 MB.
 
 Speed. Two code paths, one set of equations and one state layout (a state_dict moves freely between them):
 - eager (the CPU, other devices, `fused=False`): the round trip dequantize → update → quantize as ~45 PyTorch ops per
@@ -33,18 +38,27 @@ Speed. Two code paths, one set of equations and one state layout (a state_dict m
   parameter). Measured on one H100 (torch 2.11): 13.3 ms/step for 100.7M fp32 parameters in 6 tensors (torch AdamW:
   3.1 ms foreach, 1.1 ms fused), and 304 ms for the SD1.5 UNet parameter set (686 tensors, 860M parameters;
   bitsandbytes: 80 ms).
-- fused (the default for parameters on CUDA when Triton is installed, `fused=None`): the same update of one 8-bit
-  tensor written as one function of tensors (`update_8bit`) and compiled by torch.compile, which fuses it into one to
-  three kernels that read θ, g and the codes and write them back (tens of bytes of traffic per parameter, one call
-  per tensor). The small fp32-state tensors of a group are updated together by torch._foreach_* ops, ~10 launches for
-  all of them. What changes between steps (lr from a schedule, the bias corrections 1 - β1ᵗ and √(1 - β2ᵗ)) enters
-  the compiled graph as one small fp32 tensor, so a new lr does not recompile; tensor sizes are dynamic, so one graph
-  serves every tensor (one graph per parameter dtype). Cost: the first step compiles, expect tens of seconds (~20 s
-  measured for Inductor's C++ backend on a 2-core CPU with a cold cache; TORCHINDUCTOR_CACHE_DIR keeps the result for
-  later runs). Run without torch.compile, the fused function equals the eager path bit for bit; compiled kernels may
-  round an ulp differently, which now and then moves a code by one step: on the CPU the parameters agree to ~1e-4 of
-  the update after 30 steps (tests/test_adamw8bit.py). The fused path's measured speed (ms/step against bitsandbytes
-  and torch's fused AdamW on the SD1.5 parameter set) is in BENCHMARKS.md, row optim-sd15.
+- fused (the default for parameters on CUDA when Triton is installed, `fused=None`): the same update written as one
+  function of flat tensors (`update_8bit`) and compiled by torch.compile, which fuses it into one to three kernels
+  that read θ, g and the codes once and write them back. Per-call costs (Dynamo's guards, the launches, Python) are
+  paid per *chunk*, not per tensor: the 8-bit tensors of a group with the same device, dtype and step are laid end
+  to end in chunks of whole tensors of up to `chunk_size` = 2²⁵ values (`_Chunk`; SD1.5's 293 8-bit tensors make
+  31 chunks), each tensor padded with zeros to a multiple of the block so that no block straddles two tensors: the
+  blocks, hence the codes, are those of the per-tensor update. Per chunk and step: θ and g are gathered into two
+  flat buffers (torch.cat), one compiled call updates the chunk, one foreach copy puts θ back. The codes and scales
+  are never gathered: each chunk keeps them in four flat buffers, and every parameter's state entries are views into
+  them, of one tensor's shapes. Traffic: ~40 bytes per parameter (the gather and the copy back double θ's and g's).
+  The small fp32-state tensors of a group are updated together by torch._foreach_* ops, ~10 launches for all of
+  them. What changes between steps (lr from a schedule, the bias corrections 1 - β1ᵗ and √(1 - β2ᵗ)) enters the
+  compiled graph as one small fp32 tensor, so a new lr does not recompile; sizes are dynamic, so one graph serves
+  every chunk (one graph per parameter dtype). Cost: the first step compiles, expect tens of seconds (~20 s measured
+  for Inductor's C++ backend on a 2-core CPU with a cold cache; TORCHINDUCTOR_CACHE_DIR keeps the result for later
+  runs). Run without torch.compile (`compile_fused = False`), the chunked path equals the eager path bit for bit;
+  compiled kernels may round an ulp differently, which now and then moves a code by one step: on the CPU the
+  parameters agree to ~1e-4 of the update after 30 steps (tests/test_adamw8bit.py). The fused path's measured speed
+  (ms/step against bitsandbytes and torch's fused AdamW on the SD1.5 parameter set) is in BENCHMARKS.md, row
+  optim-sd15. On the CPU it is slower than the eager path (compiled: 1.7-3.5x in our measurement on 2 cores), which
+  is why fused=None keeps the CPU on the eager path.
 For a LoRA's few million parameters either path is noise. The point of doing it in PyTorch: it installs and runs
 everywhere (bitsandbytes setup failures are a top complaint of SD trainer users).
 """
@@ -109,6 +123,8 @@ def update_8bit(w: torch.Tensor, g: torch.Tensor, m_code: torch.Tensor, m_absmax
                 v_absmax: torch.Tensor, hp: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
     """One AdamW step of one 8-bit tensor as a pure function: (new θ [n] fp32, m_code, m_absmax, v_code, v_absmax).
     w, g: [n] parameter and gradient (any float dtype); codes [n]; absmax [ceil(n / block)]; hp: `step_scalars`.
+    Blocks never mix values across their boundaries, so [n] may also be a `_Chunk`: tensors laid end to end, each
+    padded with zeros to whole blocks.
     The same ops in the same order as the eager path of `AdamW8bit.step`, with its scalars read from hp."""
     m = dequantize(m_code, m_absmax, w.shape, True, block)
     v = dequantize(v_code, v_absmax, w.shape, False, block)
@@ -133,8 +149,8 @@ def fused_step_fn(block: int, compile: bool = True):
 
     `block` is closed over, so it is a constant of the graph (the per-block absmax is then a reduction of fixed
     length, kept in registers). For the same reason this is compiled with dynamic=None plus sizes marked dynamic per
-    call (see `AdamW8bit._step_fused_8bit`) rather than dynamic=True, which would make the closed-over int symbolic
-    too. fullgraph=True: a graph break would silently split the fusion, so fail loudly instead."""
+    call (see `_Chunk.step`) rather than dynamic=True, which would make the closed-over int symbolic too.
+    fullgraph=True: a graph break would silently split the fusion, so fail loudly instead."""
     def fused_step(w, g, m_code, m_absmax, v_code, v_absmax, hp):
         x, m_code_new, m_absmax_new, v_code_new, v_absmax_new = update_8bit(w, g, m_code, m_absmax, v_code,
                                                                             v_absmax, hp, block)
@@ -161,6 +177,87 @@ def _triton_available() -> bool:
     return has_triton()
 
 
+STATE_8BIT = ("m_code", "m_absmax", "v_code", "v_absmax")
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+class _Chunk:
+    """Whole 8-bit parameters of one bucket (one device, dtype and step) laid end to end in flat buffers, each padded
+    with zeros to a multiple of the block size so that no block straddles two tensors: the chunk's blocks are the
+    blocks of its tensors, and `update_8bit` of the chunk is `update_8bit` of each tensor, bit for bit.
+
+    Parameter i with n_i values, r_i = n_i rounded up to the block size b, o_i = r_0 + … + r_{i-1}, N = Σ r_i:
+        m_code, v_code     [N]      p_i's codes at [o_i, o_i + n_i), then r_i - n_i zeros
+        m_absmax, v_absmax [N / b]  p_i's scales at [o_i / b, (o_i + r_i) / b)
+    The state entries of p_i are views of exactly these ranges: the same shapes as one tensor's state ([n_i] codes,
+    [⌈n_i / b⌉] scales), so `state_dict` and the eager path see no difference. The padding is zero in θ, g and the
+    codes, hence m = v = 0 there; it stays 0 (m = 0 lerp 0, v = β2·0 + 0), quantizes to code 0 and leaves each
+    block's absmax alone, as the per-tensor path's padding does."""
+
+    def __init__(self, params: list[torch.Tensor], block: int):
+        self.params, self.block = params, block
+        sizes = [p.numel() for p in params]
+        self.pads = [_round_up(n, block) - n for n in sizes]
+        self.splits = [x for n, pad in zip(sizes, self.pads) for x in (n, pad)]  # [n_0, pad_0, n_1, pad_1, ...]
+        self.numel = sum(self.splits)                                            # N
+        zeros = torch.zeros(block, dtype=params[0].dtype, device=params[0].device)
+        self.padding = [zeros[:pad] if pad else None for pad in self.pads]  # what follows each tensor in θ and g
+        self.buffers: tuple[torch.Tensor, ...] = ()   # m_code [N], m_absmax [N/b], v_code [N], v_absmax [N/b]
+        self.views: list[tuple[torch.Tensor, ...]] = []  # per parameter: its four state entries
+
+    def pack(self, state: dict) -> None:
+        """Make every parameter's 8-bit state a view into this chunk's buffers; where an entry is not that view
+        already (first step, `load_state_dict`, an eager step, an older chunk), copy all of the state into fresh
+        buffers (a few foreach copies)."""
+        if self.views and all(state[p].get(k) is v for p, vs in zip(self.params, self.views)
+                              for k, v in zip(STATE_8BIT, vs)):
+            return
+        dev, total, b = self.params[0].device, self.numel, self.block
+        self.buffers = (torch.zeros(total, dtype=torch.int8, device=dev), torch.zeros(total // b, device=dev),
+                        torch.zeros(total, dtype=torch.uint8, device=dev), torch.zeros(total // b, device=dev))
+        blocks = [(n + pad) // b for n, pad in zip(self.splits[::2], self.pads)]
+        codes = [t.split(self.splits)[::2] for t in self.buffers[0::2]]  # [n_i] views (the padding left out)
+        scales = [t.split(blocks) for t in self.buffers[1::2]]           # [⌈n_i / b⌉] views
+        self.views = list(zip(codes[0], scales[0], codes[1], scales[1]))
+        for j, k in enumerate(STATE_8BIT):
+            dst = [vs[j] for vs in self.views]
+            src = [state[p][k] for p in self.params]
+            for d, s, p in zip(dst, src, self.params):
+                if s.shape != d.shape or s.dtype != d.dtype:
+                    raise ValueError(f"AdamW8bit: state {k} of a parameter of shape {tuple(p.shape)} is "
+                                     f"{s.dtype} {tuple(s.shape)}, expected {d.dtype} {tuple(d.shape)}")
+            torch._foreach_copy_(dst, src)
+        for p, vs in zip(self.params, self.views):
+            state[p].update(zip(STATE_8BIT, vs))
+
+    def step(self, fn: Callable, hp: torch.Tensor) -> None:
+        """One AdamW step of every parameter of the chunk by one call of fn (`fused_step_fn`)."""
+        ws, gs = [], []
+        for p, pad in zip(self.params, self.padding):  # flat views; a non-contiguous p (channels-last) or grad
+            ws.append(p.reshape(-1))                    # is copied in its logical order, the order of the codes
+            gs.append(p.grad.reshape(-1))
+            if pad is not None:
+                ws.append(pad)
+                gs.append(pad)
+        w, g = torch.cat(ws), torch.cat(gs)          # [N], [N]: the chunk's θ and g, temporary
+        args = (w, g) + self.buffers
+        for a in args:  # sizes are graph inputs, not constants: one graph for every chunk
+            torch._dynamo.maybe_mark_dynamic(a, 0)
+        fn(*args, hp)  # new θ into w (in p's dtype), new codes and scales into the buffers, i.e. into the state
+        dense, dense_new = [], []
+        for p, new in zip(self.params, w.split(self.splits)[::2]):
+            if p.is_contiguous():
+                dense.append(p)
+                dense_new.append(new.view(p.shape))
+            else:  # kept apart: one such pair would send the whole foreach copy down its slow per-tensor path
+                p.copy_(new.view(p.shape))
+        if dense:
+            torch._foreach_copy_(dense, dense_new)
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW whose moments are stored in 8 bits (see the module docstring). Same hyperparameters and defaults as
     `torch.optim.AdamW`; `block_size` values share one scale; tensors below `min_8bit_size` keep fp32 state.
@@ -168,13 +265,19 @@ class AdamW8bit(torch.optim.Optimizer):
     `fused`: None (default) = the fused path for parameters on CUDA when Triton is available, the eager path for
     everything else; True = fused for every parameter (on the CPU torch.compile needs a C++ compiler); False = eager
     everywhere. The fused path's first step compiles (some tens of seconds). `compile_fused = False` runs the fused
-    path's function without torch.compile (tests, debugging).
+    path's function without torch.compile (tests, debugging); `chunk_size` caps the values per compiled call.
 
     State per parameter: `step` (int); 8-bit: `m_code` int8, `m_absmax` fp32, `v_code` uint8, `v_absmax` fp32;
     fp32: `exp_avg`, `exp_avg_sq`. `state_dict()` / `load_state_dict()` round-trip exactly (dtypes preserved), so a
-    resumed run continues bit for bit; both paths read and write the same state."""
+    resumed run continues bit for bit; both paths read and write the same state. On the fused path the four 8-bit
+    entries are views into flat per-chunk buffers (`_Chunk`), of the same shapes and dtypes; torch.save writes each
+    buffer once, and a loaded state is re-packed into fresh buffers at the next step."""
 
     compile_fused = True
+    # Values per chunk of the fused 8-bit path (2²⁵ = 32M): large enough that the SD1.5 UNet (860M values) is 31
+    # compiled calls per step, small enough that its two temporary flat buffers (θ and g in the parameters' dtype:
+    # 256 MB for fp32) fit next to a full fine-tune on a 16 GB GPU. A larger tensor is a chunk of its own.
+    chunk_size = 2 ** 25
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, block_size: int = 256, min_8bit_size: int = 4096,
@@ -252,26 +355,48 @@ class AdamW8bit(torch.optim.Optimizer):
             state.update(m_code=m_code, m_absmax=m_absmax, v_code=v_code, v_absmax=v_absmax)
 
     def _step_fused_8bit(self, params: list[torch.Tensor], group: dict) -> None:
-        """8-bit tensors: one call of the compiled `fused_step_fn` per tensor, on flat [n] views."""
+        """8-bit tensors, packed into chunks (see `_layout`): per chunk, θ and g gathered into two flat buffers, one
+        call of the compiled `fused_step_fn` over the chunk, and θ scattered back by one foreach copy. The codes and
+        scales are not gathered: they live in the chunk's flat buffers, and the state entries are views into them."""
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         fn = fused_step_fn(group["block_size"], self.compile_fused)
-        scalars = {}  # (device, t) -> hp: one tiny host-to-device copy per step, not one per tensor
+        buckets = {}  # one flat chunk holds one device and dtype; the bias corrections (hp) depend on t
         for p in params:
-            state = self.state[p]
-            key = (p.device, state["step"])
-            if key not in scalars:
-                scalars[key] = step_scalars(lr, beta1, beta2, eps, wd, state["step"], p.device)
-            # [n] views, so that the writes land in p (detached: requires_grad is part of the graph's guards); a
-            # non-contiguous p (channels-last) goes through a copy in its logical order, the order of the codes
-            # (passed as a view too: a view and a plain tensor would compile to two graphs)
-            in_place = p.is_contiguous()
-            w = p.detach().view(-1) if in_place else p.detach().reshape(-1).clone().view(-1)
-            args = [w, p.grad.reshape(-1)] + [state[k].view(-1) for k in ("m_code", "m_absmax", "v_code", "v_absmax")]
-            for a in args:  # sizes are graph inputs, not constants: one graph for every tensor. Marked on fresh
-                torch._dynamo.maybe_mark_dynamic(a, 0)  # views, so that the stored state tensors carry no marks
-            fn(*args, scalars[key])
-            if not in_place:
-                p.copy_(w.view(p.shape))
+            buckets.setdefault((p.device, p.dtype, self.state[p]["step"]), []).append(p)
+        for (device, _, t), ps in buckets.items():
+            hp = step_scalars(lr, beta1, beta2, eps, wd, t, device)  # one tiny host-to-device copy per bucket
+            for chunk in self._layout(ps, group["block_size"]):
+                chunk.step(fn, hp)
+
+    def _layout(self, params: list[torch.Tensor], block: int) -> list[_Chunk]:
+        """The chunks of one bucket of 8-bit parameters (same device, dtype, step), kept from step to step.
+
+        Whole tensors in parameter order, up to `chunk_size` values each (a larger tensor is a chunk of its own). A
+        chunk is rebuilt, its state copied into fresh flat buffers ("re-packed"), where a state entry is no longer
+        the view it made: after `load_state_dict` (which clones), after an eager step (which rebinds the entries),
+        or when the bucket's parameters change (a parameter without a gradient this step: a different bucket, a new
+        layout; a parameter whose state still views an old chunk keeps that chunk's buffers alive until its own
+        next step re-packs it)."""
+        layouts = self.__dict__.setdefault("_layouts", {})  # not in __getstate__: copies and pickles rebuild
+        key = (block, self.chunk_size, tuple(map(id, params)))  # the chunks hold the params: ids stay unique
+        chunks = layouts.get(key)
+        if chunks is None:
+            stale = {id(p) for p in params}  # layouts sharing a parameter with this one are out of date
+            for k in [k for k in layouts if stale.intersection(k[2])]:
+                del layouts[k]
+            groups, size = [], self.chunk_size
+            for p in params:
+                n = _round_up(p.numel(), block)
+                if groups and size + n <= self.chunk_size:
+                    groups[-1].append(p)
+                    size += n
+                else:
+                    groups.append([p])
+                    size = n
+            chunks = layouts[key] = [_Chunk(ps, block) for ps in groups]
+        for c in chunks:
+            c.pack(self.state)  # a no-op unless a state entry is not the chunk's view any more
+        return chunks
 
     def _step_fused_fp32(self, params: list[torch.Tensor], group: dict) -> None:
         """fp32-state tensors (biases, norms: many, small): the eager path's ops, each applied to all of them at once
@@ -320,7 +445,15 @@ class AdamW8bit(torch.optim.Optimizer):
                 if pid in saved:
                     self.state[p] = {k: v.to(p.device).clone() if torch.is_tensor(v) else v
                                      for k, v in saved[pid].items()}
+        self._layouts = {}  # the old chunks' buffers are garbage now; the next fused step packs the loaded state
 
     def state_bytes(self) -> int:
-        """Bytes held in optimizer state tensors (for memory budgets and the ~2 bytes/parameter test)."""
-        return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values() if torch.is_tensor(v))
+        """Bytes of memory held by the optimizer state (for memory budgets and the ~2 bytes/parameter test): each
+        storage once, so a fused chunk's buffers count once, with their padding (< 1 block per tensor)."""
+        storages = {}
+        for s in self.state.values():
+            for v in s.values():
+                if torch.is_tensor(v):
+                    st = v.untyped_storage()
+                    storages[(v.device, st.data_ptr())] = st.nbytes()
+        return sum(storages.values())

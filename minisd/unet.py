@@ -219,6 +219,25 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(groups, ch, eps=eps), nn.SiLU(),
                                  nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
+    def compile_blocks(self, mode: str = "default") -> "UNetModel":
+        """torch.compile each block of the U separately ("regional" compilation): Inductor fuses each block's
+        norms, activations, residual adds and casts into a few Triton kernels, and compiling blocks instead of the
+        whole network keeps the compile short (repeated blocks of one shape share a graph) and works with gradient
+        checkpointing, which calls blocks one by one. Same arithmetic up to rounding order (fused elementwise code
+        may round differently in the last bit). The first call of each block and input shape compiles (on an H100
+        box with 16 cores, about a minute for SDXL); later calls of those shapes are fast. Returns self."""
+        import torch._dynamo
+        # Static shapes, one graph per (block, shape): every block of a class shares one code object, so the
+        # per-code recompile limit (default 8) must cover all of them, or the rest silently run eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 4096)
+        blocks = [*self.input_blocks, self.middle_block, *self.output_blocks, self.out]
+        for b in blocks:
+            if b is not None:
+                b.compile(mode=mode, dynamic=False)
+        return self
+
     def _block(self, block: TimestepEmbedSequential, h, emb, context, size=None):
         """block(h, emb, context, size), recomputed in backward when gradient checkpointing is on."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
