@@ -300,14 +300,16 @@ def fixed_gradient_run(params, opt, steps, seed=1):
     return graphs
 
 
-def assert_fused_close(eager_params, fused_params, opt_e, opt_f, p0):
+def assert_fused_close(eager_params, fused_params, opt_e, opt_f, p0, code_tol: float = 5e-3):
     """Compiled kernels round like the eager ops up to an ulp (Inductor may reassociate, contract a*b+c into an FMA,
     use its own pow/sqrt), so now and then a value at a rounding boundary of the 8-bit grid lands on the neighbouring
     code: that element's moment then differs by one code step and its update by a fraction of lr; the difference
     fades as the moment decays (m within ~1/(1 - β1) = 10 steps, v within ~1000). Measured on the CPU with fixed
     gradients: parameters ~1e-4 of the total update apart in norm after 30 and after 300 steps, ≤ 0.04 % of the v
     codes and ≤ 0.002 % of the m codes different after 300. Tolerances: 1e-3 of the update, 0.5 % of the codes,
-    absmax within 1e-5 (relative)."""
+    absmax within 1e-5 (relative). On CUDA (code_tol 2 %): Triton's libdevice pow / sqrt and ATen's CUDA ones
+    differ by an ulp more often than the CPU kernels do; measured on an H100 after 300 steps: 0.74 % of one
+    tensor's v codes one step apart, parameters still within the 1e-3 bound."""
     for pe, pf, q in zip(eager_params, fused_params, p0):
         rel = ((pf.float() - pe.float()).norm() / (pe.float() - q.float()).norm()).item()
         assert rel < 1e-3, f"{tuple(q.shape)}: fused vs eager relative parameter difference {rel:.2e}"
@@ -318,7 +320,7 @@ def assert_fused_close(eager_params, fused_params, opt_e, opt_f, p0):
             elif k.endswith("_code"):
                 assert se[k].dtype == sf[k].dtype
                 frac = (se[k] != sf[k]).float().mean().item()
-                assert frac < 5e-3, f"{tuple(q.shape)} {k}: {frac:.2%} of the codes differ"
+                assert frac < code_tol, f"{tuple(q.shape)} {k}: {frac:.2%} of the codes differ"
             else:
                 torch.testing.assert_close(sf[k], se[k], rtol=1e-5, atol=1e-7, msg=f"{tuple(q.shape)} {k}")
 
@@ -379,7 +381,7 @@ def test_fused_matches_eager_on_cuda():
     assert graphs == [2] * 300, graphs[:3]  # fp32 and bf16 parameters: two graphs, both at the first step
     assert len(code_storages(opt_f)) == 3
     assert fused[4].dtype == torch.bfloat16
-    assert_fused_close(eager[:4], fused[:4], opt_e, opt_f, p0[:4])
+    assert_fused_close(eager[:4], fused[:4], opt_e, opt_f, p0[:4], code_tol=2e-2)
     # bf16: θ itself is rounded to bf16 (2⁻⁸ relative) every step, so an fp32 difference of an ulp at a bf16 rounding
     # boundary becomes one bf16 ulp that stays: compare in norm against the total update, at bf16 resolution
     rel = ((fused[4].float() - eager[4].float()).norm() / (eager[4].float() - p0[4].float()).norm()).item()

@@ -86,24 +86,27 @@ GPU_CASES = {
 @pytest.mark.parametrize("name", sorted(GPU_CASES))
 def test_graph_run_equals_eager_run(tmp_path, data_dir, name):
     """Same seed, same data: the replayed steps compute what the eager ones do. Both runs issue the same kernels,
-    so losses differ only by the GPU's run-to-run variation (atomic-add reductions in some backward kernels, bf16
-    rounding of their order). Adapters are compared in units of Adam's step: AdamW moves each weight by about lr per
-    step whatever the gradient's size, so reduction-order noise in a near-zero gradient entry can move that entry by
-    up to lr (measured on an H100: 0.005·lr·steps in the bf16 case); 5 % of the largest possible move is allowed.
-    With dropout the masks come from the CUDA generator, whose stream a replay advances as eager code does."""
+    but the GPU itself is not bitwise reproducible (atomic-add reductions in some backward kernels), and AdamW turns
+    that noise into lr-sized moves wherever a gradient is near zero (LoRA down-weights in the first steps, while the
+    up-weights are ~0): measured on an H100, graph vs eager differed by up to 2.5·lr in single entries after 6 steps.
+    So the reference is a second eager run: the graph run must be no further from the first eager run than the
+    second eager run is (times 2, plus 1 % of lr), and the losses within 1e-3 (2e-2 with dropout, whose masks come
+    from the CUDA generator that a replay advances as eager code does)."""
     flags = GPU_CASES[name]
-    steps, lr = 6, 1e-3                                      # _run's --max-steps, TrainConfig's default lr
-    torch.manual_seed(0)
-    eager_losses, eager_ad, _ = _run(tmp_path, data_dir, "eager", flags)
-    torch.manual_seed(0)
-    graph_losses, graph_ad, t = _run(tmp_path, data_dir, "graph", flags + ["--cuda-graph"])
+    lr = 1e-3                                                # TrainConfig's default
+    runs = {}
+    for run in ("eager", "eager-again", "graph"):
+        torch.manual_seed(0)
+        runs[run] = _run(tmp_path, data_dir, run, flags + (["--cuda-graph"] if run == "graph" else []))
+    (eager_losses, eager_ad, _), (_, again_ad, _), (graph_losses, graph_ad, t) = runs.values()
     assert t.graph is not None and t.graph.graph is not None, "the graph was never recorded"
-    assert len(graph_losses) == steps
+    assert len(graph_losses) == 6
     tol = 1e-3 if "dropout" not in name else 2e-2
     for a, b in zip(eager_losses, graph_losses):
         assert abs(a - b) <= tol * max(1.0, abs(a)), (eager_losses, graph_losses)
-    for k in eager_ad:
-        assert (eager_ad[k] - graph_ad[k]).abs().max().item() <= 0.05 * lr * steps, k
+    noise = max((eager_ad[k] - again_ad[k]).abs().max().item() for k in eager_ad)
+    worst = max((eager_ad[k] - graph_ad[k]).abs().max().item() for k in eager_ad)
+    assert worst <= 2 * noise + 0.01 * lr, f"graph vs eager {worst:.3g}, eager vs eager {noise:.3g}"
 
 
 @pytest.mark.gpu
