@@ -300,7 +300,7 @@ def fixed_gradient_run(params, opt, steps, seed=1):
     return graphs
 
 
-def assert_fused_close(eager_params, fused_params, opt_e, opt_f, p0, code_tol: float = 5e-3):
+def assert_fused_close(eager_params, fused_params, opt_e, opt_f, p0, code_tol: float = 5e-3, absmax_rtol: float = 1e-5):
     """Compiled kernels round like the eager ops up to an ulp (Inductor may reassociate, contract a*b+c into an FMA,
     use its own pow/sqrt), so now and then a value at a rounding boundary of the 8-bit grid lands on the neighbouring
     code: that element's moment then differs by one code step and its update by a fraction of lr; the difference
@@ -309,7 +309,10 @@ def assert_fused_close(eager_params, fused_params, opt_e, opt_f, p0, code_tol: f
     codes and ≤ 0.002 % of the m codes different after 300. Tolerances: 1e-3 of the update, 0.5 % of the codes,
     absmax within 1e-5 (relative). On CUDA (code_tol 2 %): Triton's libdevice pow / sqrt and ATen's CUDA ones
     differ by an ulp more often than the CPU kernels do; measured on an H100 after 300 steps: 0.74 % of one
-    tensor's v codes one step apart, parameters still within the 1e-3 bound."""
+    tensor's v codes one step apart, parameters still within the 1e-3 bound. A v code one step off at the top of its block moves that block's next
+    absmax by up to one step of the v grid there, 1 - (254/255)⁴ = 1.6 % (seen on the H100: one block of 256x320's
+    v_absmax beyond 1e-5), hence absmax_rtol 1.6e-2 on CUDA; the blocks whose absmax differs at all (beyond 1e-5) must
+    still be under code_tol of them."""
     for pe, pf, q in zip(eager_params, fused_params, p0):
         rel = ((pf.float() - pe.float()).norm() / (pe.float() - q.float()).norm()).item()
         assert rel < 1e-3, f"{tuple(q.shape)}: fused vs eager relative parameter difference {rel:.2e}"
@@ -381,7 +384,7 @@ def test_fused_matches_eager_on_cuda():
     assert graphs == [2] * 300, graphs[:3]  # fp32 and bf16 parameters: two graphs, both at the first step
     assert len(code_storages(opt_f)) == 3
     assert fused[4].dtype == torch.bfloat16
-    assert_fused_close(eager[:4], fused[:4], opt_e, opt_f, p0[:4], code_tol=2e-2)
+    assert_fused_close(eager[:4], fused[:4], opt_e, opt_f, p0[:4], code_tol=2e-2, absmax_rtol=1.6e-2)
     # bf16: θ itself is rounded to bf16 (2⁻⁸ relative) every step, so an fp32 difference of an ulp at a bf16 rounding
     # boundary becomes one bf16 ulp that stays: compare in norm against the total update, at bf16 resolution
     rel = ((fused[4].float() - eager[4].float()).norm() / (eager[4].float() - p0[4].float()).norm()).item()

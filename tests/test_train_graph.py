@@ -90,8 +90,11 @@ def test_graph_run_equals_eager_run(tmp_path, data_dir, name):
     that noise into lr-sized moves wherever a gradient is near zero (LoRA down-weights in the first steps, while the
     up-weights are ~0): measured on an H100, graph vs eager differed by up to 2.5·lr in single entries after 6 steps.
     So the reference is a second eager run: the graph run must be no further from the first eager run than the
-    second eager run is (times 2, plus 1 % of lr), and the losses within 1e-3 (2e-2 with dropout, whose masks come
-    from the CUDA generator that a replay advances as eager code does)."""
+    second eager run is (times 4, plus 1 % of lr: `noise` is the largest of ~10⁶ differences from one sample of the
+    run-to-run variation, and a second sample's largest lands anywhere up to a few times it; measured on an H100 in
+    the dropout + 8-bit case: 0.81e-3 against 0.37e-3), and the losses within 1e-3 (2e-2 with dropout, whose masks
+    come from the CUDA generator that a replay advances as eager code does). A graph that replays stale inputs or
+    misses an update moves adapters by ~lr per entry per step, and its losses drift away from eager's."""
     flags = GPU_CASES[name]
     lr = 1e-3                                                # TrainConfig's default
     runs = {}
@@ -106,7 +109,7 @@ def test_graph_run_equals_eager_run(tmp_path, data_dir, name):
         assert abs(a - b) <= tol * max(1.0, abs(a)), (eager_losses, graph_losses)
     noise = max((eager_ad[k] - again_ad[k]).abs().max().item() for k in eager_ad)
     worst = max((eager_ad[k] - graph_ad[k]).abs().max().item() for k in eager_ad)
-    assert worst <= 2 * noise + 0.01 * lr, f"graph vs eager {worst:.3g}, eager vs eager {noise:.3g}"
+    assert worst <= 4 * noise + 0.01 * lr, f"graph vs eager {worst:.3g}, eager vs eager {noise:.3g}"
 
 
 @pytest.mark.gpu
