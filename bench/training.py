@@ -123,10 +123,11 @@ class TrainStep:
         self.time_ids = torch.tensor([[R, R, 0, 0, R, R]] * B, dtype=torch.float32, device=dev)   # (B, 6)
 
     # -------------------------------------------------------------------- the step
-    def step(self, n: int | None = None) -> torch.Tensor:
-        """One optimizer step on the first n images (n < B only for counting FLOPs)."""
+    def step(self, n: int | None = None, replay: bool = True) -> torch.Tensor:
+        """One optimizer step on the first n images (n < B and replay=False only for counting FLOPs: a replay
+        launches recorded kernels that FlopCounterMode never sees)."""
         n = n or self.B
-        if self.graph is not None and n == self.B:
+        if self.graph is not None and replay and n == self.B:
             loss = self.graph(n)                 # minisd --cuda-graph: forward + backward replayed
         else:
             loss = self.forward_backward(n)
@@ -162,7 +163,7 @@ class TrainStep:
         """Model FLOPs of one step: a batch-1 step without checkpointing, times B (every op is per-sample)."""
         self.set_checkpointing(False)
         try:
-            return count_flops(lambda: self.step(1)) * self.B
+            return count_flops(lambda: self.step(1, replay=False)) * self.B
         finally:
             self.set_checkpointing(self.case.checkpointing)
 
