@@ -309,10 +309,10 @@ def assert_fused_close(eager_params, fused_params, opt_e, opt_f, p0, code_tol: f
     codes and ≤ 0.002 % of the m codes different after 300. Tolerances: 1e-3 of the update, 0.5 % of the codes,
     absmax within 1e-5 (relative). On CUDA (code_tol 2 %): Triton's libdevice pow / sqrt and ATen's CUDA ones
     differ by an ulp more often than the CPU kernels do; measured on an H100 after 300 steps: 0.74 % of one
-    tensor's v codes one step apart, parameters still within the 1e-3 bound. A v code one step off at the top of its block moves that block's next
-    absmax by up to one step of the v grid there, 1 - (254/255)⁴ = 1.6 % (seen on the H100: one block of 256x320's
-    v_absmax beyond 1e-5), hence absmax_rtol 1.6e-2 on CUDA; the blocks whose absmax differs at all (beyond 1e-5) must
-    still be under code_tol of them."""
+    tensor's v codes one step apart, parameters still within the 1e-3 bound. A v code one step off at the top of
+    its block moves that block's next absmax by up to one step of the v grid there, 1 - (254/255)⁴ = 1.6 % (seen on
+    the H100: one block of 256x320's v_absmax beyond 1e-5), hence absmax_rtol 1.6e-2 on CUDA; the blocks whose
+    absmax differs at all (beyond 1e-5) must still be under code_tol of them."""
     for pe, pf, q in zip(eager_params, fused_params, p0):
         rel = ((pf.float() - pe.float()).norm() / (pe.float() - q.float()).norm()).item()
         assert rel < 1e-3, f"{tuple(q.shape)}: fused vs eager relative parameter difference {rel:.2e}"
