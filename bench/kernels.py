@@ -1,6 +1,7 @@
 """Where one benchmark case spends its GPU time: torch.profiler over a few iterations, top kernels by CUDA time.
 
     python bench/kernels.py sdxl-lora-1024-bs1-cached --impl minisd [--iters 3] [--top 25] [--vae-dtype bfloat16]
+                                                                    [--compile]
 
 This is the "profile that shows why" of BENCHMARKS.md: it prints the kernels (and operator groups) that take the
 time of a step, so a missed target can be traced to what dominates (convolution, attention, normalisation, casts).
@@ -22,7 +23,8 @@ from bench.cases import BY_NAME  # noqa: E402
 from bench.harness import Options  # noqa: E402
 
 # kernel-name fragments -> a readable group (first match wins)
-GROUPS = [("attention", ("flash", "fmha", "attention", "cutlass::fmha", "efficient")),
+GROUPS = [("Triton (fused by compile)", ("triton_",)),
+          ("attention", ("flash", "fmha", "attention", "cutlass::fmha", "efficient")),
           ("convolution", ("conv", "implicit_gemm", "xmma_fprop", "xmma_dgrad", "xmma_wgrad", "cudnn", "sm90_xmma")),
           ("matmul (linear)", ("gemm", "cublas", "nvjet", "sm90_")),
           ("group norm / layer norm", ("norm", "welford")),
@@ -46,11 +48,13 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile as case.py --compile (blocks) does")
     a = p.parse_args(argv)
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
-    wl = build_workload(BY_NAME[a.case], a.impl, False, device, Options(vae_dtype=a.vae_dtype))
-    for _ in range(2):  # warm-up: cuDNN autotuning, allocator growth
+    wl = build_workload(BY_NAME[a.case], a.impl, False, device, Options(vae_dtype=a.vae_dtype,
+                                                                        compile="blocks" if a.compile else None))
+    for _ in range(2):  # warm-up: compilation, cuDNN autotuning, allocator growth
         wl.step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -26,6 +26,8 @@ Shapes: B = batch, R = image side, h = R / 8, T = 77 tokens, D = text width, P =
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 
@@ -48,19 +50,27 @@ def make_optimizer(impl: str, kind: str, params: list, device: torch.device):
     return bnb.optim.AdamW8bit(params, lr=LR, weight_decay=WEIGHT_DECAY)
 
 
-def compile_unet(unet: torch.nn.Module, impl: str, how: str, mode: str) -> torch.nn.Module:
+def compile_unet(unet: torch.nn.Module, impl: str, how: str, mode: str, vae=None) -> torch.nn.Module:
     """`blocks`: compile each block of the U separately (regional compilation: quick to compile, and works inside
-    gradient checkpointing, which calls blocks one by one); `full`: the whole UNet as one graph."""
+    gradient checkpointing, which calls blocks one by one); `full`: the whole UNet as one graph. A VAE (training rows
+    that encode in the step) gets its encoder compiled as one graph, on both sides; minisd's `blocks` is the
+    product's own `compile_for_training` (train.py --compile)."""
     # Static shapes: every block has its own sizes, and one graph per (block, grad mode) is what we want; dynamo
     # would otherwise turn sizes symbolic after the first mismatch. All blocks of a class share one code object,
     # so its recompile limit (default 8) must cover every block, or the rest silently run eagerly.
     import torch._dynamo
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
+    if vae is not None and not (impl == "minisd" and how == "blocks"):
+        vae.encoder.compile(mode=mode, dynamic=False)
     if how == "full":
         return torch.compile(unet, mode=mode, dynamic=False)
     if impl == "minisd":
-        return unet.compile_blocks(mode)                 # the product's own (Pipeline(compile=True))
+        if vae is None:
+            return unet.compile_blocks(mode)             # the product's own (Pipeline(compile=True))
+        from minisd.trainer import compile_for_training
+        compile_for_training(SimpleNamespace(unet=unet, vae=vae), mode=mode)   # train.py --compile
+        return unet
     blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
     for b in blocks:
         if b is not None:
@@ -95,7 +105,8 @@ class TrainStep:
             p.unet.to(memory_format=torch.channels_last)
             if p.vae is not None:
                 p.vae.to(memory_format=torch.channels_last)
-        self.unet = compile_unet(p.unet, impl, opts.compile, opts.compile_mode) if opts.compile else p.unet
+        self.unet = (compile_unet(p.unet, impl, opts.compile, opts.compile_mode, vae=p.vae) if opts.compile
+                     else p.unet)
         self.opt = make_optimizer(impl, case.optimizer, self.params, device)
         self.f = 2 ** (len(self.cfg.vae.ch_mult) - 1)          # VAE downscale
         self.make_inputs()

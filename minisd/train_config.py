@@ -106,6 +106,9 @@ class TrainConfig:
     cuda_graph: bool = opt(False, "record the forward + backward of a micro-batch once as a CUDA graph and replay it "
                                   "(removes the launch overhead that dominates small batches; needs CUDA, fixed "
                                   "shapes: no --buckets, no fp16, no --module-dropout; minisd/graphs.py)")
+    compile: bool = opt(False, "torch.compile each UNet block and the VAE encoder: Inductor fuses the norms, "
+                               "activations, adds and casts around the convs and matmuls, and saves less for backward. "
+                               "The first steps compile (minutes on a GPU); with --cuda-graph the fastest path")
     device: str = opt("auto", "cpu | cuda | auto")
     threads: int = opt(0, "torch CPU threads (0: torch's default)")
     vae: Optional[str] = opt(None, "replace the model's VAE weights: diffusers vae/ folder (e.g. "

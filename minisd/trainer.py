@@ -84,6 +84,18 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
+def compile_for_training(model, encoder: bool = True, mode: str = "default") -> None:
+    """--compile: each UNet block through torch.compile (`UNetModel.compile_blocks`) and, when images are encoded in
+    the step, the VAE encoder as one graph. Inductor fuses GroupNorm + SiLU, residual adds and dtype casts into a
+    few kernels around the convolutions and matmuls, picks the convolutions' memory layout itself (no NCHW <-> NHWC
+    copies around cuDNN), and its partitioner saves the inputs of cheap elementwise ops for backward instead of
+    their outputs, recomputing them (less activation memory). Same arithmetic up to rounding order. Every block
+    and input shape compiles at its first call, so the first steps are slow."""
+    model.unet.compile_blocks(mode)
+    if encoder:  # forward only (no grad), one fixed image shape
+        model.vae.encoder.compile(mode=mode, dynamic=False)
+
+
 def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
     """Min-SNR-γ weights per sample (Hang et al. 2023): the ε-loss weight min(SNR, γ)/SNR; for v-prediction
     the v-loss equals (SNR + 1)·ε-loss, hence min(SNR, γ)/(SNR + 1)."""
@@ -161,6 +173,8 @@ class Trainer:
                                                   **opts)
         m.to(self.device)
         m.unet.gradient_checkpointing = cfg.gradient_checkpointing
+        if cfg.compile:  # compiled lazily, at the first call of each block and shape
+            compile_for_training(m, encoder=not cfg.cache_latents)
         unet_params = adapters.adapter_parameters(m.unet)
         te_params = [p for te in m.text_encoders for p in adapters.adapter_parameters(te)]
         for p in unet_params + te_params:  # trainable tensors stay fp32 whatever the autocast dtype
