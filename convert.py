@@ -65,7 +65,7 @@ def import_model(a):
 
     from minisd.formats import is_diffusers_folder, load_diffusers_folder
     from minisd.model import ModelError, is_minisd_folder, save_model
-    from minisd.single_file import load_single_file
+    from minisd.formats.single_file import load_single_file
 
     src = a.src
     extras, trace, ema_used, source = {}, [], False, {}
@@ -97,7 +97,7 @@ def import_model(a):
 
 
 def export_model(a):
-    from minisd.export import export_diffusers, export_single_file
+    from minisd.formats.export import export_diffusers, export_single_file
     from minisd.model import ModelError, is_minisd_folder, load_minisd_folder
 
     if not is_minisd_folder(a.src):

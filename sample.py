@@ -162,7 +162,7 @@ def grid(a, model_path: str) -> int:
     from minisd.formats import load_model
     from minisd.model import ModelError
     from minisd.pipeline import Pipeline
-    from minisd.pretrain import caption_grid, grid_prompts
+    from minisd.world.pretrain import caption_grid, grid_prompts
 
     # One thread: this model's ops are too small to gain from a second, and on a shared CPU a busy second
     # core stalls every op at its join (measured: 0.35 s per step with 1 thread, 5.7 s with 2 under load).

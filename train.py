@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-DEFAULT_MODEL = os.path.join("weights", "minisd-tiny")
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "minisd-tiny")
 
 
 def prepare(cfg, flags: dict) -> str:
@@ -34,7 +34,7 @@ def prepare(cfg, flags: dict) -> str:
             cfg.sample_steps = flags.get("sample_steps", 4)
             cfg.n_eval = flags.get("n_eval", 8)
     if cfg.data is not None and not os.path.isdir(cfg.data):
-        from minisd.data import DataError
+        from minisd.train.data import DataError
         raise DataError(f"{cfg.data}: no such data folder")
     run_dir = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(run_dir, exist_ok=True)
@@ -53,7 +53,7 @@ def prepare(cfg, flags: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minisd.train_config import format_config, parse_config
+    from minisd.train.config import format_config, parse_config
     try:
         cfg, flags = parse_config(argv)
     except ValueError as e:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg.from_scratch:
         try:
-            from minisd.pretrain import main as pretrain
+            from minisd.world.pretrain import main as pretrain
         except ImportError:
             print("error: --from-scratch needs minisd/pretrain.py, which is not in this checkout", file=sys.stderr)
             return 2
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return pretrain(rest) or 0
 
     import torch
-    from minisd.data import DataError
+    from minisd.train.data import DataError
     from minisd.model import ModelError
     from minisd.trainer import Trainer, TrainError
     if cfg.threads:
@@ -85,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(cfg.to_dict(), f, indent=2)
         world_run = cfg.samples and os.path.isfile(os.path.join(cfg.data, "attributes.jsonl"))
         if world_run and trainer.step == 0:
-            from minisd.validation import sample_and_score
+            from minisd.train.validation import sample_and_score
             sample_and_score(trainer, "before")
         t0 = time.time()
         result = trainer.run()
         print(f"trained {cfg.max_steps} steps in {time.time() - t0:.1f} s; loss {result['losses'][0]:.4f} -> "
               f"{sum(result['losses'][-10:]) / len(result['losses'][-10:]):.4f} (mean of the last 10)")
         if world_run:
-            from minisd.validation import sample_and_score
+            from minisd.train.validation import sample_and_score
             sample_and_score(trainer, "after")
         print(f"wrote {result['lora']} (minisd), {result['kohya']} (kohya: A1111 / ComfyUI), "
               + (f"both with EMA weights, {result['lora_raw']} (raw weights), " if "lora_raw" in result else "")

@@ -20,8 +20,8 @@ from torch import nn
 
 from minisd.config import (LDM_256, SD15, SDXL_BASE, TINY, CLIPTextConfig, LDMBertConfig, ModelConfig,
                            UNetConfig)
-from minisd.export import clip_hf_config, ldmbert_hf_config, scheduler_config, vae_diffusers_config
-from minisd.keys_unet import diffusers_unet_config, unet_config_from_diffusers
+from minisd.formats.export import clip_hf_config, ldmbert_hf_config, scheduler_config, vae_diffusers_config
+from minisd.formats.keys_unet import diffusers_unet_config, unet_config_from_diffusers
 from minisd.model import build_text_encoder
 from minisd.unet import UNetModel
 from minisd.vae import AutoencoderKL

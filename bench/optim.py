@@ -2,7 +2,7 @@
 tensors, 860M parameters, from 4 values to 1280x1280x3x3) in fp32 with fixed random gradients, as a full fine-tune
 hands them to the optimizer. Three rows:
 
-    minisd   minisd.adamw8bit.AdamW8bit          8-bit m and v, block-wise absmax (on CUDA: torch.compile'd, a few
+    minisd   minisd.train.adamw8bit.AdamW8bit          8-bit m and v, block-wise absmax (on CUDA: torch.compile'd, a few
                                                  fused kernels per tensor; on the CPU: plain PyTorch ops)
     bnb      bitsandbytes.optim.AdamW8bit        8-bit m and v, block-wise dynamic map (fused CUDA kernel)
     torch    torch.optim.AdamW(fused=True)       fp32 m and v (foreach on the CPU)
@@ -34,7 +34,7 @@ def parameter_shapes(tiny: bool) -> list[torch.Size]:
 
 def make(impl: str, params: list, device: torch.device):
     if impl == "minisd":
-        from minisd.adamw8bit import AdamW8bit
+        from minisd.train.adamw8bit import AdamW8bit
         return AdamW8bit(params, lr=LR, weight_decay=WEIGHT_DECAY)
     if impl == "bnb":
         import bitsandbytes as bnb

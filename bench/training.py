@@ -19,7 +19,7 @@ The recipe (both sides):
     optimizer: torch AdamW (fused on CUDA), lr 1e-4, weight decay 1e-2; full FT: minisd AdamW8bit vs
         bitsandbytes AdamW8bit, same hyperparameters
 Inputs are fixed random tensors on the device (no data loading in the timing): pixels in [-1, 1], prompt ids.
-`--cuda-graph` (minisd rows): the forward + backward above is recorded once with `minisd.graphs.CudaGraph` (what
+`--cuda-graph` (minisd rows): the forward + backward above is recorded once with `minisd.perf.graphs.CudaGraph` (what
 `train.py --cuda-graph` records) and replayed every step; the optimizer step and zeroing stay eager.
 
 Shapes: B = batch, R = image side, h = R / 8, T = 77 tokens, D = text width, P = pooled width.
@@ -44,7 +44,7 @@ def make_optimizer(impl: str, kind: str, params: list, device: torch.device):
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda")
     if impl == "minisd":
-        from minisd.adamw8bit import AdamW8bit
+        from minisd.train.adamw8bit import AdamW8bit
         return AdamW8bit(params, lr=LR, weight_decay=WEIGHT_DECAY)
     import bitsandbytes as bnb
     return bnb.optim.AdamW8bit(params, lr=LR, weight_decay=WEIGHT_DECAY)
@@ -112,7 +112,7 @@ class TrainStep:
         self.make_inputs()
         self.graph = None
         if opts.cuda_graph:  # minisd only (case.py checks): the product's recorder, as train.py --cuda-graph uses it
-            from minisd.graphs import CudaGraph
+            from minisd.perf.graphs import CudaGraph
             self.graph = CudaGraph(self.forward_backward, warmup=2)
 
     # -------------------------------------------------------------------- inputs

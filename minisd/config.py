@@ -11,8 +11,12 @@ Presets: SD15, SD2_BASE, SD2_V, SDXL_BASE, LDM_256, TINY (tests and the embedded
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Optional
+
+# What the repository ships beside the package: vocabularies, the embedded model minisd-tiny and its probe.
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
 
 
 @dataclass

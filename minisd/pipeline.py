@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .graphs import CudaGraph
+from .perf.graphs import CudaGraph
 from .model import StableDiffusion
 from .samplers import make_sampler
 from .unet import sdxl_vector_cond

@@ -34,8 +34,9 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, WordPiece
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SHIPPED = os.path.join(os.path.dirname(HERE), "weights", "tokenizers")
+from .config import WEIGHTS_DIR
+
+SHIPPED = os.path.join(WEIGHTS_DIR, "tokenizers")
 CLIP_VOCAB_DIR = os.path.join(SHIPPED, "clip")
 BERT_VOCAB_DIR = os.path.join(SHIPPED, "bert")
 

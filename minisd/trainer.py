@@ -37,20 +37,20 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from . import adapters
-from .adamw8bit import AdamW8bit
-from .buckets import BucketLoader, assign_buckets, buckets_for
-from .cache import build_caches, offload_cached
-from .data import CaptionDataset, Loader
-from .ema import EMA
+from .train.adamw8bit import AdamW8bit
+from .train.buckets import BucketLoader, assign_buckets, buckets_for
+from .train.cache import build_caches, offload_cached
+from .train.data import CaptionDataset, Loader
+from .train.ema import EMA
 from .formats import load_model, load_vae
-from .graphs import CudaGraph
-from .prodigy import Prodigy
-from .profiler import StageTimer
+from .perf.graphs import CudaGraph
+from .train.prodigy import Prodigy
+from .perf.profiler import StageTimer
 from .schedule import NoiseSchedule
-from .train_config import TrainConfig
+from .train.config import TrainConfig
 from .unet import sdxl_vector_cond
 from .vae import DiagonalGaussian
-from .validation import validate, validation_prompts
+from .train.validation import validate, validation_prompts
 
 # UNet layer presets, as regular expressions over the official module paths
 ATTN = [r".*attn[12]\.to_(q|k|v)", r".*attn[12]\.to_out\.0"]
@@ -472,7 +472,7 @@ class Trainer:
 
     def write_outputs(self) -> dict:
         """loss.jsonl, loss.png, the adapter file (minisd) and its kohya export."""
-        from .lora_formats import save_kohya
+        from .formats.lora_files import save_kohya
         self.write_loss_log()
         draw_loss_curve([r["loss"] for r in self.losses], os.path.join(self.run_dir, "loss.png"))
         meta = {"minisd.train_config": json.dumps(self.cfg.to_dict()), "minisd.steps": str(self.step)}

@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import SpatialTransformer
-from .checkpoint import checkpoint
+from .perf.checkpoint import checkpoint
 from .config import UNetConfig
 
 

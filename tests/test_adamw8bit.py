@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch._dynamo.utils import counters
 
-from minisd.adamw8bit import AdamW8bit, dequantize, quantize
+from minisd.train.adamw8bit import AdamW8bit, dequantize, quantize
 
 # Relative tracking tolerance: ‖θ_8bit - θ_fp32‖ / ‖θ_fp32 - θ_0‖ per large tensor after 200 steps (measured ≈ 0.02).
 REL_TOL = 0.05

@@ -13,10 +13,10 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
-from minisd.buckets import BucketLoader, assign_buckets, buckets_for, make_buckets, nearest_bucket  # noqa: E402
+from minisd.train.buckets import BucketLoader, assign_buckets, buckets_for, make_buckets, nearest_bucket  # noqa: E402
 from minisd.config import SD15, SDXL_BASE, TINY  # noqa: E402
-from minisd.data import CaptionDataset  # noqa: E402
-from minisd.train_config import parse_config  # noqa: E402
+from minisd.train.data import CaptionDataset  # noqa: E402
+from minisd.train.config import parse_config  # noqa: E402
 from minisd.trainer import Trainer  # noqa: E402
 
 torch.set_num_threads(1)

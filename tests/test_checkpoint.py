@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.utils.checkpoint as torch_checkpoint
 
 from minisd import adapters
-from minisd.checkpoint import checkpoint
+from minisd.perf.checkpoint import checkpoint
 
 
 class Block(nn.Module):

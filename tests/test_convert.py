@@ -14,7 +14,7 @@ from conftest import REFERENCE, ROOT, randomize
 
 from minisd.config import LDM_256, SD2_BASE, SD2_V, SD15, SDXL_BASE, TINY
 from minisd.model import StableDiffusion, is_minisd_folder
-from minisd.single_file import (config_for, detect_family, ema_name, join_checkpoint,
+from minisd.formats.single_file import (config_for, detect_family, ema_name, join_checkpoint,
                                 split_checkpoint)
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "I64": torch.int64, "I32": torch.int32}
@@ -100,7 +100,7 @@ def run(*args):
 
 def test_single_file_roundtrip_and_diffusers_loader(tmp_path):
     from diffusers import StableDiffusionPipeline
-    from minisd.export import export_diffusers, export_single_file
+    from minisd.formats.export import export_diffusers, export_single_file
 
     ours = tiny_model(1)
     single = tmp_path / "tiny.safetensors"
@@ -133,7 +133,7 @@ def test_single_file_roundtrip_and_diffusers_loader(tmp_path):
 
 def test_diffusers_folder_roundtrip(tmp_path):
     from diffusers import StableDiffusionPipeline
-    from minisd.export import export_diffusers
+    from minisd.formats.export import export_diffusers
 
     ours = tiny_model(2)
     export_diffusers(ours, str(tmp_path / "d1"))
@@ -155,7 +155,7 @@ def test_diffusers_folder_roundtrip(tmp_path):
 
 def test_fp16_output(tmp_path):
     single = tmp_path / "tiny.safetensors"
-    from minisd.export import export_single_file
+    from minisd.formats.export import export_single_file
     export_single_file(tiny_model(3), None, str(single))
     r = run(str(single), "--out", str(tmp_path / "h"), "--dtype", "fp16")
     assert r.returncode == 0, r.stderr
@@ -172,7 +172,7 @@ class Evil:
 
 
 def bad_inputs(tmp_path):
-    from minisd.export import export_single_file
+    from minisd.formats.export import export_single_file
     good = tmp_path / "good.safetensors"
     export_single_file(tiny_model(4), None, str(good))
     data = good.read_bytes()
@@ -198,7 +198,7 @@ def bad_inputs(tmp_path):
         pickle.dump({"state_dict": Evil()}, f)
     cases["pickle"] = (tmp_path / "evil.ckpt", None, "refused")
     folder = tmp_path / "nounet"
-    from minisd.export import export_diffusers
+    from minisd.formats.export import export_diffusers
     export_diffusers(tiny_model(5), str(folder))
     import shutil
     shutil.rmtree(folder / "unet")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minisd.data import CaptionDataset, DataError, Loader, open_rgb, scan_folder
+from minisd.train.data import CaptionDataset, DataError, Loader, open_rgb, scan_folder
 
 
 def _img(w=40, h=30, colour=(200, 10, 10)):

@@ -22,7 +22,7 @@ from conftest import ROOT, randomize, save_tiny_sdxl
 from minisd import pipeline as pipeline_module
 from minisd.config import TINY
 from minisd.formats import load_model
-from minisd.graphs import CudaGraph
+from minisd.perf.graphs import CudaGraph
 from minisd.model import StableDiffusion
 from minisd.pipeline import Pipeline, UNetGraphs
 

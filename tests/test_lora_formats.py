@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from minisd import adapters
 from minisd.formats import load_model
-from minisd.lora_formats import (from_kohya, load_diffusers, load_kohya, save_diffusers, save_kohya)
+from minisd.formats.lora_files import (from_kohya, load_diffusers, load_kohya, save_diffusers, save_kohya)
 from minisd.trainer import ATTN_MLP, TE_TARGETS
 from test_e2e import clip_tokenizer, make_scheduler, scheduler_config, tiny_clip, tiny_unet, tiny_vae
 

@@ -11,7 +11,7 @@ from peft.tuners.lokr.layer import factorization as peft_factorization
 
 from conftest import randomize
 from minisd import adapters
-from minisd.lycoris import HadamardProduct, LoHaLinear, LoKrConv2d, LoKrLinear, factorization
+from minisd.adapters.lycoris import HadamardProduct, LoHaLinear, LoKrConv2d, LoKrLinear, factorization
 
 TARGETS = ["conv_in", "proj", "to_q", "to_out.0"]
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import ROOT
-from minisd import pretrain, world
+from minisd.world import pretrain
+from minisd import world
 from minisd.config import TINY, ModelConfig, UNetConfig, VAEConfig
 from minisd.formats import load_model
 from minisd.model import StableDiffusion

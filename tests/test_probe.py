@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from minisd import probe as P
+from minisd.world import probe as P
 from minisd import world
 from minisd.world import Attributes
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from prodigyopt import Prodigy as ReferenceProdigy
 
-from minisd.prodigy import Prodigy
+from minisd.train.prodigy import Prodigy
 
 
 def least_squares(seed=0, n=256, dim=20):

@@ -10,7 +10,7 @@ import torch
 
 import train
 from minisd import world
-from minisd.profiler import STAGES, StageTimer
+from minisd.perf.profiler import STAGES, StageTimer
 
 torch.set_num_threads(1)
 FAST = ["--model", "tiny-random", "--threads", "1", "--no-progress", "--no-samples", "--batch-size", "1",

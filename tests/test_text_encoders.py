@@ -26,7 +26,7 @@ from transformers import CLIPTextModelWithProjection
 
 from minisd.clip import CLIPTextModel
 from minisd.config import LDM_256, SD2_V, SD15, SDXL_BASE, CLIPTextConfig, LDMBertConfig
-from minisd.keys_text import (clip_from_hf, clip_from_openclip, clip_to_openclip, ldmbert_from_diffusers,
+from minisd.formats.keys_text import (clip_from_hf, clip_from_openclip, clip_to_openclip, ldmbert_from_diffusers,
                               ldmbert_to_diffusers)
 from minisd.ldmbert import LDMBert
 from minisd.tokenizer import BertTokenizer, CLIPTokenizer

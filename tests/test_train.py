@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 from minisd import world  # noqa: E402
 from minisd.adapters import adapter_state_dict  # noqa: E402
-from minisd.train_config import parse_config  # noqa: E402
+from minisd.train.config import parse_config  # noqa: E402
 from minisd.trainer import Trainer, TrainError, lr_lambda, min_snr_weight  # noqa: E402
 from conftest import save_tiny_sdxl, kill_at  # noqa: E402
 
@@ -136,9 +136,9 @@ def test_schedule_and_weights():
 def test_from_scratch_dispatches_to_pretrain(monkeypatch):
     import types
     seen = {}
-    fake = types.ModuleType("minisd.pretrain")
+    fake = types.ModuleType("minisd.world.pretrain")
     fake.main = lambda argv: seen.setdefault("argv", argv) and 0
-    monkeypatch.setitem(sys.modules, "minisd.pretrain", fake)
+    monkeypatch.setitem(sys.modules, "minisd.world.pretrain", fake)
     assert train.main(["--from-scratch", "--max-steps", "5"]) == 0
     assert seen["argv"] == ["--max-steps", "5"]
 

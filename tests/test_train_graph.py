@@ -18,7 +18,7 @@ sys.path.insert(0, ROOT)
 import train  # noqa: E402
 from minisd import world  # noqa: E402
 from minisd.adapters import adapter_state_dict  # noqa: E402
-from minisd.train_config import parse_config  # noqa: E402
+from minisd.train.config import parse_config  # noqa: E402
 from minisd.trainer import Trainer  # noqa: E402
 from conftest import save_tiny_sdxl  # noqa: E402
 

@@ -15,10 +15,10 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 from minisd import world  # noqa: E402
-from minisd.ema import EMA  # noqa: E402
-from minisd.train_config import parse_config  # noqa: E402
+from minisd.train.ema import EMA  # noqa: E402
+from minisd.train.config import parse_config  # noqa: E402
 from minisd.trainer import Trainer  # noqa: E402
-from minisd.validation import parse_prompts, validation_prompts  # noqa: E402
+from minisd.train.validation import parse_prompts, validation_prompts  # noqa: E402
 from conftest import save_tiny_sdxl, kill_at  # noqa: E402
 
 torch.set_num_threads(1)

@@ -16,7 +16,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 
 from conftest import REFERENCE, randomize
 from minisd.config import LDM_256, SD2_BASE, SD2_V, SD15, SDXL_BASE, TINY
-from minisd.keys_unet import (diffusers_unet_config, unet_config_from_diffusers, unet_from_diffusers,
+from minisd.formats.keys_unet import (diffusers_unet_config, unet_config_from_diffusers, unet_from_diffusers,
                               unet_name_pairs, unet_to_diffusers)
 from minisd.unet import UNetModel, sdxl_vector_cond, timestep_embedding
 

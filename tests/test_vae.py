@@ -16,7 +16,7 @@ from conftest import REFERENCE, randomize
 from diffusers import AutoencoderKL as DiffusersVAE
 
 from minisd.config import VAEConfig
-from minisd.keys_vae import vae_from_diffusers, vae_to_diffusers
+from minisd.formats.keys_vae import vae_from_diffusers, vae_to_diffusers
 from minisd.vae import AutoencoderKL
 
 TOL = 1e-5

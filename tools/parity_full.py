@@ -23,9 +23,9 @@ sys.path.insert(0, ROOT)
 
 from minisd.clip import CLIPTextModel  # noqa: E402
 from minisd.config import LDM_256, SD2_V, SD15, SDXL_BASE  # noqa: E402
-from minisd.keys_text import clip_from_hf, ldmbert_from_diffusers  # noqa: E402
-from minisd.keys_unet import unet_config_from_diffusers, unet_from_diffusers  # noqa: E402
-from minisd.keys_vae import vae_from_diffusers  # noqa: E402
+from minisd.formats.keys_text import clip_from_hf, ldmbert_from_diffusers  # noqa: E402
+from minisd.formats.keys_unet import unet_config_from_diffusers, unet_from_diffusers  # noqa: E402
+from minisd.formats.keys_vae import vae_from_diffusers  # noqa: E402
 from minisd.ldmbert import LDMBert  # noqa: E402
 from minisd.unet import UNetModel, sdxl_vector_cond  # noqa: E402
 from minisd.vae import AutoencoderKL  # noqa: E402

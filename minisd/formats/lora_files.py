@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, safe_open, save_file
 
-from . import adapters
+from .. import adapters
 from .keys_unet import unet_name_pairs
 
 ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",

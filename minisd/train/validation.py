@@ -47,7 +47,7 @@ def validation_prompts(cfg) -> list[str]:
     if cfg.validation_prompts:
         return parse_prompts(cfg.validation_prompts)
     if cfg.data and os.path.isfile(os.path.join(cfg.data, "attributes.jsonl")):
-        from . import world
+        from .. import world
         # the seed of the before/after grids' held-out prompts: the validation grid shows their first few
         return [c for _, c in world.sample(WORLD_PROMPTS, seed=10_000 + cfg.seed, split="heldout", style=cfg.style)]
     raise ValueError("--validate-every needs --validation-prompts ('a cat|a dog', or a .txt file with one prompt "
@@ -57,8 +57,8 @@ def validation_prompts(cfg) -> list[str]:
 @contextmanager
 def sampling(trainer):
     """A Pipeline over the trainer's model that leaves the training state exactly as it was (module docstring)."""
-    from .pipeline import Pipeline
-    from .trainer import rng_state, set_rng_state  # here, not at the top: trainer imports this module
+    from ..pipeline import Pipeline
+    from ..trainer import rng_state, set_rng_state  # here, not at the top: trainer imports this module
     saved = rng_state(trainer.gen)
     try:
         with trainer.eval_weights():
@@ -124,8 +124,8 @@ def wrap(text: str, width: int, d: ImageDraw.ImageDraw, font) -> list[str]:
 def sample_and_score(trainer, tag: str) -> dict:
     """World runs only: draw held-out prompts in the trained style, save a 4x4 grid `samples_<tag>.png` and the
     probe's reading of every image (`probe_<tag>.json`): style adoption, shape and colour accuracy."""
-    from . import world
-    from .probe import score
+    from .. import world
+    from ..world.probe import score
     cfg = trainer.cfg
     pairs = world.sample(cfg.n_eval, seed=10_000 + cfg.seed, split="heldout", style=cfg.style)
     attrs, prompts = [a for a, _ in pairs], [c for _, c in pairs]

@@ -13,8 +13,8 @@ Data: images are drawn from `world.sample(split="train")` with fixed seeds into 
 processes), so held-out (shape, colour, position) triples are never seen; evaluation samples held-out prompts
 and reads the images with the probe (`minisd/probe.py`).
 
-    python -m minisd.pretrain --out weights/minisd-tiny --device cuda --minutes 8      # train
-    python -m minisd.pretrain eval --model weights/minisd-tiny --n 64                  # probe fidelity
+    python -m minisd.world.pretrain --out weights/minisd-tiny --device cuda --minutes 8      # train
+    python -m minisd.world.pretrain eval --model weights/minisd-tiny --n 64                  # probe fidelity
 
 Shapes: B=batch, T=77 tokens, N=pool size, z = latent (B, 4, 16, 16) for a 64 px image at f = 4.
 """
@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from . import world
-from .config import WORLD_TINY, ModelConfig
-from .model import StableDiffusion, save_model
-from .schedule import NoiseSchedule
+from .. import world
+from ..config import WEIGHTS_DIR, WORLD_TINY, ModelConfig
+from ..model import StableDiffusion, save_model
+from ..schedule import NoiseSchedule
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "minisd-tiny")
+DEFAULT_OUT = os.path.join(WEIGHTS_DIR, "minisd-tiny")
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -261,7 +261,7 @@ def heldout_prompts(n: int, seed: int = 777) -> list:
 @torch.no_grad()
 def generate(model: StableDiffusion, prompts: list[str], steps: int = 20, cfg_scale: float = 3.0, seed: int = 0,
              device="cpu", batch: int = 256, sampler: str = "ddim") -> list:
-    from .pipeline import Pipeline
+    from ..pipeline import Pipeline
     pipe = Pipeline(model, device=device)
     out = []
     for i in range(0, len(prompts), batch):
@@ -359,9 +359,9 @@ def pretrain(a: argparse.Namespace, log=print) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minisd.pretrain",
+    p = argparse.ArgumentParser(prog="python -m minisd.world.pretrain",
                                 description="Train minisd-tiny (VAE, then UNet + CLIP text encoder) from scratch on "
-                                            "the procedural world. `python -m minisd.pretrain eval --help`: probe "
+                                            "the procedural world. `python -m minisd.world.pretrain eval --help`: probe "
                                             "fidelity of a trained model on held-out prompts.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=DEFAULT_OUT, help="minisd folder to write (fp16 weights)")
@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def eval_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m minisd.pretrain eval",
+    p = argparse.ArgumentParser(prog="python -m minisd.world.pretrain eval",
                                 description="Probe fidelity of a model on held-out world prompts.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_OUT)
@@ -395,7 +395,7 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=777)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    from .formats import load_model
+    from ..formats import load_model
     model = load_model(a.model).float()
     for c in a.cfg:
         t0 = time.time()

@@ -23,9 +23,9 @@ import warnings
 
 import torch
 
-from .config import LDM_256, SD2_BASE, SD2_V, SD15, SDXL_BASE, ModelConfig
+from ..config import LDM_256, SD2_BASE, SD2_V, SD15, SDXL_BASE, ModelConfig
 from .keys_text import clip_from_hf, clip_from_openclip, clip_to_openclip, openclip_pairs, qkv_pairs
-from .model import ModelError, read_safetensors
+from ..model import ModelError, read_safetensors
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 TEXT_PREFIXES = {
@@ -231,7 +231,7 @@ def join_checkpoint(components: dict, family: str, cfg: ModelConfig, extras: dic
 def load_single_file(path: str, family: str | None = None, prediction: str | None = None,
                      ema: bool | None = None):
     """(StableDiffusion, Split) from an official single file, converted in memory."""
-    from .model import StableDiffusion
+    from ..model import StableDiffusion
     sd, info = read_checkpoint(path)
     fam = detect_family(sd)
     if fam is None:

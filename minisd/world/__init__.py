@@ -315,6 +315,3 @@ def main(argv: list[str] | None = None) -> None:
     write_folder(a.out, a.n, a.seed, a.split, a.style, a.subject, a.template, a.token)
     print(f"wrote {a.n} images to {a.out}")
 
-
-if __name__ == "__main__":
-    main()

@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .vae import DiagonalGaussian
+from ..vae import DiagonalGaussian
 
 VERSION = 1  # bump when what a cache file holds changes, so old files are recomputed
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, safe_open, save_file
 
-from .lora import AdapterLayer, LoRAConv2d, LoRALinear, lora_from_tensors
+from ..lora import AdapterLayer, LoRAConv2d, LoRALinear, lora_from_tensors
 from .lycoris import (LoHaConv2d, LoHaLinear, LoKrConv2d, LoKrLinear, LoKrMixin, loha_from_tensors, lokr_from_tensors,
                       lokr_scale_is_portable)
 

@@ -28,7 +28,7 @@ import re
 
 import torch
 
-from .config import CLIPTextConfig
+from ..config import CLIPTextConfig
 
 TEXT_MODEL = "text_model."
 POSITION_IDS = "text_model.embeddings.position_ids"

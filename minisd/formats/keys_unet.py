@@ -18,7 +18,7 @@ bias except for the bias-free q/k/v); otherwise a KeyError lists the first offen
 """
 from __future__ import annotations
 
-from .config import UNetConfig
+from ..config import UNetConfig
 
 # ResBlock: ours -> diffusers ResnetBlock2D, inside `input_blocks.i.0` / `down_blocks.l.resnets.j`.
 RESBLOCK = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),

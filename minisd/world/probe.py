@@ -11,11 +11,11 @@ Shape legend: B=batch, C=channels; images are (B, 3, 64, 64) floats in [0, 1].
 The probe must be fair to a small diffusion model, whose pictures are soft, slightly noisy and colour-cast; so it is
 trained with augmentation (`augment`): Gaussian blur, down/up-sampling (the VAE's softening), additive noise and a
 per-channel colour jitter. The shipped weights (weights/probe.safetensors) were trained on the CPU with
-`python -m minisd.probe train`; docs/WORLD.md records how well they read held-out images, clean and augmented.
+`python -m minisd.world.probe train`; docs/WORLD.md records how well they read held-out images, clean and augmented.
 
-CLI:  python -m minisd.probe train --out weights/probe.safetensors
-      python -m minisd.probe score FOLDER          (PNGs + attributes.jsonl, as world.write_folder writes)
-      python -m minisd.probe eval                  (accuracy on fresh held-out procedural images)
+CLI:  python -m minisd.world.probe train --out weights/probe.safetensors
+      python -m minisd.world.probe score FOLDER          (PNGs + attributes.jsonl, as world.write_folder writes)
+      python -m minisd.world.probe eval                  (accuracy on fresh held-out procedural images)
 """
 from __future__ import annotations
 
@@ -33,13 +33,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
-from . import world
-from .world import Attributes
+from .. import world
+from ..config import WEIGHTS_DIR
+from . import Attributes
 
 HEADS = {"shape": world.SHAPES, "colour": world.COLOURS, "size": world.SIZES, "position": world.POSITIONS,
          "background": world.COLOURS, "style": world.STYLES, "subject": ("no", "yes")}
-DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights",
-                               "probe.safetensors")
+DEFAULT_WEIGHTS = os.path.join(WEIGHTS_DIR, "probe.safetensors")
 
 
 def _block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -292,7 +292,7 @@ def format_table(res: dict, title: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m minisd.probe", description="Attribute probe for the procedural "
+    p = argparse.ArgumentParser(prog="python -m minisd.world.probe", description="Attribute probe for the procedural "
                                 "world: train it, score a folder of generated images, or evaluate it.")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a probe on procedural images (CPU is fine: a few minutes)")

@@ -13,11 +13,11 @@ import os
 
 from safetensors.torch import save_file
 
-from .config import CLIPTextConfig, ModelConfig
+from ..config import CLIPTextConfig, ModelConfig
 from .keys_text import ldmbert_to_diffusers
 from .keys_unet import diffusers_unet_config, unet_to_diffusers
 from .keys_vae import vae_to_diffusers
-from .model import StableDiffusion, atomic_folder, read_extras
+from ..model import StableDiffusion, atomic_folder, read_extras
 from .single_file import join_checkpoint
 
 

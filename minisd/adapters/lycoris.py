@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .lora import AdapterLayer
+from ..lora import AdapterLayer
 
 
 def kaiming_(t: torch.Tensor) -> torch.Tensor:

@@ -17,11 +17,11 @@ import os
 
 import torch
 
-from .config import CLIPTextConfig, LDMBertConfig, ModelConfig, ScheduleConfig, VAEConfig
+from ..config import CLIPTextConfig, LDMBertConfig, ModelConfig, ScheduleConfig, VAEConfig
 from .keys_text import clip_from_hf, ldmbert_from_diffusers
 from .keys_unet import unet_config_from_diffusers, unet_from_diffusers
 from .keys_vae import vae_from_diffusers
-from .model import ModelError, StableDiffusion, read_safetensors, text_encoder_file
+from ..model import ModelError, StableDiffusion, read_safetensors, text_encoder_file
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
                 "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
@@ -208,9 +208,9 @@ TINY_RANDOM = "tiny-random"
 def load_model(path: str) -> StableDiffusion:
     """Any model minisd reads: a minisd folder, a diffusers folder, or `tiny-random`
     (the TINY preset with seed-0 random weights: it runs anywhere and draws noise-like images)."""
-    from .model import is_minisd_folder, load_minisd_folder
+    from ..model import is_minisd_folder, load_minisd_folder
     if path == TINY_RANDOM:
-        from .config import TINY
+        from ..config import TINY
         torch.manual_seed(0)
         return StableDiffusion(TINY)
     if not os.path.exists(path):
@@ -247,7 +247,7 @@ def read_vae(path: str) -> tuple[dict, dict]:
     its own: a diffusers `vae/` folder (config.json + weights), a diffusers pipeline folder (its vae/), a minisd
     folder (its vae.safetensors), or a single .safetensors / .ckpt file in CompVis names (`encoder.down.0...`,
     e.g. `sdxl_vae.safetensors`), diffusers names, or a whole SD checkpoint (its `first_stage_model.` part)."""
-    from .model import is_minisd_folder
+    from ..model import is_minisd_folder
     if os.path.isdir(path):
         if is_diffusers_folder(path):
             path = os.path.join(path, "vae")
@@ -280,7 +280,7 @@ def load_vae(model: StableDiffusion, path: str) -> dict:
         sd, info = read_vae(path)
     except KeyError as e:  # the diffusers name table met a tensor it does not know
         raise ModelError(f"--vae {path}: not a VAE of a known layout ({e.args[0] if e.args else e})") from None
-    from .model import load_strict
+    from ..model import load_strict
     load_strict(model.vae, sd, f"--vae {path}")
     name = os.path.basename(os.path.normpath(path)).lower().replace("_", "-")
     info["fp16_safe"] = info.get("force_upcast") is False or "fp16-fix" in name
