@@ -5,7 +5,8 @@
     python train.py --config run.toml --lr 5e-4        # TOML file, flags win
     python train.py --resume runs/20260101-120000      # continue exactly where the checkpoint left off
 
-Options: `python train.py --help`, or minisd/train_config.py. The loop is minisd/trainer.py.
+Options: `python train.py --help`, or minisd/train/config.py. The step is minisd/trainer.py, the loop around it
+minisd/train/loop.py, what world runs add minisd/world/validation.py.
 Bad flags, a bad data folder or a bad model end with one `error:` line and exit code 2.
 """
 from __future__ import annotations
@@ -71,28 +72,27 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from minisd.train.data import DataError
     from minisd.model import ModelError
-    from minisd.trainer import Trainer, TrainError
+    from minisd.train.loop import Trainer, TrainError
+    from minisd.world.validation import is_world_folder, sample_and_score, validation_prompts
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
         run_dir = prepare(cfg, flags)
         print("train config:\n" + format_config(cfg), flush=True)
-        trainer = Trainer(cfg, run_dir)
+        trainer = Trainer(cfg, run_dir, prompts=validation_prompts)  # world runs: held-out prompts by default
         if cfg.resume:
             trainer.load_checkpoint()
             print(f"resumed {run_dir} at step {trainer.step}")
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
-        world_run = cfg.samples and os.path.isfile(os.path.join(cfg.data, "attributes.jsonl"))
+        world_run = cfg.samples and is_world_folder(cfg.data)
         if world_run and trainer.step == 0:
-            from minisd.train.validation import sample_and_score
             sample_and_score(trainer, "before")
         t0 = time.time()
         result = trainer.run()
         print(f"trained {cfg.max_steps} steps in {time.time() - t0:.1f} s; loss {result['losses'][0]:.4f} -> "
               f"{sum(result['losses'][-10:]) / len(result['losses'][-10:]):.4f} (mean of the last 10)")
         if world_run:
-            from minisd.train.validation import sample_and_score
             sample_and_score(trainer, "after")
         print(f"wrote {result['lora']} (minisd), {result['kohya']} (kohya: A1111 / ComfyUI), "
               + (f"both with EMA weights, {result['lora_raw']} (raw weights), " if "lora_raw" in result else "")

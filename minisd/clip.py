@@ -21,6 +21,8 @@ Shapes: B=batch, T=tokens (77), D=width, nh=heads, hd=head dim = D/nh, F=MLP wid
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,12 @@ from torch import nn
 from .config import CLIPTextConfig
 
 EOS_ID = 49407   # <|endoftext|>: the pooled embedding is read at its first occurrence
+
+
+class TextEncoderOutput(NamedTuple):
+    """What every text encoder returns (CLIP, OpenCLIP, LDMBert), and `StableDiffusion.encode_text` too."""
+    hidden: torch.Tensor                 # (B, T, D) the states the UNet cross-attends to
+    pooled: torch.Tensor | None = None   # (B, D) or projected (B, P): one vector per prompt; None for LDMBert
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +120,7 @@ class CLIPTextTransformer(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    """`forward(ids (B,T)) -> (hidden (B,T,D), pooled (B,D) or (B,P))`.
+    """`forward(ids (B,T)) -> TextEncoderOutput(hidden (B,T,D), pooled (B,D) or (B,P))`.
 
     hidden: the output of block `L + cfg.layer + 1` of L (cfg.layer = -1: the last block, -2: the
     one before, "CLIP skip 2"), through `final_layer_norm` iff `cfg.final_norm`. This is what the
@@ -152,4 +160,4 @@ class CLIPTextModel(nn.Module):
         pooled = last[torch.arange(last.shape[0], device=last.device), eos]  # (B, D)
         if self.cfg.projection_dim:
             pooled = self.text_projection(pooled)                           # (B, P)
-        return hidden, pooled
+        return TextEncoderOutput(hidden, pooled)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .clip import TextEncoderOutput
 from .config import LDMBertConfig
 
 
@@ -107,12 +108,13 @@ class TransformerWrapper(nn.Module):
 
 
 class LDMBert(nn.Module):
-    """`forward(ids (B,T)) -> (B, T, d_model)` hidden states for the UNet's cross-attention."""
+    """`forward(ids (B,T)) -> TextEncoderOutput(hidden (B, T, d_model), pooled None)`: the hidden states for the
+    UNet's cross-attention; no pooled vector (LDM conditions on the sequence only)."""
 
     def __init__(self, cfg: LDMBertConfig):
         super().__init__()
         self.cfg = cfg
         self.transformer = TransformerWrapper(cfg)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.transformer(input_ids)
+    def forward(self, input_ids: torch.Tensor) -> TextEncoderOutput:
+        return TextEncoderOutput(self.transformer(input_ids))

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .clip import CLIPTextModel
+from .clip import CLIPTextModel, TextEncoderOutput
 from .config import CLIPTextConfig, ModelConfig
 from .ldmbert import LDMBert
 from .tokenizer import load_tokenizer
@@ -62,6 +62,23 @@ class StableDiffusion(nn.Module):
         self.text_encoders = nn.ModuleList([build_text_encoder(t) for t in cfg.text_encoders])
         dirs = tokenizer_dirs or [None] * len(cfg.text_encoders)
         self.tokenizers = [load_tokenizer(t, vocab_dir=d) for t, d in zip(cfg.text_encoders, dirs)]
+
+    def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Prompts -> the token ids of each text encoder [(B, T), ...], each with its own tokenizer."""
+        return [tok(prompts) for tok in self.tokenizers]
+
+    def encode_text(self, ids: list[torch.Tensor]) -> TextEncoderOutput:
+        """Token ids of each encoder [(B, T), ...] -> context (B, T, D) for cross-attention, pooled (B, P) or None.
+
+        One encoder (SD1, SD2, LDM): its hidden states. SDXL: both encoders' hidden states side by side
+        (D = 768 + 1280), as the official SDXL conditioner concatenates its embedders' outputs, and the pooled
+        vector of the last encoder that has one (the projected OpenCLIP bigG)."""
+        hidden, pooled = [], None
+        for x, te in zip(ids, self.text_encoders):
+            out = te(x)
+            hidden.append(out.hidden)
+            pooled = out.pooled if out.pooled is not None else pooled
+        return TextEncoderOutput(torch.cat(hidden, dim=-1), pooled)                   # (B, T, D), (B, P)
 
     @property
     def vae_scale(self) -> int:

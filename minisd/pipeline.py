@@ -100,18 +100,8 @@ class Pipeline:
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]):
-        """Prompts -> (context (B,T,D) for cross-attention, pooled (B,P) or None for SDXL)."""
-        hidden, pooled = [], None
-        for tok, te in zip(self.model.tokenizers, self.model.text_encoders):
-            ids = tok(prompts).to(self.device)                        # (B, T)
-            out = te(ids)
-            if isinstance(out, tuple):
-                h, p = out
-                pooled = p if p is not None else pooled              # SDXL: pooled of the last encoder
-            else:
-                h = out
-            hidden.append(h)
-        return torch.cat(hidden, dim=-1), pooled                     # SDXL: (B, T, 768 + 1280)
+        """Prompts -> (context (B,T,D) for cross-attention, pooled (B,P) or None): `StableDiffusion.encode_text`."""
+        return self.model.encode_text([ids.to(self.device) for ids in self.model.tokenize(prompts)])
 
     def conditioning(self, prompts: list[str], negatives: list[str] | None, guidance: bool):
         """Context (and SDXL pooled) for [negatives..., prompts...] when guidance is on."""

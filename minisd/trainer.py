@@ -1,4 +1,4 @@
-"""The fine-tuning loop: adapters (LoRA, DoRA, LoHa, LoKr) trained on a frozen Stable Diffusion.
+"""The training step: the loss of one micro-batch, for adapters (LoRA, DoRA, LoHa, LoKr) on a frozen Stable Diffusion.
 
 What is frozen, and why. The VAE is frozen and run in fp32 without gradients: it only maps images to the latent
 space the UNet was trained in, and changing it would move that space under the UNet (the SDXL VAE also overflows
@@ -7,50 +7,43 @@ them train, so the optimizer state is tiny, the file is a few MB, and the base m
 be removed, scaled or mixed). Text-encoder adapters are optional, with their own learning rate, because the text
 encoder overfits faster than the UNet.
 
-One optimizer step, with grad_accum micro-batches of B images each (Ho et al. 2020, Eq. 14, plus the usual recipe):
+The loss of B images (Ho et al. 2020, Eq. 14, plus the usual recipe), `training_loss` below, top to bottom:
 
-    z_0 = VAE.encode(x).sample() · scale_factor                 fp32, no grad (--cache-latents: encode once, cache.py)
+    z_0 = VAE.encode(x).sample() · scale_factor                 fp32, no grad (--cache-latents: encoded once)
     t ~ U{0..T−1},  ε ~ N(0, I) (+ noise_offset · N(0, I) per channel: lets the model shift the mean brightness)
-    z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε                                 `NoiseSchedule.q_sample` (ε + γ·ξ: `Trainer.noised`)
+    z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·(ε + γ·ξ)                         `noised`; γ = --input-perturbation, usually 0
     target = ε (eps models) or v = √ᾱ_t·ε − √(1−ᾱ_t)·z_0 (v models)
+    c = TextEncoders(caption)                                   context (B, T, D); SDXL: + pooled (B, P)
     L = mean_b w_b · ‖UNet(z_t, t, c) − target‖² / (C·h·w)
     w_b = min(SNR_t, γ)/SNR_t (eps) or min(SNR_t, γ)/(SNR_t + 1) (v): Min-SNR-γ, Hang et al. 2023, Eq. 9-10
 
-All randomness of a step (t, ε, the VAE sample) comes from one CPU generator whose state is checkpointed with
-the torch / CUDA / numpy / python RNG states, the optimizer, the LR schedule, the grad scaler and the data
-position (and the EMA shadow, minisd/ema.py); resuming then continues the exact loss sequence of an uninterrupted
-run (bitwise on the CPU). Validation grids (minisd/validation.py) restore every RNG they touch, so they change nothing.
+An optimizer step backpropagates grad_accum such losses (each divided by grad_accum) into the adapters, clips the
+gradient norm and steps AdamW; the loop around the step - data, caches, adapters, optimizers, EMA, checkpoints,
+logs, validation grids - is the appendix minisd/train/loop.py. The learning-rate schedule (`lr_lambda`) and the
+layer presets the adapters go into (`TARGETS`) are here.
 
-Shapes: B = batch, C = latent channels, h, w = latent size, T = 77 tokens, D = text width.
+All randomness of a step (the VAE sample's ε_z, then t, ε, the offset, ξ) comes from one CPU generator (`Draws`)
+in that order; its state is checkpointed, so a resumed run continues the exact loss sequence of an uninterrupted
+one (bitwise on the CPU). --cuda-graph replays this same function from a recording: `StepGraph` in
+minisd/perf/graphs.py makes the same draws on the host and hands them in.
+
+Shapes: B = batch, C = latent channels, h, w = latent size, T = 77 tokens, D = text width, P = pooled width.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import random
 from contextlib import nullcontext
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
-from . import adapters
-from .train.adamw8bit import AdamW8bit
-from .train.buckets import BucketLoader, assign_buckets, buckets_for
-from .train.cache import build_caches, offload_cached
-from .train.data import CaptionDataset, Loader
-from .train.ema import EMA
-from .formats import load_model, load_vae
-from .perf.graphs import CudaGraph
-from .train.prodigy import Prodigy
-from .perf.profiler import StageTimer
+from .model import StableDiffusion
 from .schedule import NoiseSchedule
-from .train.config import TrainConfig
 from .unet import sdxl_vector_cond
 from .vae import DiagonalGaussian
-from .train.validation import validate, validation_prompts
+
+# (`TrainConfig` in annotations: minisd/train/config.py, the flags; a chapter imports only chapters)
 
 # UNet layer presets, as regular expressions over the official module paths
 ATTN = [r".*attn[12]\.to_(q|k|v)", r".*attn[12]\.to_out\.0"]
@@ -60,14 +53,6 @@ FULL = ATTN_MLP + [r".*\.(in_layers\.2|out_layers\.3|emb_layers\.1|skip_connecti
 TARGETS = {"attn": ATTN, "attn-mlp": ATTN_MLP, "full": FULL}
 # text encoder: every linear layer of the CLIP transformer (kohya's default)
 TE_TARGETS = [r".*self_attn\.(q|k|v|out)_proj", r".*mlp\.fc(1|2)"]
-
-MEMORY_HINT = ("out of memory. Flags that save memory: --gradient-checkpointing, --mixed-precision bf16 "
-               "(fp16 on GPUs without bf16), --optimizer adamw8bit, --batch-size 1 with --grad-accum N, "
-               "--no-train-text-encoder, a lower --rank or --targets attn, a lower --resolution")
-
-
-class TrainError(Exception):
-    """A run that cannot go on (NaN loss, out of memory, bad resume folder); one-line message."""
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -105,413 +90,100 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Te
     return clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr
 
 
-def rng_state(gen: torch.Generator) -> dict:
-    """Every RNG a step may touch (tensors and ints only, so torch.load(weights_only=True) reads it)."""
-    np_state = np.random.get_state()
-    return {"gen": gen.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": random.getstate()}
+# ----------------------------------------------------------------------------------------------- the step
+class Draws:
+    """The random numbers of a step, from one CPU generator in call order, then moved to `device`: the same seed
+    gives the same numbers on any device, and the generator's state alone (checkpointed) says what comes next."""
+
+    def __init__(self, gen: torch.Generator, device: torch.device | str = "cpu"):
+        self.gen, self.device = gen, torch.device(device)
+
+    def randint(self, high: int, shape: tuple) -> torch.Tensor:
+        """Integers uniform in {0, ..., high − 1}."""
+        return torch.randint(0, high, tuple(shape), generator=self.gen).to(self.device)
+
+    def randn(self, shape: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Samples of N(0, 1)."""
+        return torch.randn(tuple(shape), generator=self.gen, dtype=dtype).to(self.device)
 
 
-def set_rng_state(gen: torch.Generator, s: dict) -> None:
-    gen.set_state(s["gen"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    n = s["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+@dataclass
+class MicroBatch:
+    """What a step reads, on the training device (`Trainer.micro_batch` in minisd/train/loop.py makes it from the
+    data loader's batch): the images or their cached VAE posterior, and the captions' token ids or their cached
+    text-encoder outputs."""
+    pixels: torch.Tensor | None = None     # (B, 3, H, W) in [-1, 1], in the VAE's dtype
+    moments: torch.Tensor | None = None    # (B, 2C, h, w) --cache-latents: mean and log-variance of q(z|x)
+    ids: list | None = None                # [(B, T), ...] token ids for each text encoder
+    context: torch.Tensor | None = None    # (B, T, D) --cache-text: the encoders' states (a dropped caption: "")
+    pooled: torch.Tensor | None = None     # (B, P) --cache-text: the pooled vector, or None
+    time_ids: torch.Tensor | None = None   # (B, 6) SDXL: original h, w, crop top, left, target h, w
 
 
-class Trainer:
-    """Builds everything from a TrainConfig; `run()` trains to max_steps and writes the outputs to run_dir."""
+def noised(noise: NoiseSchedule, z0: torch.Tensor, draw: Draws, offset: float = 0.0, perturbation: float = 0.0):
+    """(z_t, t, target) for clean latents z_0 (B, C, h, w), drawing from `draw` in this order:
 
-    def __init__(self, cfg: TrainConfig, run_dir: str, log=print):
-        self.cfg, self.run_dir, self.log = cfg, run_dir, log
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
-                                   else cfg.device)
-        if cfg.cuda_graph and self.device.type != "cuda":
-            raise ValueError(f"--cuda-graph needs a CUDA device, not {self.device.type}")
-        os.makedirs(run_dir, exist_ok=True)
-        if self.device.type == "cpu":
-            # Adam's second moments of tiny LoRA gradients can become subnormal floats, which x86 CPUs compute
-            # many times slower; flushing them to zero changes nothing that matters
-            torch.set_flush_denormal(True)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-        self.model = load_model(cfg.model)
-        m = self.model
-        vae_info = load_vae(m, cfg.vae) if cfg.vae else {}  # e.g. sdxl-vae-fp16-fix; same shapes or a ModelError
-        m.requires_grad_(False)  # freeze everything; adapters below are the only trainable tensors
-        # Stored weights may be fp16 (minisd-tiny is). The frozen UNet / text encoders run in the autocast dtype
-        # (half the memory) or fp32. The VAE encodes in fp32 by default; --vae-dtype bf16 (or auto under bf16
-        # autocast) is safe too - bf16 has fp32's exponent range, so the SDXL VAE cannot overflow as it does in fp16
-        # (NaN latents) - and much faster on a GPU, where the fp32 encoder can cost more than the UNet step.
-        for part in [m.unet, *m.text_encoders]:
-            part.to(self.amp_dtype or torch.float32)
-        vae_dtype = cfg.vae_dtype if cfg.vae_dtype != "auto" else "bf16" if cfg.mixed_precision == "bf16" else "fp32"
-        self.vae_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[vae_dtype]
-        m.vae.to(self.vae_dtype)
-        m.vae.slicing, m.vae.tiling = cfg.vae_slicing, cfg.vae_tiling
-        if cfg.vae_dtype == "fp16" and not vae_info.get("fp16_safe", m.cfg.vae.force_upcast is False):
-            log("warning: --vae-dtype fp16 with a VAE not known to be fp16-safe: expect NaN latents (the SDXL VAE "
-                "overflows); use bf16, or an fp16-fix VAE via --vae")
-        if vae_info.get("scale_factor") and abs(vae_info["scale_factor"] - m.cfg.vae.scale_factor) > 1e-6:
-            log(f"note: --vae says scale_factor {vae_info['scale_factor']}, the model's {m.cfg.vae.scale_factor} "
-                "is kept (the UNet was trained with it)")
-        torch.manual_seed(cfg.seed)  # adapter init (load_model may have seeded the global RNG itself)
-        # 3x3 convs (only "full" targets them): --conv-rank / --conv-alpha, default --rank / --alpha; 0 skips them
-        conv_rank = (cfg.rank if cfg.conv_rank is None else cfg.conv_rank or None) if cfg.targets == "full" else None
-        conv_alpha = cfg.alpha if cfg.conv_alpha is None else cfg.conv_alpha
-        opts = dict(rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout)
-        if cfg.network in ("lora", "dora"):  # LoHa / LoKr have no input dropout, and `init` means else there
-            opts.update(init=cfg.init, dropout=cfg.dropout)
-        self.unet_layers = adapters.inject(m.unet, cfg.network, TARGETS[cfg.targets], rank=cfg.rank,
-                                           alpha=cfg.alpha, conv_rank=conv_rank, conv_alpha=conv_alpha, **opts)
-        self.te_layers = []
-        if cfg.train_text_encoder:
-            for te in m.text_encoders:
-                self.te_layers += adapters.inject(te, cfg.network, TE_TARGETS, rank=cfg.rank, alpha=cfg.alpha,
-                                                  **opts)
-        m.to(self.device)
-        m.unet.gradient_checkpointing = cfg.gradient_checkpointing
-        if cfg.compile:  # compiled lazily, at the first call of each block and shape
-            compile_for_training(m, encoder=not cfg.cache_latents)
-        unet_params = adapters.adapter_parameters(m.unet)
-        te_params = [p for te in m.text_encoders for p in adapters.adapter_parameters(te)]
-        for p in unet_params + te_params:  # trainable tensors stay fp32 whatever the autocast dtype
-            p.data = p.data.float()
-            p.requires_grad_(True)
-        self.params = unet_params + te_params
-        groups = [{"params": unet_params, "lr": cfg.lr}]
-        te_lr = cfg.lr if cfg.te_lr is None else cfg.te_lr
-        for i, te in enumerate(m.text_encoders):  # a group per encoder: SDXL's two may differ (--te1-lr, --te2-lr)
-            own = (cfg.te1_lr, cfg.te2_lr)[i] if i < 2 else None
-            if adapters.adapter_parameters(te):
-                groups.append({"params": adapters.adapter_parameters(te), "lr": te_lr if own is None else own})
-        if cfg.optimizer == "adamw":
-            # fused: one kernel for every tensor on CUDA instead of a dozen per tensor
-            self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                         fused=self.device.type == "cuda")
-        elif cfg.optimizer == "adamw8bit":
-            self.opt = AdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        t ~ U{0..T−1},  ε ~ N(0, I)  (+ offset · N(0, I) per (sample, channel))
+        z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·(ε + γ·ξ),   ξ ~ N(0, I),  γ = perturbation
+        target = ε, or v = √ᾱ_t·ε − √(1−ᾱ_t)·z_0 (v models), both from the unperturbed ε
+
+    Offset noise (Guttenberg 2023, "Diffusion with offset noise"): i.i.d. noise never changes an image's mean much,
+    so the model cannot learn to; a shared offset per channel lets it make much darker or brighter images.
+    Input perturbation (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion Models", DDPM-IP):
+    when sampling, the network sees its own slightly wrong x_t, never an exact q_sample as in training (exposure
+    bias); training on inputs moved by √(1−ᾱ_t)·γ·ξ while still asking for ε simulates that gap. γ = 0 draws no ξ,
+    so the random stream is exactly that of a run without the option."""
+    B, C = z0.shape[:2]
+    t = draw.randint(noise.num_train_timesteps, (B,))                                    # (B,)
+    eps = draw.randn(z0.shape)                                                           # (B, C, h, w)
+    if offset:
+        eps = eps + offset * draw.randn((B, C, 1, 1))
+    eps_in = eps + perturbation * draw.randn(z0.shape) if perturbation else eps
+    zt = noise.q_sample(z0, eps_in, t)                                                   # Eq. 4 of Ho et al.
+    return zt, t, noise.training_target(z0, eps, t)
+
+
+def no_stage(name: str):
+    """The default `stage`: times nothing."""
+    return nullcontext()
+
+
+def training_loss(model: StableDiffusion, noise: NoiseSchedule, batch: MicroBatch, draw: Draws, *,
+                  noise_offset: float = 0.0, input_perturbation: float = 0.0, min_snr_gamma: float = 0.0,
+                  amp_dtype: torch.dtype | None = None, train_text_encoder: bool = False,
+                  stage=no_stage) -> torch.Tensor:
+    """The loss of one micro-batch, the equations of the module docstring in order (no backward). Every random
+    number comes from `draw`; `stage(name)` marks the parts that --profile times (minisd/perf/profiler.py)."""
+    # 1. clean latents z_0 = μ + σ·ε_z ~ q(z|x) from the frozen VAE: data, not something to train
+    with torch.no_grad(), stage("vae_encode"):
+        if batch.moments is not None:  # --cache-latents: the encoder ran once, before training (train/cache.py)
+            x, posterior = batch.moments, DiagonalGaussian(batch.moments)
         else:
-            self.opt = Prodigy(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
+            x, posterior = batch.pixels, model.vae.encode(batch.pixels)
+        eps_z = draw.randn(posterior.mean.shape, x.dtype)                  # as DiagonalGaussian.sample draws it
+        z0 = (posterior.mean + posterior.std * eps_z).float() * model.cfg.vae.scale_factor       # (B, C, h, w)
 
-        sch = m.cfg.schedule
-        if cfg.prediction != "auto":
-            sch = type(sch)(**{**sch.__dict__, "prediction_type": cfg.prediction})
-        self.noise = NoiseSchedule(sch, zero_terminal_snr=cfg.zero_terminal_snr)
-        self.resolution = cfg.resolution or m.cfg.resolution
-        self.data = CaptionDataset(cfg.data, self.resolution, cfg.repeats, cfg.random_crop, cfg.flip,
-                                   cfg.caption_dropout, cfg.seed)
-        if cfg.buckets:  # aspect-ratio buckets (buckets.py): each image at the shape nearest its own
-            assign_buckets(self.data, buckets_for(m, self.resolution, cfg.bucket_step, cfg.bucket_min,
-                                                  cfg.bucket_max))
-            self.loader = BucketLoader(self.data, cfg.batch_size)
-        else:
-            self.loader = Loader(self.data, cfg.batch_size)
-        # --cache-latents / --cache-text (cache.py): the frozen VAE / text encoders run once, here, not every step
-        self.latent_cache, self.text_cache = build_caches(self)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.step, self.losses = 0, []
-        self.prof = StageTimer(cfg.profile, self.device)  # --profile; no-op contexts otherwise
-        self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
-        self.val_prompts = validation_prompts(cfg) if cfg.validate_every else []  # bad prompts fail now, not later
-        # --cuda-graph: forward + backward of a micro-batch replayed from one recording
-        self.graph = CudaGraph(self.graphed_backward, warmup=2) if cfg.cuda_graph else None
+    # 2. a random timestep per image, its noise, the noised latents and what the UNet should answer there
+    zt, t, target = noised(noise, z0, draw, noise_offset, input_perturbation)
 
-    def eval_weights(self):
-        """Context in which the adapters hold the weights to judge and ship: the EMA ones if on, else the raw."""
-        return self.ema.applied() if self.ema else nullcontext()
+    # 3. the prediction; the frozen base runs in the autocast dtype (bf16 / fp16) if there is one
+    with torch.autocast(z0.device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+        with stage("text_encoders"):
+            if batch.context is not None:  # --cache-text
+                ctx, pooled = batch.context, batch.pooled
+            else:  # with gradients only when the text encoders carry adapters
+                with torch.set_grad_enabled(train_text_encoder):
+                    ctx, pooled = model.encode_text(batch.ids)                              # (B, T, D), (B, P)
+        y = None
+        if batch.time_ids is not None:  # SDXL: pooled text and image sizes, added to the time embedding
+            y = sdxl_vector_cond(pooled.float(), batch.time_ids, embed_dim=model.cfg.unet.addition_time_embed_dim)
+        with stage("unet_forward"):
+            pred = model.unet(zt, t, ctx, y=y)                                                    # (B, C, h, w)
 
-    # ------------------------------------------------------------------------------------------- one step
-    def encode_text(self, captions: list[str]):
-        """Captions -> (context (B, T, D), pooled (B, P) or None); with grad only if the TE has adapters."""
-        return self.encode_ids([tok(captions).to(self.device) for tok in self.model.tokenizers])
-
-    def encode_ids(self, ids: list[torch.Tensor]):
-        """Token ids of each encoder [(B, T), ...] -> (context (B, T, D), pooled (B, P) or None)."""
-        hidden, pooled = [], None
-        with torch.set_grad_enabled(bool(self.te_layers)):
-            for x, te in zip(ids, self.model.text_encoders):
-                out = te(x)
-                h, p = out if isinstance(out, tuple) else (out, None)
-                pooled = p if p is not None else pooled       # SDXL: pooled of the last encoder
-                hidden.append(h)
-        return torch.cat(hidden, dim=-1), pooled               # (B, T, D)
-
-    def micro_loss(self, batch: dict) -> torch.Tensor:
-        """The loss of one micro-batch (no backward): `micro_forward(*micro_inputs(batch))`."""
-        return self.micro_forward(*self.micro_inputs(batch))
-
-    def micro_inputs(self, batch: dict) -> tuple:
-        """Everything a micro-batch step reads, made on the host, every draw from self.gen in a fixed order:
-
-            source    (B, 3, H, W) pixels in the VAE dtype, or the cached posterior moments (B, 2C, h, w)
-            eps_z     (B, C, h, w) the posterior sample's noise: z_0 = μ + σ·ε_z
-            t, noise, noise_in   `draw_noise`: (B,), (B, C, h, w), (B, C, h, w)
-            text      token ids of each encoder [(B, T), ...], or the cached (context (B, T, D), pooled (B, P))
-            time_ids  (B, 6) SDXL micro-conditioning, else None
-            snr_w     (B,) Min-SNR-γ weights, else None
-
-        Only tensors, so that `micro_forward` is a pure function of them: what --cuda-graph records (graphs.py)."""
-        m, cfg, gen = self.model, self.cfg, self.gen
-        if self.latent_cache is not None:
-            source = self.latent_cache.moments_of(batch["indices"], batch["flips"])     # (B, 2C, h, w)
-            B, C, h, w = source.shape[0], source.shape[1] // 2, *source.shape[2:]
-        else:
-            source = batch["pixels"].to(self.vae_dtype)                                  # (B, 3, H, W) in [-1, 1]
-            f = m.vae_scale
-            B, C, h, w = source.shape[0], m.cfg.vae.embed_dim, source.shape[2] // f, source.shape[3] // f
-        eps_z = torch.randn((B, C, h, w), generator=gen, dtype=source.dtype)            # as DiagonalGaussian.sample
-        t, noise, noise_in = self.draw_noise((B, C, h, w))
-        if self.text_cache is not None:  # cached; a dropped caption reads the cached "" embedding
-            text = self.text_cache.lookup(batch["indices"], batch["dropped"], "cpu")
-        else:
-            text = tuple(tok(batch["captions"]) for tok in self.model.tokenizers)
-        time_ids = None
-        if m.cfg.unet.adm_in_channels:
-            # SDXL micro-conditioning from the real data: (orig h, w, crop top, left, target h, w)
-            time_ids = torch.tensor([[h_, w_, top, left, th, tw] for (h_, w_), (top, left), (th, tw)
-                                     in zip(batch["original_sizes"], batch["crops"], batch["target_sizes"])],
-                                    dtype=torch.float32)
-        snr_w = None
-        if cfg.min_snr_gamma > 0:
-            snr_w = min_snr_weight(self.noise.snr(t), cfg.min_snr_gamma, self.noise.prediction_type)
-        return source, eps_z, t, noise, noise_in, text, time_ids, snr_w
-
-    def micro_forward(self, source, eps_z, t, noise, noise_in, text, time_ids, snr_w,
-                      prof: StageTimer | None = None) -> torch.Tensor:
-        """The device side of a micro-batch: latents, noising, text states, UNet, loss (see the module docstring).
-        No host synchronisation and no randomness of its own (dropout aside), so it can be recorded."""
-        m, cfg, dev = self.model, self.cfg, self.device
-        prof = prof or self.prof
-        # the frozen VAE (fp32 unless --vae-dtype): latents are data, not something to train
-        with torch.no_grad(), prof.stage("vae_encode"):
-            source = source.to(dev)
-            posterior = (DiagonalGaussian(source) if self.latent_cache is not None
-                         else m.vae.encode(source))
-            z0 = (posterior.mean + posterior.std * eps_z.to(dev)).float() * m.cfg.vae.scale_factor  # (B, C, h, w)
-        t_dev = t.to(dev)
-        zt, target = self.apply_noise(z0, t_dev, noise, noise_in)
-        amp = (torch.autocast(dev.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext())
-        with amp:
-            with prof.stage("text_encoders"):
-                if self.text_cache is not None:
-                    ctx, pooled = (None if x is None else x.to(dev) for x in text)
-                else:
-                    ctx, pooled = self.encode_ids([ids.to(dev) for ids in text])
-            y = None
-            if time_ids is not None:
-                y = sdxl_vector_cond(pooled.float(), time_ids.to(dev), embed_dim=m.cfg.unet.addition_time_embed_dim)
-            with prof.stage("unet_forward"):
-                pred = m.unet(zt, t_dev, ctx, y=y)                                          # (B, C, h, w)
-        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        if snr_w is not None:
-            per = per * snr_w.to(per)
-        return per.mean()
-
-    def graphed_backward(self, *inputs) -> torch.Tensor:
-        """micro_forward + backward, the function --cuda-graph records: gradients accumulate in place into the
-        adapters' .grad (kept allocated: zero_grad(set_to_none=False)). Returns the loss."""
-        loss = self.micro_forward(*inputs, prof=StageTimer(False, self.device))  # no timers inside a recording
-        (loss / self.cfg.grad_accum).backward()
-        return loss.detach()
-
-    def draw_noise(self, shape: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(t, ε, ε_in) for latents of `shape` (B, C, h, w), drawn from self.gen (CPU) in a fixed order:
-        t ~ U{0..T−1}; ε ~ N(0, I) (+ noise_offset · N(0, I) per (sample, channel)); ε_in = ε + γ·ξ, ξ ~ N(0, I)."""
-        cfg, gen, B = self.cfg, self.gen, shape[0]
-        t = torch.randint(0, self.noise.num_train_timesteps, (B,), generator=gen)
-        noise = torch.randn(shape, generator=gen)
-        if cfg.noise_offset:  # one extra offset per (sample, channel): Guttenberg 2023, "diffusion with offset noise"
-            noise = noise + cfg.noise_offset * torch.randn((B, shape[1], 1, 1), generator=gen)
-        noise_in = noise
-        if cfg.input_perturbation:
-            noise_in = noise + cfg.input_perturbation * torch.randn(shape, generator=gen)
-        return t, noise, noise_in
-
-    def apply_noise(self, z0: torch.Tensor, t_dev: torch.Tensor, noise: torch.Tensor, noise_in: torch.Tensor):
-        """(z_t, target) = (√ᾱ_t·z_0 + √(1−ᾱ_t)·ε_in, ε or v from the unperturbed ε)."""
-        zt = self.noise.q_sample(z0, noise_in.to(z0.device), t_dev)
-        target = self.noise.training_target(z0, noise.to(z0.device), t_dev)
-        return zt, target
-
-    def noised(self, z0: torch.Tensor):
-        """(z_t, t, target) for clean latents z0 (B, C, h, w), every draw from self.gen (CPU) in a fixed order:
-
-            t ~ U{0..T−1},  ε ~ N(0, I)  (+ noise_offset · N(0, I) per (sample, channel))
-            z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·(ε + γ·ξ),   ξ ~ N(0, I),  γ = --input-perturbation
-            target = ε, or v = √ᾱ_t·ε − √(1−ᾱ_t)·z_0 (v models), both from the unperturbed ε
-
-        Input perturbation (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion Models", DDPM-IP):
-        when sampling, the network sees its own slightly wrong x_t, never an exact q_sample as in training (exposure
-        bias); training on inputs moved by √(1−ᾱ_t)·γ·ξ while still asking for ε simulates that gap. γ = 0 draws no ξ,
-        so the random stream is exactly that of a run without the option."""
-        t, noise, noise_in = self.draw_noise(tuple(z0.shape))
-        zt, target = self.apply_noise(z0, t.to(z0.device), noise, noise_in)
-        return zt, t, target
-
-    def train_step(self) -> float:
-        """One optimizer step over grad_accum micro-batches; returns the mean loss."""
-        total = 0.0
-        for _ in range(self.cfg.grad_accum):
-            with self.prof.stage("data"):
-                batch = self.loader.next_batch()
-            if self.graph is not None:  # forward and backward replayed from the recording
-                inputs = self.micro_inputs(batch)
-                with self.prof.stage("forward_backward_graph"):
-                    loss = self.graph(*inputs)
-            else:
-                loss = self.micro_loss(batch)
-            if not torch.isfinite(loss):
-                raise TrainError(f"loss is {loss.item()} at step {self.step + 1}: lower --lr, use --mixed-precision "
-                                 "bf16 or no instead of fp16, or check the data (run stopped, no step taken)")
-            if self.graph is None:
-                with self.prof.stage("backward"):
-                    self.scaler.scale(loss / self.cfg.grad_accum).backward()
-            total += loss.item() / self.cfg.grad_accum
-        with self.prof.stage("optimizer"):  # clipping, the update, EMA, zeroing, the LR schedule
-            if self.cfg.max_grad_norm > 0:
-                self.scaler.unscale_(self.opt)
-                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-            self.scaler.step(self.opt)
-            self.scaler.update()
-            if self.ema:
-                self.ema.update()
-            # a recording accumulates into the .grad tensors it saw: zero them in place, never drop them
-            self.opt.zero_grad(set_to_none=self.graph is None)
-            self.sched.step()
-        self.step += 1
-        return total
-
-    # ------------------------------------------------------------------------------------------- checkpoints
-    @property
-    def ckpt_path(self) -> str:
-        return os.path.join(self.run_dir, "checkpoint.pt")
-
-    def save_checkpoint(self) -> None:
-        """Everything needed to continue exactly, written to a temporary file and renamed (atomic)."""
-        state = {"step": self.step, "losses": self.losses, "adapter": adapters.adapter_state_dict(self.model),
-                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                 "scaler": self.scaler.state_dict(), "loader": self.loader.state_dict(), "rng": rng_state(self.gen)}
-        if self.ema:
-            state["ema"] = self.ema.state_dict()
-        tmp = self.ckpt_path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt_path)  # a kill mid-write leaves the previous checkpoint intact
-
-    def write_loss_log(self) -> None:
-        """loss.jsonl rewritten from self.losses: at the start of `run` (a resumed run's file is cut back to its
-        checkpoint's step, so it ends up equal to the uninterrupted run's) and at the end; `append_loss` in between."""
-        tmp = os.path.join(self.run_dir, "loss.jsonl.tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.losses)
-        os.replace(tmp, os.path.join(self.run_dir, "loss.jsonl"))
-
-    def append_loss(self, record: dict) -> None:
-        """One {"step", "loss", "lr"} line per optimizer step, on disk at once (closing the file flushes it)."""
-        with open(os.path.join(self.run_dir, "loss.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def load_checkpoint(self) -> None:
-        if not os.path.isfile(self.ckpt_path):
-            raise TrainError(f"{self.run_dir}: no checkpoint.pt to resume from")
-        s = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-        adapters.load_adapter_state_dict(self.model, s["adapter"], inject=False)  # in place: optimizer refs hold
-        self.opt.load_state_dict(s["optimizer"])
-        self.sched.load_state_dict(s["scheduler"])
-        # the LR of the next step from *this* config's schedule (a resume may extend --max-steps)
-        lam = lr_lambda(self.cfg)
-        for group, base in zip(self.opt.param_groups, self.sched.base_lrs):
-            group["lr"] = base * lam(self.sched.last_epoch)
-        self.scaler.load_state_dict(s["scaler"])
-        self.loader.load_state_dict(s["loader"])
-        set_rng_state(self.gen, s["rng"])
-        self.step, self.losses = int(s["step"]), list(s["losses"])
-        if self.ema and "ema" in s:
-            self.ema.load_state_dict(s["ema"])
-        elif self.ema:  # EMA switched on at this resume: average from the loaded weights on
-            self.ema.reset()
-
-    # ------------------------------------------------------------------------------------------- the run
-    def run(self) -> dict:
-        cfg = self.cfg
-        n_train = sum(p.numel() for p in self.params)
-        self.log(f"adapters: {cfg.network} rank {cfg.rank} alpha {cfg.alpha} on {len(self.unet_layers)} UNet layers"
-                 f" ({cfg.targets}) + {len(self.te_layers)} text-encoder layers, {n_train:,} trainable parameters")
-        self.log(self.data.summary())
-        offload_cached(self)  # cached VAE / text encoders leave the GPU for the loop
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress)
-        self.write_loss_log()
-        try:
-            while self.step < cfg.max_steps:
-                with self.prof.step():
-                    loss = self.train_step()
-                self.losses.append({"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0]})
-                self.append_loss(self.losses[-1])
-                if cfg.validate_every and self.step % cfg.validate_every == 0:
-                    validate(self, self.val_prompts)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                bar.update(1)
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
-                    self.save_checkpoint()
-        except torch.OutOfMemoryError:
-            raise TrainError(MEMORY_HINT) from None
-        finally:
-            bar.close()
-        if cfg.profile:  # this process's steps only (a resumed run profiles what it trained)
-            self.log(self.prof.table())
-            self.prof.save(os.path.join(self.run_dir, "profile.json"))
-        self.save_checkpoint()
-        return self.write_outputs()
-
-    def write_outputs(self) -> dict:
-        """loss.jsonl, loss.png, the adapter file (minisd) and its kohya export."""
-        from .formats.lora_files import save_kohya
-        self.write_loss_log()
-        draw_loss_curve([r["loss"] for r in self.losses], os.path.join(self.run_dir, "loss.png"))
-        meta = {"minisd.train_config": json.dumps(self.cfg.to_dict()), "minisd.steps": str(self.step)}
-        lora = os.path.join(self.run_dir, "lora.safetensors")
-        kohya = os.path.join(self.run_dir, "lora_kohya.safetensors")
-        out = {"lora": lora, "kohya": kohya, "losses": [r["loss"] for r in self.losses]}
-        if self.ema:  # lora.safetensors and the kohya file hold the EMA weights, lora_raw.safetensors the raw ones
-            out["lora_raw"] = os.path.join(self.run_dir, "lora_raw.safetensors")
-            adapters.save_adapter(self.model, out["lora_raw"], metadata={**meta, "minisd.weights": "raw"})
-            meta = {**meta, "minisd.weights": f"ema {self.cfg.ema_decay}"}
-        with self.eval_weights():
-            adapters.save_adapter(self.model, lora, metadata=meta)
-            save_kohya(self.model, kohya, metadata={"ss_network_dim": str(self.cfg.rank),
-                                                    "ss_network_alpha": str(self.cfg.alpha),
-                                                    "ss_max_train_steps": str(self.step)})
-        self.log(self.data.summary() if self.data.skipped else "data: no image was skipped")
-        return out
-
-
-def draw_loss_curve(losses: list[float], path: str, size=(640, 360)) -> None:
-    """A loss-vs-step PNG with pillow: raw losses in grey, a 20-step running mean in blue."""
-    W, H = size
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    left, top, right, bottom = 60, 20, W - 20, H - 40
-    d.rectangle([left, top, right, bottom], outline="black")
-    if losses:
-        lo, hi = min(losses), max(losses)
-        hi = hi if hi > lo else lo + 1e-8
-        x = lambda i: left + (right - left) * i / max(1, len(losses) - 1)
-        y = lambda v: bottom - (bottom - top) * (v - lo) / (hi - lo)
-        if len(losses) > 1:
-            d.line([(x(i), y(v)) for i, v in enumerate(losses)], fill=(170, 170, 170))
-            k = max(1, min(20, len(losses) // 5))
-            mean = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
-                    for i in range(len(losses))]
-            d.line([(x(i), y(v)) for i, v in enumerate(mean)], fill=(30, 80, 220), width=2)
-        d.text((4, top), f"{hi:.4f}", fill="black")
-        d.text((4, bottom - 10), f"{lo:.4f}", fill="black")
-    d.text((left, bottom + 8), f"step 1 ... {len(losses)}   (grey: loss, blue: running mean)", fill="black")
-    img.save(path)
-
+    # 4. the loss: squared error per image in fp32, averaged, each image weighted by Min-SNR-γ if asked
+    per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))         # (B,)
+    if min_snr_gamma > 0:
+        # SNR_t = ᾱ_t/(1−ᾱ_t), as `noise.snr(t)` but gathered where t is (a GPU, inside a CUDA graph)
+        ab = noise._at(noise.alphas_cumprod, t, per)                                             # (B,)
+        per = per * min_snr_weight(ab / (1 - ab), min_snr_gamma, noise.prediction_type)
+    return per.mean()

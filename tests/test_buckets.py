@@ -17,7 +17,7 @@ from minisd.train.buckets import BucketLoader, assign_buckets, buckets_for, make
 from minisd.config import SD15, SDXL_BASE, TINY  # noqa: E402
 from minisd.train.data import CaptionDataset  # noqa: E402
 from minisd.train.config import parse_config  # noqa: E402
-from minisd.trainer import Trainer  # noqa: E402
+from minisd.train.loop import Trainer  # noqa: E402
 
 torch.set_num_threads(1)
 SIZES = [(96, 48), (48, 96), (64, 64), (80, 60), (40, 90), (100, 40), (64, 70)]  # (w, h)

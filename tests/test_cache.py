@@ -13,7 +13,7 @@ import train  # noqa: E402
 from minisd import trainer as trainer_mod  # noqa: E402
 from minisd import world  # noqa: E402
 from minisd.train.config import parse_config  # noqa: E402
-from minisd.trainer import Trainer  # noqa: E402
+from minisd.train.loop import Trainer  # noqa: E402
 from test_buckets import write_shapes  # noqa: E402
 from conftest import save_tiny_sdxl  # noqa: E402
 

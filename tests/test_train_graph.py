@@ -1,7 +1,10 @@
-"""train.py --cuda-graph (minisd/graphs.py records a micro-batch's forward + backward once and replays it).
+"""train.py --cuda-graph (minisd/perf/graphs.py `StepGraph` records a micro-batch's forward + backward once and
+replays it, making the step's draws itself and handing them in).
 
 CPU: the combinations a recording cannot do are refused with one line before anything is loaded; the recorded
-function (`Trainer.graphed_backward`) gives the gradients of the eager path. GPU (`-m gpu`): whole runs with and
+function (`Trainer.forward_backward`) gives the gradients of the eager path; StepGraph's host side (the noted
+draws, made again from the generator and handed in) gives the eager losses and leaves the generator where eager
+calls leave it. GPU (`-m gpu`): whole runs with and
 without the graph give the same losses and adapters, across the paths a step can take (checkpointing, gradient
 accumulation, caches, SDXL micro-conditioning, 8-bit AdamW, text-encoder adapters), and the bench's minisd training
 step runs graphed."""
@@ -19,7 +22,9 @@ import train  # noqa: E402
 from minisd import world  # noqa: E402
 from minisd.adapters import adapter_state_dict  # noqa: E402
 from minisd.train.config import parse_config  # noqa: E402
-from minisd.trainer import Trainer  # noqa: E402
+from minisd.perf import graphs  # noqa: E402
+from minisd.train.loop import Trainer  # noqa: E402
+from minisd.trainer import Draws, training_loss  # noqa: E402
 from conftest import save_tiny_sdxl  # noqa: E402
 
 FAST = ["--model", "tiny-random", "--threads", "1", "--no-progress", "--batch-size", "2", "--no-samples"]
@@ -46,7 +51,7 @@ def test_refused_combinations_one_line(tmp_path, data_dir, capsys, flags, words)
 
 
 def test_graphed_function_gives_the_eager_gradients(tmp_path, data_dir):
-    """`graphed_backward` (what the GPU records) on the CPU: same loss and adapter gradients as micro_loss +
+    """`forward_backward` (what the GPU records) on the CPU: same loss and adapter gradients as micro_loss +
     backward, from the same host-side draws."""
     cfg, _ = parse_config(FAST + ["--data", data_dir, "--out", str(tmp_path), "--min-snr-gamma", "5",
                                   "--noise-offset", "0.05", "--grad-accum", "2"])
@@ -58,10 +63,53 @@ def test_graphed_function_gives_the_eager_gradients(tmp_path, data_dir):
     want = [p.grad.clone() for p in t.params]
     t.opt.zero_grad(set_to_none=True)
     t.gen.set_state(state)
-    got_loss = t.graphed_backward(*t.micro_inputs(batch))
+    got_loss = t.forward_backward(Draws(t.gen, t.device), t.micro_batch(batch))
     assert torch.equal(got_loss, loss.detach())
     for g, p in zip(want, t.params):
         assert torch.equal(p.grad, g)
+
+
+class _EagerRecorder:
+    """CudaGraph's calling convention on the CPU: warm-up calls get the arguments, later ones copies of them (as a
+    recording reads its fixed input buffers)."""
+
+    def __init__(self, fn, warmup):
+        self.fn, self.warmup, self.calls, self.graph = fn, warmup, 0, None
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*(args if self.calls <= self.warmup else graphs._buffers(args, torch.device("cpu"))))
+
+
+def test_step_graph_hands_in_the_eager_draws(tmp_path, data_dir, monkeypatch):
+    """StepGraph without the GPU: the draws noted in the warm-up calls, made again from the generator and handed to
+    the step, give the losses of eager calls bit for bit, in the documented order (ε_z, t, ε, offset, ξ), and leave
+    the generator in the eager state; a step that asks for other draws than its plan is an error."""
+    monkeypatch.setattr(graphs, "CudaGraph", _EagerRecorder)
+    cfg, _ = parse_config(FAST + ["--data", data_dir, "--out", str(tmp_path), "--min-snr-gamma", "5",
+                                  "--noise-offset", "0.05", "--input-perturbation", "0.1"])
+    t = Trainer(cfg, str(tmp_path), log=lambda s: None)
+    batches = [t.micro_batch(t.loader.next_batch()) for _ in range(4)]
+    start = t.gen.get_state()
+    want = [training_loss(t.model, t.noise, mb, Draws(t.gen), **t.step_options) for mb in batches]
+    end = t.gen.get_state()
+    t.gen.set_state(start)
+    step = graphs.StepGraph(lambda draw, mb: training_loss(t.model, t.noise, mb, draw, **t.step_options), t.gen,
+                            "cpu", warmup=2)
+    got = [step(mb) for mb in batches]
+    assert all(torch.equal(g, w) for g, w in zip(got, want)), (got, want)
+    assert torch.equal(t.gen.get_state(), end)
+    assert [kind for kind, _ in step.plan] == ["randn", "randint", "randn", "randn", "randn"]
+
+    n = [1]
+
+    def grows(draw, x):  # one number more at every call
+        n[0] += 1
+        return draw.randn((n[0],)).sum() + x
+    changing = graphs.StepGraph(grows, t.gen, "cpu", warmup=1)
+    changing(torch.zeros(1))
+    with pytest.raises(RuntimeError, match="StepGraph: the step asked for randn"):
+        changing(torch.zeros(1))
 
 
 # ------------------------------------------------------------------------------------------- GPU

@@ -17,8 +17,9 @@ import train  # noqa: E402
 from minisd import world  # noqa: E402
 from minisd.train.ema import EMA  # noqa: E402
 from minisd.train.config import parse_config  # noqa: E402
-from minisd.trainer import Trainer  # noqa: E402
-from minisd.train.validation import parse_prompts, validation_prompts  # noqa: E402
+from minisd.train.loop import Trainer  # noqa: E402
+from minisd.train.validation import parse_prompts  # noqa: E402
+from minisd.world.validation import validation_prompts  # noqa: E402
 from conftest import save_tiny_sdxl, kill_at  # noqa: E402
 
 torch.set_num_threads(1)
@@ -32,7 +33,7 @@ def data_dir(tmp_path_factory):
 
 def _trainer(tmp_path, data_dir, *flags, log=None):
     cfg, _ = parse_config(FAST + ["--data", data_dir, "--out", str(tmp_path)] + list(flags))
-    return Trainer(cfg, str(tmp_path), log=log or (lambda s: None))
+    return Trainer(cfg, str(tmp_path), log=log or (lambda s: None), prompts=validation_prompts)
 
 
 def _is_big_conv(layer) -> bool:

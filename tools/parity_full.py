@@ -151,7 +151,7 @@ def ldmbert_case(dev="cuda"):
     ours.load_state_dict(ldmbert_from_diffusers(ref.state_dict()), strict=True, assign=True)
     ids = torch.randint(1000, 30000, (2, 77), generator=torch.Generator().manual_seed(0)).to(dev)
     with torch.no_grad():
-        res = compare("LDM-256 LDMBert", ours(ids), ref(ids).last_hidden_state)
+        res = compare("LDM-256 LDMBert", ours(ids).hidden, ref(ids).last_hidden_state)
     del ref, ours
     return res
 

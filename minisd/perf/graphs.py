@@ -20,12 +20,19 @@ replay overwrites.
 
     g = CudaGraph(lambda x, t, c: unet(x, t, c))     # or any function of tensors returning tensor(s)
     eps = g(x, t, c)                                 # calls 1-2 eager (warm-up), then record once, then replay
+
+A training step draws random numbers on the host (t, ε from a CPU generator: minisd/trainer.py `Draws`), which a
+graph cannot do. `StepGraph` wraps such a step unchanged: it makes the step's draws itself, in the step's order,
+and hands them in as inputs (same numbers as eager, bit for bit; see its docstring).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
+
+from ..trainer import Draws
 
 
 class CudaGraph:
@@ -84,19 +91,28 @@ class CudaGraph:
         _copy(self.inputs, args)
 
 
-# Arguments may be tensors, tuples / lists of them (nested), or constants (None, numbers, strings).
+# Arguments may be tensors, tuples / lists / dataclasses of them (nested), or constants (None, numbers, strings).
+def _fields(a) -> list | None:
+    """The values of a dataclass instance, else None."""
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return [getattr(a, f.name) for f in dataclasses.fields(a)]
+    return None
+
+
 def _buffers(a, device: torch.device):
     """A fixed GPU copy of every tensor in a (CPU tensors, e.g. timesteps drawn on the host, move there)."""
     if torch.is_tensor(a):
         return a.to(device, copy=True)
+    if _fields(a) is not None:
+        return dataclasses.replace(a, **{f.name: _buffers(getattr(a, f.name), device) for f in dataclasses.fields(a)})
     return type(a)(_buffers(x, device) for x in a) if isinstance(a, (tuple, list)) else a
 
 
 def _tensors(a):
     if torch.is_tensor(a):
         yield a
-    elif isinstance(a, (tuple, list)):
-        for x in a:
+    elif isinstance(a, (tuple, list)) or _fields(a) is not None:
+        for x in (_fields(a) if _fields(a) is not None else a):
             yield from _tensors(x)
 
 
@@ -104,14 +120,16 @@ def _signature(a):
     """What must not change between calls: shape and dtype of a tensor, the value of anything else."""
     if torch.is_tensor(a):
         return ("tensor", tuple(a.shape), a.dtype)
+    if _fields(a) is not None:
+        return (type(a).__name__, *(_signature(x) for x in _fields(a)))
     return tuple(_signature(x) for x in a) if isinstance(a, (tuple, list)) else a
 
 
 def _copy(buf, a) -> None:
     if torch.is_tensor(a):
         buf.copy_(a, non_blocking=True)
-    elif isinstance(a, (tuple, list)):
-        for b, x in zip(buf, a):
+    elif isinstance(a, (tuple, list)) or _fields(a) is not None:
+        for b, x in zip(*((_fields(buf), _fields(a)) if _fields(a) is not None else (buf, a))):
             _copy(b, x)
 
 
@@ -119,3 +137,85 @@ def _clone(out):
     if torch.is_tensor(out):
         return out.clone()
     return tuple(_clone(o) for o in out) if isinstance(out, (tuple, list)) else out
+
+
+# ----------------------------------------------------------------------------------------------- training steps
+class StepGraph:
+    """step(draw, *args) -> tensor(s), replayed from one CUDA graph, where `draw` is the step's source of random
+    numbers (`Draws`: randint / randn from the CPU generator `gen`, in call order, moved to `device`).
+
+    A recording cannot draw on the host: whatever it drew while recording would be replayed forever. So the step is
+    wrapped, not rewritten. The warm-up calls run it eagerly with a `Draws` that notes each call (kind, shape,
+    dtype): the plan, the same at every call because the shapes are. From then on each call makes the plan's draws
+    from `gen` itself, in the plan's order and with the same calls (so the same numbers, and the generator ends in
+    the same state as after an eager call), passes them to a `CudaGraph` as inputs, and the recorded step receives
+    them in order from `draw` - at the recording, the fixed buffers they are copied into. A step that asks for other
+    draws than its warm-up calls made is an error, not a silent mismatch."""
+
+    def __init__(self, step: Callable, gen: torch.Generator, device: torch.device | str, warmup: int = 2):
+        if warmup < 1:
+            raise ValueError("StepGraph needs at least one eager warm-up call to learn the step's draws")
+        self.step, self.gen, self.device = step, gen, torch.device(device)
+        self.plan: list | None = None          # [(kind, args), ...] of the warm-up calls
+        self.recorder = CudaGraph(self._call, warmup=warmup)
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The recording, once made."""
+        return self.recorder.graph
+
+    def __call__(self, *args):
+        if self.recorder.calls < self.recorder.warmup:  # eager: the step draws for itself; the draws are noted
+            draw = _NotedDraws(self.gen, self.device)
+            out = self.recorder(draw, *args)
+            if self.plan is not None and draw.plan != self.plan:
+                raise RuntimeError(f"StepGraph: the step drew {draw.plan}, before {self.plan}: draws must not change")
+            self.plan = draw.plan
+            return out
+        host = Draws(self.gen, "cpu")               # the same calls on the same generator: the same numbers
+        values = [getattr(host, kind)(*a) for kind, a in self.plan]
+        return self.recorder(values, *args)
+
+    def _call(self, draw, *args):
+        if isinstance(draw, list):                  # recording: the draws are the graph's input buffers
+            draw = _HandedDraws(draw, self.plan)
+        out = self.step(draw, *args)
+        if isinstance(draw, _HandedDraws) and draw.next != len(self.plan):
+            raise RuntimeError(f"StepGraph: the step drew {draw.next} of its {len(self.plan)} planned numbers")
+        return out
+
+
+class _NotedDraws(Draws):
+    """`Draws` that also lists each call: ("randint", (high, shape)) or ("randn", (shape, dtype))."""
+
+    def __init__(self, gen, device):
+        super().__init__(gen, device)
+        self.plan = []
+
+    def randint(self, high, shape):
+        self.plan.append(("randint", (high, tuple(shape))))
+        return super().randint(high, shape)
+
+    def randn(self, shape, dtype=torch.float32):
+        self.plan.append(("randn", (tuple(shape), dtype)))
+        return super().randn(shape, dtype)
+
+
+class _HandedDraws:
+    """The draws of a recorded call: given tensors, handed out in the plan's order, each checked against its entry."""
+
+    def __init__(self, values: list, plan: list):
+        self.values, self.plan, self.next = values, plan, 0
+
+    def _take(self, kind, args):
+        if self.next >= len(self.plan) or self.plan[self.next] != (kind, args):
+            raise RuntimeError(f"StepGraph: the step asked for {kind}{args}, its plan says "
+                               f"{self.plan[self.next] if self.next < len(self.plan) else 'no more draws'}")
+        self.next += 1
+        return self.values[self.next - 1]
+
+    def randint(self, high, shape):
+        return self._take("randint", (high, tuple(shape)))
+
+    def randn(self, shape, dtype=torch.float32):
+        return self._take("randn", (tuple(shape), dtype))

@@ -167,8 +167,8 @@ def cache_text(trainer) -> TextCache:
     if cfg.cache_dir:
         path = os.path.join(cfg.cache_dir, "text.safetensors")
         tokens = hashlib.blake2b(digest_size=16)
-        for tok in m.tokenizers:  # token ids cover both the captions and the tokenizer
-            tokens.update(tok(captions).to(torch.int64).numpy())
+        for ids in m.tokenize(captions):  # token ids cover both the captions and the tokenizer
+            tokens.update(ids.to(torch.int64).numpy())
         fp = fingerprint({"kind": "text", "version": VERSION, "amp": str(trainer.amp_dtype),
                           "encoders": [module_digest(te) for te in m.text_encoders], "tokens": tokens.hexdigest()})
         stored = read_cache(path, fp, trainer.log)
@@ -181,7 +181,7 @@ def cache_text(trainer) -> TextCache:
     with torch.no_grad(), amp, tqdm(total=len(captions), desc="cache text", unit="caption",
                                     disable=not cfg.progress) as bar:
         for i in range(0, len(captions), B):
-            c, p = trainer.encode_text(captions[i:i + B])   # the training loop's own text path
+            c, p = trainer.encode_text(captions[i:i + B])   # the step's own text path: model.encode_text
             ctx.append(c.cpu())                              # (b, T, D)
             if p is not None:
                 pooled.append(p.cpu())                       # (b, P)

@@ -1,11 +1,10 @@
-"""Images in the middle of a training run, without disturbing it: validation grids every N steps, and the world
-runs' before/after grids with the probe's scores (`sample_and_score`).
+"""Images in the middle of a training run, without disturbing it: validation grids every N steps (and, through
+`sampling`, the world runs' before/after grids with the probe's scores: minisd/world/validation.py).
 
 `validate(trainer, prompts)` writes `<run>/validation/step_000100.png`: one image per prompt, captioned, drawn with
 the same seed at every step so the grids of a run can be compared side by side (what changes is the adapter only).
 
-Leaving training exactly as it was is the point of `sampling(trainer)`, also used for the world runs' before/after
-grids:
+Leaving training exactly as it was is the point of `sampling(trainer)`:
   * every RNG a training step draws from (the trainer's generator, torch CPU/CUDA, numpy, python) is saved before and
     restored after, so a run with validation has the loss sequence of a run without, and resume stays exact;
   * the model goes to eval mode (adapter dropout off) and back to train mode;
@@ -16,14 +15,15 @@ grids:
 """
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-WORLD_PROMPTS = 4  # held-out prompts of a world run's validation grid
+from ..pipeline import Pipeline
+from .cache import offload_cached
+from .rng import rng_state, set_rng_state
 
 
 def parse_prompts(spec: str) -> list[str]:
@@ -43,13 +43,10 @@ def parse_prompts(spec: str) -> list[str]:
 
 
 def validation_prompts(cfg) -> list[str]:
-    """The prompts of the validation grids: --validation-prompts, else (world runs) held-out prompts in the style."""
+    """The prompts of the validation grids: --validation-prompts (the embedded world has defaults of its own:
+    minisd/world/validation.py)."""
     if cfg.validation_prompts:
         return parse_prompts(cfg.validation_prompts)
-    if cfg.data and os.path.isfile(os.path.join(cfg.data, "attributes.jsonl")):
-        from .. import world
-        # the seed of the before/after grids' held-out prompts: the validation grid shows their first few
-        return [c for _, c in world.sample(WORLD_PROMPTS, seed=10_000 + cfg.seed, split="heldout", style=cfg.style)]
     raise ValueError("--validate-every needs --validation-prompts ('a cat|a dog', or a .txt file with one prompt "
                      "per line) when the data is not the embedded world")
 
@@ -57,8 +54,6 @@ def validation_prompts(cfg) -> list[str]:
 @contextmanager
 def sampling(trainer):
     """A Pipeline over the trainer's model that leaves the training state exactly as it was (module docstring)."""
-    from ..pipeline import Pipeline
-    from ..trainer import rng_state, set_rng_state  # here, not at the top: trainer imports this module
     saved = rng_state(trainer.gen)
     try:
         with trainer.eval_weights():
@@ -66,7 +61,6 @@ def sampling(trainer):
     finally:
         trainer.model.train()
         set_rng_state(trainer.gen, saved)
-        from .cache import offload_cached
         offload_cached(trainer)  # the Pipeline brought cached-away VAE / text encoders back to the GPU
 
 
@@ -119,29 +113,3 @@ def wrap(text: str, width: int, d: ImageDraw.ImageDraw, font) -> list[str]:
         else:
             line = trial
     return out + ([line] if line else [])
-
-
-def sample_and_score(trainer, tag: str) -> dict:
-    """World runs only: draw held-out prompts in the trained style, save a 4x4 grid `samples_<tag>.png` and the
-    probe's reading of every image (`probe_<tag>.json`): style adoption, shape and colour accuracy."""
-    from .. import world
-    from ..world.probe import score
-    cfg = trainer.cfg
-    pairs = world.sample(cfg.n_eval, seed=10_000 + cfg.seed, split="heldout", style=cfg.style)
-    attrs, prompts = [a for a, _ in pairs], [c for _, c in pairs]
-    images = []
-    with sampling(trainer) as pipe:  # EMA weights if on; dtypes, RNGs and train mode left as they were
-        for i in range(0, len(prompts), 8):  # chunks of 8 prompts bound the attention memory
-            images += pipe(prompts[i:i + 8], steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg, seed=cfg.seed + i)
-    side = trainer.resolution
-    grid = Image.new("RGB", (4 * side, 4 * side), "white")
-    for i, im in enumerate(images[:16]):
-        grid.paste(im.resize((side, side)), ((i % 4) * side, (i // 4) * side))
-    grid.save(os.path.join(trainer.run_dir, f"samples_{tag}.png"))
-    res = score(images, attrs)
-    with open(os.path.join(trainer.run_dir, f"probe_{tag}.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    pct = lambda v: "-" if v is None else f"{100 * v:.0f} %"
-    trainer.log(f"probe {tag}: style adoption {pct(res['style_adoption'])}, shape {pct(res['shape'])}, "
-                f"colour {pct(res['colour'])} ({len(images)} held-out '{cfg.style}' prompts)")
-    return res

@@ -1,0 +1,393 @@
+"""The fine-tuning loop around the training step (minisd/trainer.py): `Trainer(cfg, run_dir).run()`.
+
+It builds, in order, what a run needs (each a method below):
+
+    build_model       the model, frozen, in the autocast dtype (the VAE in its own dtype)
+    build_adapters    LoRA / DoRA / LoHa / LoKr layers in the UNet (and text encoders): the only trainable tensors
+    build_optimizer   AdamW / 8-bit AdamW / Prodigy with a group per network, the LR schedule, the fp16 grad scaler
+    build_data        the noise schedule, the captioned images and their loader (aspect-ratio buckets or not)
+    build_caches      --cache-latents / --cache-text: the frozen VAE / text encoders run once (cache.py)
+
+then `run()` takes optimizer steps until max_steps: grad_accum micro-batches, each `training_loss` + backward, then
+clipping, the update, EMA (ema.py), the LR schedule; a loss.jsonl line per step, a validation grid every
+--validate-every steps (validation.py), a checkpoint every --save-every steps. A checkpoint holds everything needed
+to continue exactly: adapters, optimizer, LR schedule, grad scaler, data position, EMA shadow and every RNG
+(rng.py), so a resumed run repeats the losses of an uninterrupted one (bitwise on the CPU). At the end:
+lora.safetensors (minisd), lora_kohya.safetensors (A1111 / ComfyUI), loss.png.
+
+--cuda-graph replays each micro-batch's forward and backward from one recording (minisd/perf/graphs.py `StepGraph`
+wraps the same `training_loss`); --profile times the stages of every step (minisd/perf/profiler.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+
+import torch
+from PIL import Image, ImageDraw
+
+from .. import adapters
+from ..formats import load_model, load_vae
+from ..perf.graphs import StepGraph
+from ..perf.profiler import StageTimer
+from ..schedule import NoiseSchedule
+from ..trainer import (TARGETS, TE_TARGETS, Draws, MicroBatch, compile_for_training, lr_lambda, noised,
+                       training_loss)
+from .adamw8bit import AdamW8bit
+from .buckets import BucketLoader, assign_buckets, buckets_for
+from .cache import build_caches, offload_cached
+from .config import TrainConfig
+from .data import CaptionDataset, Loader
+from .ema import EMA
+from .prodigy import Prodigy
+from .rng import rng_state, set_rng_state
+from .validation import validate, validation_prompts
+
+MEMORY_HINT = ("out of memory. Flags that save memory: --gradient-checkpointing, --mixed-precision bf16 "
+               "(fp16 on GPUs without bf16), --optimizer adamw8bit, --batch-size 1 with --grad-accum N, "
+               "--no-train-text-encoder, a lower --rank or --targets attn, a lower --resolution")
+
+
+class TrainError(Exception):
+    """A run that cannot go on (NaN loss, out of memory, bad resume folder); one-line message."""
+
+
+class Trainer:
+    """Builds everything from a TrainConfig; `run()` trains to max_steps and writes the outputs to run_dir.
+
+    prompts: cfg -> the validation grid's prompts (default: --validation-prompts); train.py passes the embedded
+    world's, which has held-out prompts of its own (minisd/world/validation.py)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str, log=print, prompts=validation_prompts):
+        self.cfg, self.run_dir, self.log = cfg, run_dir, log
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
+                                   else cfg.device)
+        if cfg.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"--cuda-graph needs a CUDA device, not {self.device.type}")
+        os.makedirs(run_dir, exist_ok=True)
+        if self.device.type == "cpu":
+            # Adam's second moments of tiny LoRA gradients can become subnormal floats, which x86 CPUs compute
+            # many times slower; flushing them to zero changes nothing that matters
+            torch.set_flush_denormal(True)
+        self.build_model()
+        self.build_adapters()
+        self.build_optimizer()
+        self.build_data()
+        self.build_caches()
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # every draw of a step (`Draws`)
+        self.step, self.losses = 0, []
+        self.prof = StageTimer(cfg.profile, self.device)  # --profile; no-op contexts otherwise
+        self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
+        self.val_prompts = prompts(cfg) if cfg.validate_every else []  # bad prompts fail now, not later
+        # the step's settings besides the model, the noise schedule, the batch and the draws
+        self.step_options = dict(noise_offset=cfg.noise_offset, input_perturbation=cfg.input_perturbation,
+                                 min_snr_gamma=cfg.min_snr_gamma, amp_dtype=self.amp_dtype,
+                                 train_text_encoder=bool(self.te_layers))
+        # --cuda-graph: forward + backward of a micro-batch replayed from one recording
+        self.graph = StepGraph(self.forward_backward, self.gen, self.device, warmup=2) if cfg.cuda_graph else None
+
+    # ------------------------------------------------------------------------------------------- builders
+    def build_model(self) -> None:
+        """The model, every weight frozen; the UNet and text encoders in the autocast dtype, the VAE in its own."""
+        cfg, log = self.cfg, self.log
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        self.model = load_model(cfg.model)
+        m = self.model
+        vae_info = load_vae(m, cfg.vae) if cfg.vae else {}  # e.g. sdxl-vae-fp16-fix; same shapes or a ModelError
+        m.requires_grad_(False)  # freeze everything; adapters below are the only trainable tensors
+        # Stored weights may be fp16 (minisd-tiny is). The frozen UNet / text encoders run in the autocast dtype
+        # (half the memory) or fp32. The VAE encodes in fp32 by default; --vae-dtype bf16 (or auto under bf16
+        # autocast) is safe too - bf16 has fp32's exponent range, so the SDXL VAE cannot overflow as it does in fp16
+        # (NaN latents) - and much faster on a GPU, where the fp32 encoder can cost more than the UNet step.
+        for part in [m.unet, *m.text_encoders]:
+            part.to(self.amp_dtype or torch.float32)
+        vae_dtype = cfg.vae_dtype if cfg.vae_dtype != "auto" else "bf16" if cfg.mixed_precision == "bf16" else "fp32"
+        self.vae_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[vae_dtype]
+        m.vae.to(self.vae_dtype)
+        m.vae.slicing, m.vae.tiling = cfg.vae_slicing, cfg.vae_tiling
+        if cfg.vae_dtype == "fp16" and not vae_info.get("fp16_safe", m.cfg.vae.force_upcast is False):
+            log("warning: --vae-dtype fp16 with a VAE not known to be fp16-safe: expect NaN latents (the SDXL VAE "
+                "overflows); use bf16, or an fp16-fix VAE via --vae")
+        if vae_info.get("scale_factor") and abs(vae_info["scale_factor"] - m.cfg.vae.scale_factor) > 1e-6:
+            log(f"note: --vae says scale_factor {vae_info['scale_factor']}, the model's {m.cfg.vae.scale_factor} "
+                "is kept (the UNet was trained with it)")
+
+    def build_adapters(self) -> None:
+        """Adapter layers into the UNet (the `TARGETS` preset) and, with --train-text-encoder, the text encoders;
+        the model on the device; their parameters, in fp32 whatever the autocast dtype, are `self.params`."""
+        cfg, m = self.cfg, self.model
+        torch.manual_seed(cfg.seed)  # adapter init (load_model may have seeded the global RNG itself)
+        # 3x3 convs (only "full" targets them): --conv-rank / --conv-alpha, default --rank / --alpha; 0 skips them
+        conv_rank = (cfg.rank if cfg.conv_rank is None else cfg.conv_rank or None) if cfg.targets == "full" else None
+        conv_alpha = cfg.alpha if cfg.conv_alpha is None else cfg.conv_alpha
+        opts = dict(rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout)
+        if cfg.network in ("lora", "dora"):  # LoHa / LoKr have no input dropout, and `init` means else there
+            opts.update(init=cfg.init, dropout=cfg.dropout)
+        self.unet_layers = adapters.inject(m.unet, cfg.network, TARGETS[cfg.targets], rank=cfg.rank,
+                                           alpha=cfg.alpha, conv_rank=conv_rank, conv_alpha=conv_alpha, **opts)
+        self.te_layers = []
+        if cfg.train_text_encoder:
+            for te in m.text_encoders:
+                self.te_layers += adapters.inject(te, cfg.network, TE_TARGETS, rank=cfg.rank, alpha=cfg.alpha,
+                                                  **opts)
+        m.to(self.device)
+        m.unet.gradient_checkpointing = cfg.gradient_checkpointing
+        if cfg.compile:  # compiled lazily, at the first call of each block and shape
+            compile_for_training(m, encoder=not cfg.cache_latents)
+        self.unet_params = adapters.adapter_parameters(m.unet)
+        te_params = [p for te in m.text_encoders for p in adapters.adapter_parameters(te)]
+        for p in self.unet_params + te_params:  # trainable tensors stay fp32 whatever the autocast dtype
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        self.params = self.unet_params + te_params
+
+    def build_optimizer(self) -> None:
+        """The optimizer over a parameter group per network (own LRs: --te-lr, --te1-lr, --te2-lr), the LR schedule
+        (`lr_lambda`) and the grad scaler (on only for fp16, whose small gradients would underflow)."""
+        cfg, m = self.cfg, self.model
+        groups = [{"params": self.unet_params, "lr": cfg.lr}]
+        te_lr = cfg.lr if cfg.te_lr is None else cfg.te_lr
+        for i, te in enumerate(m.text_encoders):  # a group per encoder: SDXL's two may differ (--te1-lr, --te2-lr)
+            own = (cfg.te1_lr, cfg.te2_lr)[i] if i < 2 else None
+            if adapters.adapter_parameters(te):
+                groups.append({"params": adapters.adapter_parameters(te), "lr": te_lr if own is None else own})
+        if cfg.optimizer == "adamw":
+            # fused: one kernel for every tensor on CUDA instead of a dozen per tensor
+            self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                         fused=self.device.type == "cuda")
+        elif cfg.optimizer == "adamw8bit":
+            self.opt = AdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.opt = Prodigy(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
+
+    def build_data(self) -> None:
+        """The noise schedule (--prediction, --zero-terminal-snr), the dataset and its loader."""
+        cfg, m = self.cfg, self.model
+        sch = m.cfg.schedule
+        if cfg.prediction != "auto":
+            sch = type(sch)(**{**sch.__dict__, "prediction_type": cfg.prediction})
+        self.noise = NoiseSchedule(sch, zero_terminal_snr=cfg.zero_terminal_snr)
+        self.resolution = cfg.resolution or m.cfg.resolution
+        self.data = CaptionDataset(cfg.data, self.resolution, cfg.repeats, cfg.random_crop, cfg.flip,
+                                   cfg.caption_dropout, cfg.seed)
+        if cfg.buckets:  # aspect-ratio buckets (buckets.py): each image at the shape nearest its own
+            assign_buckets(self.data, buckets_for(m, self.resolution, cfg.bucket_step, cfg.bucket_min,
+                                                  cfg.bucket_max))
+            self.loader = BucketLoader(self.data, cfg.batch_size)
+        else:
+            self.loader = Loader(self.data, cfg.batch_size)
+
+    def build_caches(self) -> None:
+        """--cache-latents / --cache-text (cache.py): the frozen VAE / text encoders run once, here, not every step."""
+        self.latent_cache, self.text_cache = build_caches(self)
+
+    def eval_weights(self):
+        """Context in which the adapters hold the weights to judge and ship: the EMA ones if on, else the raw."""
+        return self.ema.applied() if self.ema else nullcontext()
+
+    # ------------------------------------------------------------------------------------------- one step
+    def encode_text(self, captions: list[str]):
+        """Captions -> (context (B, T, D), pooled (B, P) or None); with grad only if the TE has adapters."""
+        m = self.model
+        with torch.set_grad_enabled(bool(self.te_layers)):
+            return m.encode_text([ids.to(self.device) for ids in m.tokenize(captions)])
+
+    def micro_batch(self, batch: dict) -> MicroBatch:
+        """A loader batch -> the tensors `training_loss` reads, on the device: the pixels in the VAE dtype (or the
+        cached posterior moments), the token ids (or the cached text states: a dropped caption reads the ""
+        row), and SDXL's micro-conditioning from the real data."""
+        m, dev = self.model, self.device
+        mb = MicroBatch()
+        if self.latent_cache is not None:
+            mb.moments = self.latent_cache.moments_of(batch["indices"], batch["flips"]).to(dev)   # (B, 2C, h, w)
+        else:
+            mb.pixels = batch["pixels"].to(self.vae_dtype).to(dev)                                # (B, 3, H, W)
+        if self.text_cache is not None:
+            mb.context, mb.pooled = self.text_cache.lookup(batch["indices"], batch["dropped"], dev)
+        else:
+            mb.ids = [ids.to(dev) for ids in m.tokenize(batch["captions"])]                       # [(B, T)]
+        if m.cfg.unet.adm_in_channels:  # (orig h, w, crop top, left, target h, w) per image
+            mb.time_ids = torch.tensor([[h, w, top, left, th, tw] for (h, w), (top, left), (th, tw)
+                                        in zip(batch["original_sizes"], batch["crops"], batch["target_sizes"])],
+                                       dtype=torch.float32).to(dev)                               # (B, 6)
+        return mb
+
+    def micro_loss(self, batch: dict) -> torch.Tensor:
+        """The loss of one loader batch (no backward), every draw from self.gen; --profile times its stages."""
+        return training_loss(self.model, self.noise, self.micro_batch(batch), Draws(self.gen, self.device),
+                             stage=self.prof.stage, **self.step_options)
+
+    def forward_backward(self, draw, mb: MicroBatch) -> torch.Tensor:
+        """`training_loss` + backward, the function --cuda-graph records (`StepGraph` hands it the draws):
+        gradients accumulate in place into the adapters' .grad (kept allocated: zero_grad(set_to_none=False)).
+        No stage timers inside (they synchronise the GPU, which a recording cannot). Returns the loss."""
+        loss = training_loss(self.model, self.noise, mb, draw, **self.step_options)
+        (loss / self.cfg.grad_accum).backward()
+        return loss.detach()
+
+    def noised(self, z0: torch.Tensor):
+        """(z_t, t, target) for clean latents z0, drawn from self.gen with this run's options (`noised`)."""
+        return noised(self.noise, z0, Draws(self.gen, z0.device), self.cfg.noise_offset, self.cfg.input_perturbation)
+
+    def train_step(self) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss."""
+        total = 0.0
+        for _ in range(self.cfg.grad_accum):
+            with self.prof.stage("data"):
+                batch = self.loader.next_batch()
+            if self.graph is not None:  # forward and backward replayed from the recording
+                mb = self.micro_batch(batch)
+                with self.prof.stage("forward_backward_graph"):
+                    loss = self.graph(mb)
+            else:
+                loss = self.micro_loss(batch)
+            if not torch.isfinite(loss):
+                raise TrainError(f"loss is {loss.item()} at step {self.step + 1}: lower --lr, use --mixed-precision "
+                                 "bf16 or no instead of fp16, or check the data (run stopped, no step taken)")
+            if self.graph is None:
+                with self.prof.stage("backward"):
+                    self.scaler.scale(loss / self.cfg.grad_accum).backward()
+            total += loss.item() / self.cfg.grad_accum
+        with self.prof.stage("optimizer"):  # clipping, the update, EMA, zeroing, the LR schedule
+            if self.cfg.max_grad_norm > 0:
+                self.scaler.unscale_(self.opt)
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            if self.ema:
+                self.ema.update()
+            # a recording accumulates into the .grad tensors it saw: zero them in place, never drop them
+            self.opt.zero_grad(set_to_none=self.graph is None)
+            self.sched.step()
+        self.step += 1
+        return total
+    # ------------------------------------------------------------------------------------------- checkpoints
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.run_dir, "checkpoint.pt")
+
+    def save_checkpoint(self) -> None:
+        """Everything needed to continue exactly, written to a temporary file and renamed (atomic)."""
+        state = {"step": self.step, "losses": self.losses, "adapter": adapters.adapter_state_dict(self.model),
+                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                 "scaler": self.scaler.state_dict(), "loader": self.loader.state_dict(), "rng": rng_state(self.gen)}
+        if self.ema:
+            state["ema"] = self.ema.state_dict()
+        tmp = self.ckpt_path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt_path)  # a kill mid-write leaves the previous checkpoint intact
+
+    def write_loss_log(self) -> None:
+        """loss.jsonl rewritten from self.losses: at the start of `run` (a resumed run's file is cut back to its
+        checkpoint's step, so it ends up equal to the uninterrupted run's) and at the end; `append_loss` in between."""
+        tmp = os.path.join(self.run_dir, "loss.jsonl.tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.losses)
+        os.replace(tmp, os.path.join(self.run_dir, "loss.jsonl"))
+
+    def append_loss(self, record: dict) -> None:
+        """One {"step", "loss", "lr"} line per optimizer step, on disk at once (closing the file flushes it)."""
+        with open(os.path.join(self.run_dir, "loss.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def load_checkpoint(self) -> None:
+        if not os.path.isfile(self.ckpt_path):
+            raise TrainError(f"{self.run_dir}: no checkpoint.pt to resume from")
+        s = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        adapters.load_adapter_state_dict(self.model, s["adapter"], inject=False)  # in place: optimizer refs hold
+        self.opt.load_state_dict(s["optimizer"])
+        self.sched.load_state_dict(s["scheduler"])
+        # the LR of the next step from *this* config's schedule (a resume may extend --max-steps)
+        lam = lr_lambda(self.cfg)
+        for group, base in zip(self.opt.param_groups, self.sched.base_lrs):
+            group["lr"] = base * lam(self.sched.last_epoch)
+        self.scaler.load_state_dict(s["scaler"])
+        self.loader.load_state_dict(s["loader"])
+        set_rng_state(self.gen, s["rng"])
+        self.step, self.losses = int(s["step"]), list(s["losses"])
+        if self.ema and "ema" in s:
+            self.ema.load_state_dict(s["ema"])
+        elif self.ema:  # EMA switched on at this resume: average from the loaded weights on
+            self.ema.reset()
+
+    # ------------------------------------------------------------------------------------------- the run
+    def run(self) -> dict:
+        cfg = self.cfg
+        n_train = sum(p.numel() for p in self.params)
+        self.log(f"adapters: {cfg.network} rank {cfg.rank} alpha {cfg.alpha} on {len(self.unet_layers)} UNet layers"
+                 f" ({cfg.targets}) + {len(self.te_layers)} text-encoder layers, {n_train:,} trainable parameters")
+        self.log(self.data.summary())
+        offload_cached(self)  # cached VAE / text encoders leave the GPU for the loop
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress)
+        self.write_loss_log()
+        try:
+            while self.step < cfg.max_steps:
+                with self.prof.step():
+                    loss = self.train_step()
+                self.losses.append({"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0]})
+                self.append_loss(self.losses[-1])
+                if cfg.validate_every and self.step % cfg.validate_every == 0:
+                    validate(self, self.val_prompts)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.update(1)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                    self.save_checkpoint()
+        except torch.OutOfMemoryError:
+            raise TrainError(MEMORY_HINT) from None
+        finally:
+            bar.close()
+        if cfg.profile:  # this process's steps only (a resumed run profiles what it trained)
+            self.log(self.prof.table())
+            self.prof.save(os.path.join(self.run_dir, "profile.json"))
+        self.save_checkpoint()
+        return self.write_outputs()
+
+    def write_outputs(self) -> dict:
+        """loss.jsonl, loss.png, the adapter file (minisd) and its kohya export."""
+        from ..formats.lora_files import save_kohya
+        self.write_loss_log()
+        draw_loss_curve([r["loss"] for r in self.losses], os.path.join(self.run_dir, "loss.png"))
+        meta = {"minisd.train_config": json.dumps(self.cfg.to_dict()), "minisd.steps": str(self.step)}
+        lora = os.path.join(self.run_dir, "lora.safetensors")
+        kohya = os.path.join(self.run_dir, "lora_kohya.safetensors")
+        out = {"lora": lora, "kohya": kohya, "losses": [r["loss"] for r in self.losses]}
+        if self.ema:  # lora.safetensors and the kohya file hold the EMA weights, lora_raw.safetensors the raw ones
+            out["lora_raw"] = os.path.join(self.run_dir, "lora_raw.safetensors")
+            adapters.save_adapter(self.model, out["lora_raw"], metadata={**meta, "minisd.weights": "raw"})
+            meta = {**meta, "minisd.weights": f"ema {self.cfg.ema_decay}"}
+        with self.eval_weights():
+            adapters.save_adapter(self.model, lora, metadata=meta)
+            save_kohya(self.model, kohya, metadata={"ss_network_dim": str(self.cfg.rank),
+                                                    "ss_network_alpha": str(self.cfg.alpha),
+                                                    "ss_max_train_steps": str(self.step)})
+        self.log(self.data.summary() if self.data.skipped else "data: no image was skipped")
+        return out
+
+
+def draw_loss_curve(losses: list[float], path: str, size=(640, 360)) -> None:
+    """A loss-vs-step PNG with pillow: raw losses in grey, a 20-step running mean in blue."""
+    W, H = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    left, top, right, bottom = 60, 20, W - 20, H - 40
+    d.rectangle([left, top, right, bottom], outline="black")
+    if losses:
+        lo, hi = min(losses), max(losses)
+        hi = hi if hi > lo else lo + 1e-8
+        x = lambda i: left + (right - left) * i / max(1, len(losses) - 1)
+        y = lambda v: bottom - (bottom - top) * (v - lo) / (hi - lo)
+        if len(losses) > 1:
+            d.line([(x(i), y(v)) for i, v in enumerate(losses)], fill=(170, 170, 170))
+            k = max(1, min(20, len(losses) // 5))
+            mean = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
+                    for i in range(len(losses))]
+            d.line([(x(i), y(v)) for i, v in enumerate(mean)], fill=(30, 80, 220), width=2)
+        d.text((4, top), f"{hi:.4f}", fill="black")
+        d.text((4, bottom - 10), f"{lo:.4f}", fill="black")
+    d.text((left, bottom + 8), f"step 1 ... {len(losses)}   (grey: loss, blue: running mean)", fill="black")
+    img.save(path)
+
