@@ -18,7 +18,7 @@ The loss of B images (Ho et al. 2020, Eq. 14, plus the usual recipe), `training_
     w_b = min(SNR_t, γ)/SNR_t (eps) or min(SNR_t, γ)/(SNR_t + 1) (v): Min-SNR-γ, Hang et al. 2023, Eq. 9-10
 
 An optimizer step backpropagates grad_accum such losses (each divided by grad_accum) into the adapters, clips the
-gradient norm and steps AdamW; the loop around the step - data, caches, adapters, optimizers, EMA, checkpoints,
+gradient norm and steps the optimizer; the loop around the step - data, caches, adapters, optimizers, EMA, checkpoints,
 logs, validation grids - is the appendix minisd/train/loop.py. The learning-rate schedule (`lr_lambda`) and the
 layer presets the adapters go into (`TARGETS`) are here.
 
@@ -127,8 +127,9 @@ def noised(noise: NoiseSchedule, z0: torch.Tensor, draw: Draws, offset: float = 
         z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·(ε + γ·ξ),   ξ ~ N(0, I),  γ = perturbation
         target = ε, or v = √ᾱ_t·ε − √(1−ᾱ_t)·z_0 (v models), both from the unperturbed ε
 
-    Offset noise (Guttenberg 2023, "Diffusion with offset noise"): i.i.d. noise never changes an image's mean much,
-    so the model cannot learn to; a shared offset per channel lets it make much darker or brighter images.
+    Offset noise (Guttenberg 2023, "Diffusion with offset noise"): i.i.d. noise barely touches an image's mean
+    colour, so the model never learns to change it; an offset shared per channel lets it make darker or brighter
+    images.
     Input perturbation (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion Models", DDPM-IP):
     when sampling, the network sees its own slightly wrong x_t, never an exact q_sample as in training (exposure
     bias); training on inputs moved by √(1−ᾱ_t)·γ·ξ while still asking for ε simulates that gap. γ = 0 draws no ξ,
@@ -183,7 +184,9 @@ def training_loss(model: StableDiffusion, noise: NoiseSchedule, batch: MicroBatc
     # 4. the loss: squared error per image in fp32, averaged, each image weighted by Min-SNR-γ if asked
     per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))         # (B,)
     if min_snr_gamma > 0:
-        # SNR_t = ᾱ_t/(1−ᾱ_t), as `noise.snr(t)` but gathered where t is (a GPU, inside a CUDA graph)
+        # SNR_t = ᾱ_t/(1−ᾱ_t) as `noise.snr(t)` computes it, but ᾱ_t gathered on t's device from the schedule's
+        # cached copy of the table (`noise.snr` indexes the CPU table: a GPU t would need a copy, which a CUDA
+        # graph cannot record)
         ab = noise._at(noise.alphas_cumprod, t, per)                                             # (B,)
         per = per * min_snr_weight(ab / (1 - ab), min_snr_gamma, noise.prediction_type)
     return per.mean()

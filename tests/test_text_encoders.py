@@ -6,6 +6,8 @@
       (fused q,k,v, transposed projection, a surplus block, logit_scale) -> clip_from_openclip
   (d) LDMBert vs diffusers LDMBertModel through ldmbert_from_diffusers          outputs + grads
   (e) every tensor of the full-size manifests consumed or ignored, result == our modules (meta)
+  (f) one return type for every encoder; `StableDiffusion.encode_text` (what the pipeline, the trainer and the
+      text cache call) puts SDXL's two encoders side by side and keeps the second one's pooled vector
 
 Token ids are real tokenized prompts (both paddings), so the pooled EOS position is exercised
 exactly as in the pipelines.
@@ -16,7 +18,7 @@ import os
 import pytest
 import torch
 
-from conftest import REFERENCE, randomize
+from conftest import REFERENCE, randomize, save_tiny_sdxl
 
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig as HFLDMBertConfig
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
@@ -24,11 +26,13 @@ from transformers import CLIPTextConfig as HFCLIPConfig
 from transformers import CLIPTextModel as HFCLIPTextModel
 from transformers import CLIPTextModelWithProjection
 
-from minisd.clip import CLIPTextModel
+from minisd.clip import CLIPTextModel, TextEncoderOutput
 from minisd.config import LDM_256, SD2_V, SD15, SDXL_BASE, CLIPTextConfig, LDMBertConfig
 from minisd.formats.keys_text import (clip_from_hf, clip_from_openclip, clip_to_openclip, ldmbert_from_diffusers,
                               ldmbert_to_diffusers)
 from minisd.ldmbert import LDMBert
+from minisd.model import load_minisd_folder
+from minisd.pipeline import Pipeline
 from minisd.tokenizer import BertTokenizer, CLIPTokenizer
 
 TOL = 1e-5
@@ -354,3 +358,25 @@ def test_manifest_ldmbert_original_and_diffusers():
     assert_fills(model, sd, "LDMBert (diffusers bert/)")
     back = ldmbert_to_diffusers(original)
     assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in bert.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (f) one return type, one "encode the prompt"
+def test_encoders_share_one_output_and_encode_text_joins_them(tmp_path):
+    ids = BertTokenizer()(PROMPTS[:2])
+    bert = LDMBert(LDMBertConfig(vocab_size=30522, n_layer=1, d_model=D, n_heads=4, head_dim=8, ffn_dim=FF)).eval()
+    out = bert(ids)
+    assert isinstance(out, TextEncoderOutput) and out.pooled is None and out.hidden.shape == (2, 77, D)
+
+    model = load_minisd_folder(save_tiny_sdxl(tmp_path / "xl")).eval()
+    prompts = ["a red circle", "a blue square on the left"]
+    toks = model.tokenize(prompts)
+    assert [tuple(x.shape) for x in toks] == [(2, 77), (2, 77)] and not torch.equal(toks[0], toks[1])  # own pads
+    with torch.no_grad():
+        first, second = (te(x) for te, x in zip(model.text_encoders, toks))
+        ctx, pooled = model.encode_text(toks)
+        piped = Pipeline(model).encode_prompt(prompts)
+    assert isinstance(first, TextEncoderOutput) and first.pooled.shape == (2, 32)     # CLIP always pools
+    assert torch.equal(ctx, torch.cat([first.hidden, second.hidden], dim=-1)) and ctx.shape == (2, 77, 64)
+    assert torch.equal(pooled, second.pooled) and not torch.equal(pooled, first.pooled)
+    assert torch.equal(piped.hidden, ctx) and torch.equal(piped.pooled, pooled)
