@@ -1,4 +1,8 @@
-"""Official layouts in: read a diffusers folder (and, through convert.py, single files) into minisd.
+"""Appendix: file formats. Official layouts in and out: diffusers folders (this file), single files
+(single_file.py), the name tables (keys_unet.py, keys_vae.py, keys_text.py, all through rename.py's strict
+rename), export (export.py) and LoRA file layouts (lora_files.py).
+
+This file reads a diffusers folder (and, through convert.py, single files) into minisd.
 
 A diffusers folder is `model_index.json` plus one subfolder per component, each with a
 `config.json` and weights named `diffusion_pytorch_model.safetensors` (UNet, VAE) or
