@@ -46,11 +46,12 @@ def parse_args(argv=None):
 
 
 def summary(model, src, ema_used, n_src, dtype_name) -> str:
+    from minisd.model import text_encoder_name
     cfg = model.cfg
     lines = [f"{src}: {cfg.family} ({cfg.schedule.prediction_type}, {cfg.resolution}px, "
              f"EMA {'used' if ema_used else 'not used'})"]
     comps = [("unet", model.unet), ("vae", model.vae)] + [
-        (f"text_encoder{'' if i == 0 else f'_{i + 1}'}", te) for i, te in enumerate(model.text_encoders)]
+        (text_encoder_name(i), te) for i, te in enumerate(model.text_encoders)]
     for name, m in comps:
         sd = m.state_dict()
         params = sum(v.numel() for v in sd.values())
@@ -98,10 +99,10 @@ def import_model(a):
 
 def export_model(a):
     from minisd.formats.export import export_diffusers, export_single_file
-    from minisd.model import ModelError, is_minisd_folder, load_minisd_folder
+    from minisd.model import UNET_FILE, ModelError, is_minisd_folder, load_minisd_folder
 
     if not is_minisd_folder(a.src):
-        raise ModelError(f"{a.src}: not a minisd folder (config.json + unet.safetensors)")
+        raise ModelError(f"{a.src}: not a minisd folder (config.json + {UNET_FILE})")
     model = load_minisd_folder(a.src)
     fmt, dest = a.to
     if a.dtype:

@@ -49,12 +49,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="UNet / text-encoder precision (the VAE stays fp32 where it overflows)")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="replay the UNet call from a CUDA graph (recorded at the second step): the same image, "
+                   help="replay the UNet call from a CUDA graph (minisd/perf/graphs.py; recorded at the second "
+                        "step): the same image, "
                         "faster where kernel launches dominate, i.e. small batches and images with many steps "
                         "(SD1.5 512 px batch 1 on an H100: 2.4x UNet it/s); costs one UNet forward's activations "
                         "of GPU memory; needs a CUDA --device")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile each UNet block (fuses the elementwise work; with --cuda-graph the fastest "
+                   help="torch.compile each UNet block (minisd/perf/compile.py; fuses the elementwise work, "
+                        "changing only rounding order; with --cuda-graph the fastest "
                         "path on a GPU: SDXL 1024 px on an H100 23 -> 28 UNet it/s). The first image compiles "
                         "(about a minute for SDXL); worth it for many images")
     a = p.parse_args(argv)
@@ -67,6 +69,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.karras and a.sampler not in ("euler", "dpmpp_2m"):
         p.error("--karras applies to --sampler euler or dpmpp_2m (as in diffusers)")
     return a
+
+
+def make_pipeline(model, a, **kw):
+    """The Pipeline, with --compile and --cuda-graph applied from minisd/perf (lazily: compiled at the first call of
+    each block, recorded at the second step)."""
+    from minisd.perf.compile import compile_unet_blocks
+    from minisd.perf.graphs import use_cuda_graph
+    from minisd.pipeline import Pipeline
+
+    pipe = Pipeline(model, device=a.device, **kw)
+    if a.compile:
+        compile_unet_blocks(pipe.model.unet)
+    if a.cuda_graph:
+        use_cuda_graph(pipe)
+    return pipe
 
 
 def _cuda() -> bool:
@@ -95,7 +112,6 @@ def main(argv=None) -> int:
 
     from minisd.formats import TINY_RANDOM, load_model
     from minisd.model import ModelError
-    from minisd.pipeline import Pipeline
 
     if a.cuda_graph and not a.device.startswith("cuda"):
         print(f"error: --cuda-graph needs a CUDA device, not --device {a.device}", file=sys.stderr)
@@ -121,7 +137,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
-    pipe = Pipeline(model, device=a.device, dtype=dtype, cuda_graph=a.cuda_graph, compile=a.compile)
+    pipe = make_pipeline(model, a, dtype=dtype)
     f = model.vae_scale
     width = a.width or (init.width // f * f if init else model.cfg.resolution)
     height = a.height or (init.height // f * f if init else model.cfg.resolution)
@@ -161,7 +177,6 @@ def grid(a, model_path: str) -> int:
 
     from minisd.formats import load_model
     from minisd.model import ModelError
-    from minisd.pipeline import Pipeline
     from minisd.world.pretrain import caption_grid, grid_prompts
 
     # One thread: this model's ops are too small to gain from a second, and on a shared CPU a busy second
@@ -176,7 +191,7 @@ def grid(a, model_path: str) -> int:
     steps = GRID_STEPS if a.steps == 30 else a.steps      # 30 and 7.5 are the flags' defaults
     cfg = GRID_CFG if a.cfg == 7.5 else a.cfg
     prompts = grid_prompts(GRID_PROMPTS)
-    pipe = Pipeline(model, device=a.device, cuda_graph=a.cuda_graph, compile=a.compile)
+    pipe = make_pipeline(model, a)
     images = pipe(prompts, steps=steps, sampler=a.sampler, karras=a.karras, cfg_scale=cfg, seed=a.seed, eta=a.eta)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", "\n".join(prompts) + f"\nSteps: {steps}, Sampler: {SAMPLER_NAMES[a.sampler]}, "

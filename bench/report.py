@@ -31,7 +31,7 @@ presets SD15 / SDXL_BASE / LDM_256; diffusers and transformers models from the o
   script casts its VAE to the weight dtype, bf16, its SDXL script keeps the VAE in fp32) and the
   text encoder(s) inside the step, ε-MSE loss, backward, torch AdamW (fused), zero_grad. "cached" rows feed
   precomputed latents and text states: the step is the UNet alone. Checkpointing: minisd
-  `unet.gradient_checkpointing = True`, diffusers `unet.enable_gradient_checkpointing()`.
+  `minisd.perf.checkpoint.set_gradient_checkpointing(unet, True)`, diffusers `unet.enable_gradient_checkpointing()`.
 - Full fine-tune: every UNet weight trains in fp32 (master weights) under bf16 autocast, checkpointing on; minisd
   `AdamW8bit` vs `bitsandbytes.optim.AdamW8bit`.
 - Sampling: 30 DDIM steps, CFG 7.5 (one batch-2 UNet call per step), bf16 UNet and text encoders, fp32 VAE decode;

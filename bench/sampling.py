@@ -95,8 +95,8 @@ class MinisdSample(SampleRun):
         from minisd.samplers import make_sampler
         self.sampler = make_sampler("ddim", self.cfg.schedule, self.steps)
         if self.opts.cuda_graph and self.device.type == "cuda":
-            # the product's graphed UNet call (Pipeline(cuda_graph=True)): the first call eager, the second records
-            from minisd.pipeline import UNetGraphs
+            # the product's graphed UNet call (sample.py --cuda-graph): the first call eager, the second records
+            from minisd.perf.graphs import UNetGraphs
             self.unet = UNetGraphs(self.unet)
 
     def encode(self):

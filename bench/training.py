@@ -54,7 +54,7 @@ def compile_unet(unet: torch.nn.Module, impl: str, how: str, mode: str, vae=None
     """`blocks`: compile each block of the U separately (regional compilation: quick to compile, and works inside
     gradient checkpointing, which calls blocks one by one); `full`: the whole UNet as one graph. A VAE (training rows
     that encode in the step) gets its encoder compiled as one graph, on both sides; minisd's `blocks` is the
-    product's own `compile_for_training` (train.py --compile)."""
+    product's own `compile_for_training` (minisd/perf/compile.py, train.py --compile)."""
     # Static shapes: every block has its own sizes, and one graph per (block, grad mode) is what we want; dynamo
     # would otherwise turn sizes symbolic after the first mismatch. All blocks of a class share one code object,
     # so its recompile limit (default 8) must cover every block, or the rest silently run eagerly.
@@ -66,9 +66,9 @@ def compile_unet(unet: torch.nn.Module, impl: str, how: str, mode: str, vae=None
     if how == "full":
         return torch.compile(unet, mode=mode, dynamic=False)
     if impl == "minisd":
+        from minisd.perf.compile import compile_for_training, compile_unet_blocks
         if vae is None:
-            return unet.compile_blocks(mode)             # the product's own (Pipeline(compile=True))
-        from minisd.trainer import compile_for_training
+            return compile_unet_blocks(unet, mode)       # the product's own (sample.py --compile)
         compile_for_training(SimpleNamespace(unet=unet, vae=vae), mode=mode)   # train.py --compile
         return unet
     blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
@@ -212,7 +212,8 @@ class MinisdTrain(TrainStep):
         return [p.requires_grad_(True) for p in adapters.adapter_parameters(unet)]
 
     def set_checkpointing(self, on):
-        self.parts.unet.gradient_checkpointing = on
+        from minisd.perf.checkpoint import set_gradient_checkpointing
+        set_gradient_checkpointing(self.parts.unet, on)
 
     def encode_image(self, x):
         return self.parts.vae.encode(x).sample() * self.cfg.vae.scale_factor   # (n, 4, h, h)

@@ -29,7 +29,10 @@ from .tokenizer import load_tokenizer
 from .unet import UNetModel
 from .vae import AutoencoderKL
 
+# The minisd folder's file names, spelled here only (formats/ and the commands import them).
 CONFIG_NAME = "config.json"
+UNET_FILE = "unet.safetensors"
+VAE_FILE = "vae.safetensors"
 EXTRAS_NAME = "extras.safetensors"
 SOURCE_NAME = "source.json"
 
@@ -38,8 +41,14 @@ class ModelError(Exception):
     """A model file or folder that cannot be used; the message names the problem in one line."""
 
 
+def text_encoder_name(i: int) -> str:
+    """Component name of text encoder i (0-based): "text_encoder", "text_encoder_2", ... It is also the stem of its
+    minisd file and the name of its diffusers subfolder."""
+    return "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+
+
 def text_encoder_file(i: int) -> str:
-    return "text_encoder.safetensors" if i == 0 else f"text_encoder_{i + 1}.safetensors"
+    return f"{text_encoder_name(i)}.safetensors"
 
 
 def tokenizer_dir(i: int) -> str:
@@ -87,14 +96,14 @@ class StableDiffusion(nn.Module):
 
     def component_state_dicts(self) -> dict:
         """{file name: state dict} of what a minisd folder stores."""
-        files = {"unet.safetensors": self.unet.state_dict(), "vae.safetensors": self.vae.state_dict()}
+        files = {UNET_FILE: self.unet.state_dict(), VAE_FILE: self.vae.state_dict()}
         for i, te in enumerate(self.text_encoders):
             files[text_encoder_file(i)] = te.state_dict()
         return files
 
     def load_components(self, files: dict, strict: bool = True) -> None:
         """Load {file name: state dict} (as `component_state_dicts` names them), shapes checked."""
-        modules = {"unet.safetensors": self.unet, "vae.safetensors": self.vae}
+        modules = {UNET_FILE: self.unet, VAE_FILE: self.vae}
         modules.update({text_encoder_file(i): te for i, te in enumerate(self.text_encoders)})
         for name, module in modules.items():
             if name not in files:
@@ -158,7 +167,7 @@ def save_model(model: StableDiffusion, out: str, dtype: torch.dtype | None = Non
 
 def is_minisd_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_NAME)) and os.path.isfile(
-        os.path.join(path, "unet.safetensors"))
+        os.path.join(path, UNET_FILE))
 
 
 def load_minisd_folder(path: str) -> StableDiffusion:

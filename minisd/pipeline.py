@@ -9,8 +9,8 @@ The loop is the one every Stable Diffusion sampler shares:
         x_{t-1} = sampler.step(ε, t, x_t)
     image = VAE.decode(x_0 / scale_factor)
 
-With `cuda_graph=True` the UNet call is replayed from a CUDA graph (minisd/graphs.py): the loop does the same
-arithmetic with the same kernels, only their launches are recorded once instead of issued one by one from Python.
+The loop's UNet call is one method, `run_unet`, so that speed tricks can replace it from outside the chapter
+(minisd/perf/graphs.py replays it from a CUDA graph; minisd/perf/compile.py compiles the UNet's blocks).
 
 Shapes: B=batch, T=77 tokens, D=text width, h,w = latent size = image size / vae_scale.
 """
@@ -20,70 +20,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .perf.graphs import CudaGraph
 from .model import StableDiffusion
 from .samplers import make_sampler
 from .unet import sdxl_vector_cond
 
 
-class UNetGraphs:
-    """unet(x, t, context, y=None), each call replayed from a CUDA graph; one graph per input signature (shape and
-    dtype of x, t and context; y given or not, and its shape), so calls of the sizes seen before reuse their
-    recording. Per signature the first call runs eagerly (cuDNN / cuBLAS pick their algorithms), the second records
-    and replays, every later one copies its inputs in and replays. Used by Pipeline(cuda_graph=True) and by the
-    minisd sampling benchmark (bench/sampling.py).
-
-    Each graph keeps a private memory pool of about one UNet forward's activations (plus its input buffers) until
-    `clear()` or until this object goes. The recording fixes everything Python decided during it: after swapping
-    modules, rebinding parameters (`p.data = ...`) or changing Python-side settings the UNet reads (a LoRA scale),
-    call `clear()`. Weights updated in place (`load_state_dict`, `copy_`) are seen by the next replay."""
-
-    def __init__(self, unet: torch.nn.Module):
-        self.unet = unet
-        self.graphs: dict[tuple, CudaGraph] = {}
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None):
-        key = tuple(None if a is None else (tuple(a.shape), a.dtype) for a in (x, t, context, y))
-        graph = self.graphs.get(key)
-        if graph is None:
-            # one eager warm-up call is enough for inference (no autograd state to initialise)
-            graph = self.graphs[key] = CudaGraph(self._forward, warmup=1)
-        # CudaGraph's buffers, streams and recording use the current CUDA device: make it x's (cuda:1 too)
-        with torch.cuda.device(x.get_device()):                      # -1 (a CPU tensor): no switch
-            return graph(x, t, context, y)
-
-    def _forward(self, x, t, context, y):
-        return self.unet(x, t, context, y=y)
-
-    def clear(self) -> None:
-        """Drop every recording and its memory pool."""
-        self.graphs.clear()
-
-
 class Pipeline:
     """Text -> image (and image -> image) with a StableDiffusion model; `pipe(prompt, ...)` returns PIL images.
 
-    cuda_graph: replay the UNet call of the denoising loop from a CUDA graph (UNetGraphs above). It removes the
-    Python and launch overhead of the UNet's several thousand small kernels, which dominates for small batches,
-    small images and many steps (SD1.5, 512 px, batch 1 on an H100: 31.5 -> 76.7 UNet it/s, bench/NOTES.md); large
-    SDXL images gain less, their kernels are long already. Same kernels, same order: the images do not change.
-    Costs: the first call of each size (batch, width x height, guidance on/off) runs one step eagerly and records
-    at the second, which takes about one extra step; each recorded size keeps a private memory pool of about one
-    UNet forward's activations while the pipeline lives (`pipe.graphs.clear()` frees them). CUDA devices only.
-
-    compile: torch.compile each UNet block (`UNetModel.compile_blocks`): fuses the elementwise work around the
-    matmuls and convolutions (a fifth of SDXL's GPU time), on top of cuda_graph. The first image compiles."""
+    Faster sampling on a GPU is applied from outside: `minisd.perf.graphs.use_cuda_graph(pipe)` (sample.py
+    --cuda-graph) and `minisd.perf.compile.compile_unet_blocks(pipe.model.unet)` (sample.py --compile)."""
 
     def __init__(self, model: StableDiffusion, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, cast: bool = True, cuda_graph: bool = False,
-                 compile: bool = False):
-        if cuda_graph and torch.device(device).type != "cuda":
-            raise ValueError(f"cuda_graph=True needs a CUDA device, not {str(device)!r}")
+                 dtype: torch.dtype = torch.float32, cast: bool = True):
         self.model = model.eval().to(device)
-        if compile:  # each UNet block through torch.compile (UNetModel.compile_blocks); compiles on first use
-            self.model.unet.compile_blocks()
         self.device, self.dtype = torch.device(device), dtype
-        self.graphs = UNetGraphs(self.model.unet) if cuda_graph else None
         if not cast:
             # the caller's dtypes stay as they are (a trainer: frozen base in bf16, adapters in fp32, which a
             # cast would round); `dtype` is then only the UNet input dtype
@@ -161,7 +112,6 @@ class Pipeline:
             x = smp.add_noise(x0, noise, start)
         x = x.to(self.device)
 
-        unet = m.unet if self.graphs is None else self.graphs
         timesteps = smp.timesteps
         loop = range(start, len(timesteps))
         if progress:
@@ -173,12 +123,16 @@ class Pipeline:
             xin = torch.cat([xin, xin]) if guidance else xin                # (2B, C, h, w)
             # Timesteps stay fp32: in bf16, t = 999 would round to 1000.
             tt = torch.full((len(xin),), float(t), device=self.device)
-            eps = unet(xin.to(self.dtype), tt, ctx, y=y).float()
+            eps = self.run_unet(xin.to(self.dtype), tt, ctx, y=y).float()
             if guidance:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + cfg_scale * (eps_c - eps_u)
             x = smp.step(eps, i, x, generator=gen)
         return self.decode(x)
+
+    def run_unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None):
+        """The loop's UNet call: ε (or v, x_0) for x (B, C, h, w) at timesteps t (B,) with context (B, T, D)."""
+        return self.model.unet(x, t, context, y=y)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:

@@ -17,6 +17,8 @@ Two views of the same process (see schedule.py for the notation):
     DDPM / DDIM / DPM-Solver   x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε        ("variance preserving")
     Euler / Euler a            x   = x_0 + σ·ε,  σ = √((1−ᾱ)/ᾱ)      ("variance exploding", x = x_t/√ᾱ_t);
                                the UNet still sees x_t, hence scale_model_input = x/√(σ²+1).
+Every sampler turns the network output (ε, v or x_0) into x̂_0 through the one `schedule.denoise`,
+told which view its x is in (α, σ, var); the samplers themselves are then written over x̂_0 alone.
 
 Timestep grids (diffusers' `timestep_spacing`, Lin et al. 2023 Table 2), T = 1000 training steps, n steps:
     leading    t = k·(T//n) + steps_offset, k = n−1 … 0        (SD1/SD2/SDXL official configs, offset 1)
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 
 from .config import ScheduleConfig
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, denoise
 
 SAMPLERS = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m")
 # diffusers' default `timestep_spacing` per scheduler class, used when the config does not say.
@@ -149,7 +151,7 @@ class DDPMSampler(Sampler):
         ab_prev = ac[self.timesteps[i + 1]] if i + 1 < len(self.timesteps) else torch.tensor(1.0)
         alpha = ab_t / ab_prev                       # α of the strided step
         beta = 1 - alpha
-        x0 = self.schedule.to_x0(model_output, x, t)
+        x0, _ = self.schedule.denoise(model_output, x, t)
         mean = (ab_prev ** 0.5 * beta) / (1 - ab_t) * x0 + alpha ** 0.5 * (1 - ab_prev) / (1 - ab_t) * x
         if t > 0:
             z = _randn(model_output, generator)
@@ -182,8 +184,7 @@ class DDIMSampler(Sampler):
         ac = self.schedule.alphas_cumprod
         ab_t = ac[t]
         ab_prev = ac[t_prev] if t_prev >= 0 else self.final_alpha_cumprod
-        x0 = self.schedule.to_x0(model_output, x, t)
-        eps = self.schedule.to_eps(model_output, x, t)
+        x0, eps = self.schedule.denoise(model_output, x, t)
         var = (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)
         std = self.eta * var ** 0.5
         # "direction pointing to x_t" plus the predicted x_0 rescaled to t'.
@@ -237,15 +238,8 @@ class EulerSampler(_SigmaSampler):
         return x0 + noise * self.sigmas[i].to(x0)
 
     def _denoised(self, out, x, sigma):
-        """x̂_0 from the network output at noise level σ (the UNet saw x/√(σ²+1))."""
-        if self.prediction_type == "epsilon":
-            return x - sigma * out
-        if self.prediction_type == "v_prediction":
-            # v-target in VE coordinates: x̂_0 = x/(σ²+1) − σ/√(σ²+1)·v.
-            return out * (-sigma / (sigma ** 2 + 1) ** 0.5) + (x / (sigma ** 2 + 1))
-        if self.prediction_type == "sample":
-            return out
-        raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
+        """x̂_0 at noise level σ: x = x_0 + σ·ε (α = 1), and the UNet saw x/√(σ²+1) (var = σ² + 1)."""
+        return denoise(out, x, 1.0, sigma, self.prediction_type, var=sigma ** 2 + 1)[0]
 
     def step(self, model_output, i, x, generator=None):
         x = x.float()
@@ -320,16 +314,9 @@ class DPMSolverPP2MSampler(_SigmaSampler):
         return alpha * x0 + s * noise
 
     def step(self, model_output, i, x, generator=None):
-        # x̂_0 from the network output at this step's σ (x here is x_t itself: no input scaling).
+        # x̂_0 from the network output at this step's σ (x here is x_t itself, VP: no input scaling).
         alpha, s = self._alpha_sigma(self.sigmas[i])
-        if self.prediction_type == "epsilon":
-            x0 = (x - s * model_output) / alpha
-        elif self.prediction_type == "v_prediction":
-            x0 = alpha * x - s * model_output
-        elif self.prediction_type == "sample":
-            x0 = model_output
-        else:
-            raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
+        x0, _ = denoise(model_output, x, alpha, s, self.prediction_type)
         x = x.float()
         alpha_t, s_t = self._alpha_sigma(self.sigmas[i + 1])
         lam_t = torch.log(alpha_t) - torch.log(s_t)       # +inf at σ = 0: e^{−h} = 0, x_{i+1} = x̂_0

@@ -1,7 +1,8 @@
 """The DDPM noise schedule: how much noise sits in x_t at each training timestep t.
 
 Everything here is a function of one fixed table of T = 1000 numbers (the betas). Training uses
-`q_sample` and `training_target`; the samplers in samplers.py read `alphas_cumprod` and `sigmas`.
+`q_sample` and `training_target`; the samplers in samplers.py read `alphas_cumprod` and `sigmas`, and
+all of them turn the network output into x̂_0 (and ε̂) through the one `denoise` below.
 
 Notation (t = 0 … T−1 is 0-based as in the CompVis and diffusers code; the paper's t is ours + 1):
 
@@ -62,6 +63,32 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
+def denoise(pred: torch.Tensor, x: torch.Tensor, alpha, sigma, prediction_type: str,
+            var=1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one denoiser: network output -> (x̂_0, ε̂), for every sampler (k-diffusion's one-wrapper idea).
+
+    x = α·x_0 + σ·ε is the sample the sampler holds, with var = α² + σ² its variance for unit-variance x_0:
+        VP samplers (DDPM, DDIM, DPM-Solver) hold x_t itself: α = √ᾱ_t, σ = √(1−ᾱ_t), var = 1;
+        VE samplers (Euler) hold x_t/√ᾱ_t = x_0 + σ_t·ε: α = 1, σ = σ_t, var = σ_t² + 1.
+    The network saw the unit-variance x/√var and predicted (cfg.prediction_type)
+        "epsilon"       ε:                          x̂_0 = (x − σ·ε)/α                 (Eq. 4 inverted)
+        "v_prediction"  v = α̂·ε − σ̂·x_0 (Salimans & Ho 2022, §4; α̂, σ̂ = α, σ over √var):
+                                                    x̂_0 = α·x/var − σ/√var·v,  ε̂ = α·v/√var + σ·x/var
+                                                    (substitute x and v; α̂² + σ̂² = 1 cancels the cross terms)
+        "sample"        x_0 itself:                 ε̂ = (x − α·x̂_0)/σ
+    Each formula is written in the operation order of the diffusers scheduler it replaces (var = 1 and α = 1
+    are exact no-ops in floating point), so every sampler stays bit-exact against diffusers."""
+    if prediction_type == "epsilon":
+        return (x - sigma * pred) / alpha, pred
+    if prediction_type == "v_prediction":
+        x0 = alpha * x / var - sigma / var ** 0.5 * pred
+        eps = alpha * pred / var ** 0.5 + sigma * x / var
+        return x0, eps
+    if prediction_type == "sample":
+        return pred, (x - alpha * pred) / sigma
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
 class NoiseSchedule:
     """The forward process q(x_t | x_0) of one model and the conversions between its parameterisations.
 
@@ -118,31 +145,18 @@ class NoiseSchedule:
         raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
 
     # ------------------------------------------------------------------ parameterisations
-    def to_x0(self, pred: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
-        """The x_0 implied by the network output `pred` at (x_t, t).
-
-        ε-prediction inverts Eq. 4: x_0 = (x_t − √(1−ᾱ)·ε)/√ᾱ. v-prediction: x_0 = √ᾱ·x_t − √(1−ᾱ)·v
-        (substitute x_t and v; the cross terms cancel because ᾱ + (1−ᾱ) = 1).
-        """
+    def denoise(self, pred: torch.Tensor, x_t: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x̂_0, ε̂) implied by the network output `pred` at (x_t, t): `denoise` with α = √ᾱ_t, σ = √(1−ᾱ_t)."""
         ab = self._at(self.alphas_cumprod, t, x_t)
-        if self.prediction_type == "epsilon":
-            return (x_t - (1 - ab).sqrt() * pred) / ab.sqrt()
-        if self.prediction_type == "v_prediction":
-            return ab.sqrt() * x_t - (1 - ab).sqrt() * pred
-        if self.prediction_type == "sample":
-            return pred
-        raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
+        return denoise(pred, x_t, ab.sqrt(), (1 - ab).sqrt(), self.prediction_type)
+
+    def to_x0(self, pred: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+        """The x_0 implied by the network output `pred` at (x_t, t) (see `denoise`)."""
+        return self.denoise(pred, x_t, t)[0]
 
     def to_eps(self, pred: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
-        """The ε implied by the network output: ε = √ᾱ·v + √(1−ᾱ)·x_t for v, (x_t − √ᾱ·x_0)/√(1−ᾱ) for x_0."""
-        ab = self._at(self.alphas_cumprod, t, x_t)
-        if self.prediction_type == "epsilon":
-            return pred
-        if self.prediction_type == "v_prediction":
-            return ab.sqrt() * pred + (1 - ab).sqrt() * x_t
-        if self.prediction_type == "sample":
-            return (x_t - ab.sqrt() * pred) / (1 - ab).sqrt()
-        raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
+        """The ε implied by the network output `pred` at (x_t, t) (see `denoise`)."""
+        return self.denoise(pred, x_t, t)[1]
 
     def snr(self, t) -> torch.Tensor:
         """SNR_t = ᾱ_t / (1 − ᾱ_t), e.g. for Min-SNR-γ loss weighting (Hang et al. 2023)."""

@@ -69,20 +69,6 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def compile_for_training(model, encoder: bool = True, mode: str = "default") -> None:
-    """--compile: each UNet block through torch.compile (`UNetModel.compile_blocks`) and, when images are encoded in
-    the step, the VAE encoder as one graph. Inductor fuses GroupNorm + SiLU, residual adds and dtype casts into a
-    few kernels around the convolutions and matmuls, picks the convolutions' memory layout itself (fewer NCHW <->
-    NHWC copies around cuDNN), and its partitioner recomputes fused elementwise results in backward instead of
-    storing them (less activation memory). Same arithmetic up to rounding order. Every block and input shape
-    compiles at its first call, so the first steps are slow (minutes on a GPU box). Measured on an H100 with
-    --cuda-graph (bench/NOTES.md): SD1.5 LoRA bs8 141.8 -> 96.4 ms per step; SDXL LoRA 1024 bs1 154 -> 99.7 ms
-    and 14.65 -> 11.89 GiB reserved."""
-    model.unet.compile_blocks(mode)
-    if encoder:  # forward only (no grad), one fixed image shape
-        model.vae.encoder.compile(mode=mode, dynamic=False)
-
-
 def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
     """Min-SNR-γ weights per sample (Hang et al. 2023): the ε-loss weight min(SNR, γ)/SNR; for v-prediction
     the v-loss equals (SNR + 1)·ε-loss, hence min(SNR, γ)/(SNR + 1)."""

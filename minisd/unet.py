@@ -43,7 +43,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import SpatialTransformer
-from .perf.checkpoint import checkpoint
 from .config import UNetConfig
 
 
@@ -145,7 +144,10 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """UNetModel(cfg)(x (B,C,H,W), timesteps (B,), context (B,T,Dc), y (B,adm) | None) -> (B,C_out,H,W)."""
+    """UNetModel(cfg)(x (B,C,H,W), timesteps (B,), context (B,T,Dc), y (B,adm) | None) -> (B,C_out,H,W).
+
+    The forward calls the blocks one by one, so speed and memory tricks can wrap each block from outside
+    (gradient checkpointing: minisd/perf/checkpoint.py; torch.compile per block: minisd/perf/compile.py)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -156,8 +158,6 @@ class UNetModel(nn.Module):
                 raise ValueError(f"UNetConfig.{name} needs one entry per level ({levels}): {getattr(cfg, name)}")
         mc, groups, eps = cfg.model_channels, cfg.norm_num_groups, cfg.norm_eps
         E = 4 * mc  # time-embedding width (1280 for SD)
-        # Set True (e.g. by a trainer) to recompute every block in backward instead of storing it.
-        self.gradient_checkpointing = False
 
         def res(ch_in: int, ch_out: int) -> ResBlock:
             return ResBlock(ch_in, E, ch_out, groups, eps)
@@ -219,31 +219,6 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(groups, ch, eps=eps), nn.SiLU(),
                                  nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def compile_blocks(self, mode: str = "default") -> "UNetModel":
-        """torch.compile each block of the U separately ("regional" compilation): Inductor fuses each block's
-        norms, activations, residual adds and casts into a few Triton kernels, and compiling blocks instead of the
-        whole network keeps the compile short (repeated blocks of one shape share a graph) and works with gradient
-        checkpointing, which calls blocks one by one. Same arithmetic up to rounding order (fused elementwise code
-        may round differently in the last bit). The first call of each block and input shape compiles (on an H100
-        box with 16 cores, about a minute for SDXL); later calls of those shapes are fast. Returns self."""
-        import torch._dynamo
-        # Static shapes, one graph per (block, shape): every block of a class shares one code object, so the
-        # per-code recompile limit (default 8) must cover all of them, or the rest silently run eagerly.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 4096)
-        blocks = [*self.input_blocks, self.middle_block, *self.output_blocks, self.out]
-        for b in blocks:
-            if b is not None:
-                b.compile(mode=mode, dynamic=False)
-        return self
-
-    def _block(self, block: TimestepEmbedSequential, h, emb, context, size=None):
-        """block(h, emb, context, size), recomputed in backward when gradient checkpointing is on."""
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, size=size)
-        return block(h, emb, context, size)
-
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
         if timesteps.ndim == 0:  # one timestep for the whole batch
@@ -260,14 +235,14 @@ class UNetModel(nn.Module):
         hs = []
         h = x
         for block in self.input_blocks:
-            h = self._block(block, h, emb, context)
+            h = block(h, emb, context)
             hs.append(h)
         # Bottom of the U.
         if self.middle_block is not None:
-            h = self._block(self.middle_block, h, emb, context)
+            h = self.middle_block(h, emb, context)
         # Up: concatenate the matching skip (channels), and upsample to the next skip's size.
         for block in self.output_blocks:
             h = torch.cat([h, hs.pop()], dim=1)                      # (B, C_h + C_skip, H, W)
             size = hs[-1].shape[-2:] if hs else None
-            h = self._block(block, h, emb, context, size)
+            h = block(h, emb, context, size)
         return self.out(h)                                           # (B, C_out, H, W)

@@ -225,11 +225,8 @@ class DiagonalGaussian:
 class AutoencoderKL(nn.Module):
     """Encoder + `quant_conv` (moments) and `post_quant_conv` + Decoder, as in ldm/models/autoencoder.py.
 
-    Memory savers (off by default, same results up to float rounding for `slicing`):
-      slicing: encode/decode one image of the batch at a time.
-      tiling:  encode/decode overlapping tiles of `tile_latent` latent pixels, blended linearly over
-               `tile_overlap` latent pixels. GroupNorm statistics become per-tile, so results are
-               close to, not equal to, the untiled ones; use it only where the image does not fit."""
+    Memory savers for large batches and images (slicing, tiling) are applied from outside:
+    minisd/perf/vae_memory.py."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -239,10 +236,6 @@ class AutoencoderKL(nn.Module):
         # 1x1 convs between the autoencoder's z and the stored latent ("embed_dim"; 4 == z for SD).
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-        self.slicing = False
-        self.tiling = False
-        self.tile_latent = 64                                                # 512 px for f = 8
-        self.tile_overlap = 16
 
     @property
     def downscale(self) -> int:
@@ -252,12 +245,11 @@ class AutoencoderKL(nn.Module):
     # -- unscaled API (as the original) ---------------------------------------------------------
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x (B, 3, H, W) in [-1, 1] -> q(z|x). Latents are NOT multiplied by scale_factor here."""
-        f = self.downscale
-        return DiagonalGaussian(self._run(self._moments, x, self.tile_latent * f, self.tile_overlap * f, 1 / f))
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))           # moments (B, 2*embed_dim, h, w)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, embed_dim, h, w), NOT scaled by scale_factor -> image (B, 3, H, W), roughly in [-1, 1]."""
-        return self._run(self._image, z, self.tile_latent, self.tile_overlap, self.downscale)
+        return self.decoder(self.post_quant_conv(z))                         # (B, 3, H, W)
 
     # -- scaled API (what the UNet sees) ---------------------------------------------------------
     def encode_latents(self, x: torch.Tensor, generator=None) -> torch.Tensor:
@@ -266,50 +258,3 @@ class AutoencoderKL(nn.Module):
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         return self.decode(z / self.cfg.scale_factor)
-
-    # -- internals -------------------------------------------------------------------------------
-    def _moments(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(self.encoder(x))                              # (B, 2*embed_dim, h, w)
-
-    def _image(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z))                         # (B, 3, H, W)
-
-    def _run(self, fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> torch.Tensor:
-        """Apply fn (encoder or decoder half) whole, per image (slicing) and/or per tile (tiling)."""
-        if self.slicing and x.shape[0] > 1:
-            return torch.cat([self._run(fn, xi, tile, overlap, scale) for xi in x.split(1)])
-        if self.tiling and max(x.shape[-2:]) > tile:
-            return self._tiled(fn, x, tile, overlap, scale)
-        return fn(x)
-
-    @staticmethod
-    def _tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> torch.Tensor:
-        """Σ_t ramp_t · fn(x_t) / Σ_t ramp_t over overlapping tiles t. The ramp rises linearly over the
-        overlap at every tile edge; dividing by the summed ramps makes the weights of each output pixel
-        add up to 1, so seams fade instead of showing. `scale` = output pixels per input pixel."""
-        H, W = x.shape[-2:]
-        stride = max(tile - overlap, 1)
-
-        def starts(n):  # tile origins covering [0, n): regular steps, last tile flush with the edge
-            s = list(range(0, max(n - tile, 0) + 1, stride))
-            return s if s[-1] + tile >= n else s + [n - tile]
-
-        out = weight = None
-        for i in starts(H):
-            for j in starts(W):
-                y = fn(x[..., i:i + tile, j:j + tile])                      # (B, C', tile*scale, ...)
-                th, tw = y.shape[-2:]
-                ramp_len = max(int(overlap * scale), 1)
-                ry = torch.arange(th, device=y.device)
-                rx = torch.arange(tw, device=y.device)
-                # Distance to the nearest tile edge, 1 at the edge, saturating at 1 after the overlap.
-                wy = ((torch.minimum(ry, th - 1 - ry) + 1) / ramp_len).clamp(max=1.0)
-                wx = ((torch.minimum(rx, tw - 1 - rx) + 1) / ramp_len).clamp(max=1.0)
-                w = (wy[:, None] * wx[None, :]).to(y.dtype)                  # (tile*scale, tile*scale)
-                if out is None:
-                    shape = (*y.shape[:2], int(H * scale), int(W * scale))
-                    out, weight = y.new_zeros(shape), y.new_zeros(shape[-2:])
-                oi, oj = int(i * scale), int(j * scale)
-                out[..., oi:oi + th, oj:oj + tw] += y * w
-                weight[oi:oi + th, oj:oj + tw] += w
-        return out / weight

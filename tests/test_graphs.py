@@ -1,4 +1,4 @@
-"""CUDA graphs (minisd/graphs.py) and graphed sampling (Pipeline(cuda_graph=True), sample.py --cuda-graph).
+"""CUDA graphs (minisd/perf/graphs.py) and graphed sampling (use_cuda_graph(pipe), sample.py --cuda-graph).
 
 CPU: the flag is refused off CUDA with a clear error (the Pipeline raises ValueError, sample.py prints one line and
 exits 2), and UNetGraphs keeps one recording per input signature.
@@ -19,12 +19,13 @@ import torch
 
 from conftest import ROOT, randomize, save_tiny_sdxl
 
-from minisd import pipeline as pipeline_module
 from minisd.config import TINY
 from minisd.formats import load_model
-from minisd.perf.graphs import CudaGraph
+from minisd.perf import graphs as graphs_module
+from minisd.perf.compile import compile_unet_blocks
+from minisd.perf.graphs import CudaGraph, UNetGraphs, use_cuda_graph
 from minisd.model import StableDiffusion
-from minisd.pipeline import Pipeline, UNetGraphs
+from minisd.pipeline import Pipeline
 
 
 def assert_same(a: torch.Tensor, b: torch.Tensor, what: str):
@@ -51,7 +52,7 @@ def sample(pipe: Pipeline, prompt, **kw):
 # ---------------------------------------------------------------------------------------------- CPU
 def test_pipeline_cuda_graph_needs_cuda():
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
-        Pipeline(StableDiffusion(TINY), device="cpu", cuda_graph=True)
+        use_cuda_graph(Pipeline(StableDiffusion(TINY), device="cpu"))
 
 
 @pytest.mark.parametrize("args", [["a red circle", "--model", "tiny-random"], []], ids=["prompt", "grid"])
@@ -77,7 +78,7 @@ def test_unet_graphs_one_recording_per_signature(monkeypatch):
         def __call__(self, *args):
             return self.fn(*args)
 
-    monkeypatch.setattr(pipeline_module, "CudaGraph", Eager)
+    monkeypatch.setattr(graphs_module, "CudaGraph", Eager)
     seen = []
 
     def unet(x, t, context, y=None):
@@ -107,11 +108,11 @@ def test_pipeline_loop_goes_through_unet_graphs(monkeypatch):
         def __call__(self, *args):
             return self.fn(*args)
 
-    monkeypatch.setattr(pipeline_module, "CudaGraph", Eager)
+    monkeypatch.setattr(graphs_module, "CudaGraph", Eager)
     pipe = Pipeline(randomize(StableDiffusion(TINY), 3, 0.05))
     kw = dict(prompt="a red circle", steps=3, sampler="dpmpp_2m", cfg_scale=5.0, seed=1, width=32, height=32)
     lat, img = sample(pipe, **kw)
-    pipe.graphs = UNetGraphs(pipe.model.unet)
+    pipe.graphs = pipe.run_unet = UNetGraphs(pipe.model.unet)
     lat_g, img_g = sample(pipe, **kw)
     assert len(pipe.graphs.graphs) == 1
     assert torch.equal(lat, lat_g) and np.array_equal(img, img_g)
@@ -123,7 +124,7 @@ def test_pipeline_loop_goes_through_unet_graphs(monkeypatch):
 def test_graphed_pipeline_gives_the_same_images(sampler):
     model = randomize(StableDiffusion(TINY), 3, 0.05)
     eager = Pipeline(model, device="cuda")
-    graphed = Pipeline(model, device="cuda", cuda_graph=True)
+    graphed = use_cuda_graph(Pipeline(model, device="cuda"))
     # 1st call: step 0 eager, step 1 recorded, later steps replayed; 2nd call (other prompt, same size): replays
     # only, with the new context loaded; 3rd call: another size, a second recording
     calls = [dict(prompt=["a red circle", "a blue square"], negative=["blurry", "dark"], seed=1),
@@ -143,7 +144,7 @@ def test_graphed_sdxl_pipeline_bf16_gives_the_same_images(tmp_path):
     """The SDXL path (vector conditioning y, zero negative context) in bf16."""
     model = randomize(load_model(save_tiny_sdxl(tmp_path / "sdxl")), 4, 0.05)
     eager = Pipeline(model, device="cuda", dtype=torch.bfloat16)
-    graphed = Pipeline(model, device="cuda", dtype=torch.bfloat16, cuda_graph=True)
+    graphed = use_cuda_graph(Pipeline(model, device="cuda", dtype=torch.bfloat16))
     for seed in (1, 2):
         kw = dict(prompt="a red circle", steps=5, sampler="dpmpp_2m", cfg_scale=5.0, seed=seed)
         lat_e, img_e = sample(eager, **kw)
@@ -217,13 +218,14 @@ def test_cuda_graph_training_step_matches_eager():
 
 @pytest.mark.gpu
 def test_compiled_graphed_pipeline_stays_close():
-    """Pipeline(compile=True, cuda_graph=True): Inductor fuses the elementwise work around matmuls and convs, which
+    """compile_unet_blocks + use_cuda_graph: Inductor fuses the elementwise work around matmuls and convs, which
     may round differently in the last bit, so the images are compared with a tolerance, not bitwise: fp32 latents
     within 3e-4 of the eager ones relative to their largest value after 6 DDIM steps (measured on an H100: 7e-5),
     and no pixel more than 1 level (of 255) apart."""
     model = randomize(StableDiffusion(TINY), 3, 0.05)
     eager = Pipeline(copy.deepcopy(model), device="cuda")
-    fast = Pipeline(model, device="cuda", cuda_graph=True, compile=True)
+    fast = use_cuda_graph(Pipeline(model, device="cuda"))
+    compile_unet_blocks(fast.model.unet)
     kw = dict(prompt="a red circle", steps=6, sampler="ddim", cfg_scale=5.0, seed=4)
     lat_e, img_e = sample(eager, **kw)
     lat_f, img_f = sample(fast, **kw)

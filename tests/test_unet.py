@@ -18,6 +18,7 @@ from conftest import REFERENCE, randomize
 from minisd.config import LDM_256, SD2_BASE, SD2_V, SD15, SDXL_BASE, TINY
 from minisd.formats.keys_unet import (diffusers_unet_config, unet_config_from_diffusers, unet_from_diffusers,
                               unet_name_pairs, unet_to_diffusers)
+from minisd.perf.checkpoint import set_gradient_checkpointing
 from minisd.unet import UNetModel, sdxl_vector_cond, timestep_embedding
 
 TOL = 1e-5
@@ -135,7 +136,7 @@ def test_gradient_checkpointing_same_gradients():
     t = torch.tensor(500.0)                       # one 0-dim timestep for the whole batch
     results = []
     for on in (False, True):
-        ours.gradient_checkpointing = on
+        set_gradient_checkpointing(ours, on)
         ours.zero_grad()
         xi = x.clone().requires_grad_(True)
         out = ours(xi, t, ctx, y=y)

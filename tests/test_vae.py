@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL as DiffusersVAE
 
 from minisd.config import VAEConfig
 from minisd.formats.keys_vae import vae_from_diffusers, vae_to_diffusers
+from minisd.perf.vae_memory import set_vae_memory, tiled
 from minisd.vae import AutoencoderKL
 
 TOL = 1e-5
@@ -105,7 +106,7 @@ def test_scaled_helpers_and_slicing():
         check("encode_latents", lat, lat_ref)
         check("decode_latents", ours.decode_latents(z), ref.decode(z / sf).sample)
         full_m, full_d = ours.encode(x).moments, ours.decode(z)
-        ours.slicing = True
+        set_vae_memory(ours, slicing=True)
         check("sliced encode", ours.encode(x).moments, full_m)
         check("sliced decode", ours.decode(z), full_d)
 
@@ -116,8 +117,8 @@ def test_tiling_blend_is_exact_for_local_maps():
     x = torch.randn(2, 3, 40, 56)
     up = lambda t: torch.nn.functional.interpolate(t, scale_factor=2.0) * 3  # noqa: E731
     down = lambda t: torch.nn.functional.avg_pool2d(t, 2)  # noqa: E731
-    check("tiled nearest x2", AutoencoderKL._tiled(up, x, 16, 4, 2), up(x))
-    check("tiled pool /2", AutoencoderKL._tiled(down, x, 16, 4, 0.5), down(x))
+    check("tiled nearest x2", tiled(up, x, 16, 4, 2), up(x))
+    check("tiled pool /2", tiled(down, x, 16, 4, 0.5), down(x))
 
 
 def test_tiling_shape_and_closeness():
@@ -125,10 +126,9 @@ def test_tiling_shape_and_closeness():
     x, z = torch.rand(1, 3, 64, 96) * 2 - 1, torch.randn(1, 4, 32, 48)
     with torch.no_grad():
         full_m, full_d = ours.encode(x).moments, ours.decode(z)
-        ours.tiling = True
-        ours.tile_latent, ours.tile_overlap = 24, 8                      # 2 x 3 overlapping tiles
+        set_vae_memory(ours, tiling=True, tile_latent=24, tile_overlap=8)   # 2 x 3 overlapping tiles
         tiled_m, tiled_d = ours.encode(x).moments, ours.decode(z)
-        ours.tile_overlap = 0                                            # hard seams for comparison
+        set_vae_memory(ours, tiling=True, tile_latent=24, tile_overlap=0)   # hard seams for comparison
         seams_d = ours.decode(z)
     assert tiled_m.shape == full_m.shape and tiled_d.shape == full_d.shape
     # GroupNorm statistics are per tile, so only closeness can be asked (relative L2 error; about

@@ -1,4 +1,6 @@
-"""Put adapters into any model, and take them out again: injection by module-name patterns, merge/unmerge,
+"""Appendix: adapter machinery (the layers themselves: lora.py, and lycoris.py here for LoHa / LoKr).
+
+Put adapters into any model, and take them out again: injection by module-name patterns, merge/unmerge,
 multipliers, weighted mixing of several adapters, SVD extraction of a LoRA from two models, safetensors save/load.
 
 Works on any nn.Module tree of nn.Linear / nn.Conv2d; nothing here knows about the UNet or the text encoders.

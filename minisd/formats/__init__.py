@@ -1,4 +1,8 @@
-"""Official layouts in: read a diffusers folder (and, through convert.py, single files) into minisd.
+"""Appendix: file formats. Official layouts in and out: diffusers folders (this file), single files
+(single_file.py), the name tables (keys_unet.py, keys_vae.py, keys_text.py, all through rename.py's strict
+rename), export (export.py) and LoRA file layouts (lora_files.py).
+
+This file reads a diffusers folder (and, through convert.py, single files) into minisd.
 
 A diffusers folder is `model_index.json` plus one subfolder per component, each with a
 `config.json` and weights named `diffusion_pytorch_model.safetensors` (UNet, VAE) or
@@ -21,9 +25,14 @@ from ..config import CLIPTextConfig, LDMBertConfig, ModelConfig, ScheduleConfig,
 from .keys_text import clip_from_hf, ldmbert_from_diffusers
 from .keys_unet import unet_config_from_diffusers, unet_from_diffusers
 from .keys_vae import vae_from_diffusers
-from ..model import ModelError, StableDiffusion, read_safetensors, text_encoder_file
+from ..model import (UNET_FILE, VAE_FILE, ModelError, StableDiffusion, read_safetensors, text_encoder_file,
+                     text_encoder_name)
 
-WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
+# The diffusers folder's weight file names, spelled here only: diffusers models (UNet, VAE) and transformers
+# models (text encoders), preferred in this order when a folder holds several variants.
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TRANSFORMERS_WEIGHTS = "model.safetensors"
+WEIGHT_NAMES = (DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS,
                 "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
                 "diffusion_pytorch_model.bin", "pytorch_model.bin")
 
@@ -117,7 +126,7 @@ def load_diffusers_folder(path: str) -> StableDiffusion:
     index = _read_json(os.path.join(path, "model_index.json"))
     if "bert" in index:
         family = "ldm"
-    elif "text_encoder_2" in index:
+    elif text_encoder_name(1) in index:
         family = "sdxl"
     else:
         family = None  # sd1 or sd2, told apart by the text encoder width below
@@ -132,7 +141,7 @@ def load_diffusers_folder(path: str) -> StableDiffusion:
         _read_json(os.path.join(path, "scheduler", "scheduler_config.json")))
 
     text_dirs = ["bert"] if family == "ldm" else (
-        ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"])
+        [text_encoder_name(0), text_encoder_name(1)] if family == "sdxl" else [text_encoder_name(0)])
     text_cfgs = []
     for i, sub in enumerate(text_dirs):
         d = _read_json(os.path.join(path, sub, "config.json"))
@@ -162,8 +171,7 @@ def load_diffusers_folder(path: str) -> StableDiffusion:
     unet_sd = read_weights(os.path.join(path, "unet"))
     raw = {f"unet/{k}": v for k, v in unet_sd.items()}
     raw.update({f"{os.path.basename(vae_dir)}/{k}": v for k, v in vae_sd.items()})
-    files = {"unet.safetensors": unet_from_diffusers(unet_sd, unet_cfg),
-             "vae.safetensors": vae_from_diffusers(vae_sd)}
+    files = {UNET_FILE: unet_from_diffusers(unet_sd, unet_cfg), VAE_FILE: vae_from_diffusers(vae_sd)}
     # What export needs to write this folder back exactly: naming conventions and unused tensors.
     extras, source = {}, {"format": "diffusers", "source": os.path.basename(os.path.normpath(path)),
                           "vae_attention": "legacy" if any(".query." in k for k in vae_sd) else "new",
@@ -187,7 +195,7 @@ def trace_by_storage(raw: dict, model: StableDiffusion) -> list:
     """[(source name, minisd parameter or 'ignored: ...')]: the name tables move tensors without
     copying them (a reshape is a view), so a source tensor and the parameter it became share memory."""
     comps = [("unet", model.unet), ("vae", model.vae)] + [
-        ("text_encoder" if i == 0 else f"text_encoder_{i + 1}", te) for i, te in enumerate(model.text_encoders)]
+        (text_encoder_name(i), te) for i, te in enumerate(model.text_encoders)]
     where = {}
     for comp, module in comps:
         for name, t in module.state_dict().items():
@@ -221,7 +229,7 @@ def load_model(path: str) -> StableDiffusion:
                 return load_minisd_folder(path)
             if is_diffusers_folder(path):
                 return load_diffusers_folder(path)
-            raise ModelError(f"{path}: neither a minisd folder (config.json + unet.safetensors) "
+            raise ModelError(f"{path}: neither a minisd folder (config.json + {UNET_FILE}) "
                              "nor a diffusers folder (model_index.json)")
         from .single_file import load_single_file
         return load_single_file(path)[0]
@@ -253,7 +261,7 @@ def read_vae(path: str) -> tuple[dict, dict]:
             path = os.path.join(path, "vae")
         if is_minisd_folder(path):
             vae_cfg = _read_json(os.path.join(path, "config.json")).get("vae", {})
-            return read_safetensors(os.path.join(path, "vae.safetensors")), {
+            return read_safetensors(os.path.join(path, VAE_FILE)), {
                 "force_upcast": vae_cfg.get("force_upcast"), "scale_factor": vae_cfg.get("scale_factor")}
         d = _read_json(os.path.join(path, "config.json"))
         return vae_from_diffusers(read_weights(path)), {"force_upcast": d.get("force_upcast"),

@@ -17,7 +17,8 @@ from ..config import CLIPTextConfig, ModelConfig
 from .keys_text import ldmbert_to_diffusers
 from .keys_unet import diffusers_unet_config, unet_to_diffusers
 from .keys_vae import vae_to_diffusers
-from ..model import StableDiffusion, atomic_folder, read_extras
+from ..model import StableDiffusion, atomic_folder, read_extras, text_encoder_name
+from . import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS
 from .single_file import join_checkpoint
 
 
@@ -28,7 +29,7 @@ def _contiguous(sd: dict) -> dict:
 def components(model: StableDiffusion) -> dict:
     out = {"unet": model.unet.state_dict(), "vae": model.vae.state_dict()}
     for i, te in enumerate(model.text_encoders):
-        out["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = te.state_dict()
+        out[text_encoder_name(i)] = te.state_dict()
     return out
 
 
@@ -110,20 +111,20 @@ def export_diffusers(model: StableDiffusion, dest: str, folder: str | None = Non
         vae_sub = "vqvae" if ldm else "vae"
         _write(tmp, "unet", {"_class_name": "UNet2DConditionModel", **diffusers_unet_config(cfg.unet),
                              "sample_size": cfg.resolution // model.vae_scale},
-               unet_to_diffusers(model.unet.state_dict(), cfg.unet), "diffusion_pytorch_model.safetensors")
+               unet_to_diffusers(model.unet.state_dict(), cfg.unet), DIFFUSERS_WEIGHTS)
         _write(tmp, vae_sub, vae_diffusers_config(cfg),
                vae_to_diffusers(model.vae.state_dict(), attention_names="legacy" if legacy_vae else "new"),
-               "diffusion_pytorch_model.safetensors")
+               DIFFUSERS_WEIGHTS)
         index = {"_class_name": "LDMTextToImagePipeline" if ldm else (
             "StableDiffusionXLPipeline" if cfg.family == "sdxl" else "StableDiffusionPipeline"),
             "unet": ["diffusers", "UNet2DConditionModel"], vae_sub: ["diffusers", "AutoencoderKL"],
             "scheduler": ["diffusers", scheduler_config(cfg)["_class_name"]]}
         for i, (t, te, tok) in enumerate(zip(cfg.text_encoders, model.text_encoders, model.tokenizers)):
-            sub = "bert" if ldm else ("text_encoder" if i == 0 else f"text_encoder_{i + 1}")
+            sub = "bert" if ldm else text_encoder_name(i)
             tok_sub = "tokenizer" if i == 0 else f"tokenizer_{i + 1}"
             sd = te.state_dict()
             if ldm:
-                _write(tmp, sub, ldmbert_hf_config(t), ldmbert_to_diffusers(sd), "model.safetensors")
+                _write(tmp, sub, ldmbert_hf_config(t), ldmbert_to_diffusers(sd), TRANSFORMERS_WEIGHTS)
                 index[sub] = ["latent_diffusion", "LDMBertModel"]
                 index[tok_sub] = ["transformers", "BertTokenizer"]
             else:
@@ -131,7 +132,7 @@ def export_diffusers(model: StableDiffusion, dest: str, folder: str | None = Non
                 sd.update({k.split("/", 1)[1]: v for k, v in extras.items() if k.startswith(sub + "/")})
                 if i < len(prefixes) and not prefixes[i]:   # transformers >= 5 writes no `text_model.`
                     sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in sd.items()}
-                _write(tmp, sub, clip_hf_config(t), sd, "model.safetensors")
+                _write(tmp, sub, clip_hf_config(t), sd, TRANSFORMERS_WEIGHTS)
                 index[sub] = ["transformers", "CLIPTextModelWithProjection" if t.projection_dim else "CLIPTextModel"]
                 index[tok_sub] = ["transformers", "CLIPTokenizer"]
             tok.save(os.path.join(tmp, tok_sub))

@@ -17,8 +17,8 @@ OpenCLIP -> HF CLIP is the one real rename besides plain name pairs:
     we build 23 blocks and ignore block 23 (so do diffusers' folders). `logit_scale` (the image-text
     contrastive temperature) has no use in a text encoder.
 
-Every function is strict: a source tensor is renamed or ignored with a reason (returned as
-{name: reason}), never silently dropped; a name the table does not know, or a parameter the table
+Every function is strict (rename.py): a source tensor is renamed or ignored with a reason (returned
+as {name: reason}), never silently dropped; a name the table does not know, or a parameter the table
 cannot fill, raises KeyError listing the first few names. Tensors are moved as views where possible
 (renames, the q/k/v split), not copied.
 """
@@ -29,25 +29,10 @@ import re
 import torch
 
 from ..config import CLIPTextConfig
+from .rename import check_names, count_index, strict_rename
 
 TEXT_MODEL = "text_model."
 POSITION_IDS = "text_model.embeddings.position_ids"
-
-
-def _check(leftover, missing, what: str) -> None:
-    """KeyError naming the first few source tensors nothing consumed, or parameters nothing filled."""
-    for label, names in (("unexpected", sorted(leftover)), ("missing", sorted(missing))):
-        if names:
-            more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
-            raise KeyError(f"{what}: {label} tensors: {', '.join(names[:5])}{more}")
-
-
-def _rename(sd: dict, pairs, what: str) -> dict:
-    """{ours: sd[theirs]} for every (ours, theirs) pair; every source name used, every pair found."""
-    pairs = list(pairs)
-    missing = [theirs for _, theirs in pairs if theirs not in sd]
-    _check(set(sd) - {theirs for _, theirs in pairs}, missing, what)
-    return {ours: sd[theirs] for ours, theirs in pairs}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +82,7 @@ def clip_from_openclip(sd: dict, cfg: CLIPTextConfig) -> tuple[dict, dict]:
     src = {k: v for k, v in sd.items() if k not in ignored}
     special = [f"{fused}_{p}" for _, fused in qkv_pairs(cfg) for p in ("weight", "bias")]
     special += ["text_projection"] if cfg.projection_dim else []
-    _check([], [n for n in special if n not in src], "OpenCLIP text encoder")
+    check_names("OpenCLIP text encoder", missing=[n for n in special if n not in src])
     out = {}
     for ours, fused in qkv_pairs(cfg):
         for p in ("weight", "bias"):
@@ -106,7 +91,8 @@ def clip_from_openclip(sd: dict, cfg: CLIPTextConfig) -> tuple[dict, dict]:
                 out[f"{name}.{p}"] = part
     if cfg.projection_dim:
         out["text_projection.weight"] = src.pop("text_projection").T.contiguous()   # [D, P] -> [P, D]
-    out.update(_rename(src, openclip_pairs(cfg), "OpenCLIP text encoder"))
+    renames = ((theirs, ours) for ours, theirs in openclip_pairs(cfg))
+    out.update(strict_rename(src, renames, "OpenCLIP text encoder"))
     return out, ignored
 
 
@@ -117,7 +103,7 @@ def clip_to_openclip(sd: dict, cfg: CLIPTextConfig) -> dict:
     src.pop(POSITION_IDS, None)          # tolerated: some state dicts still carry the old buffer
     special = [f"{o}.{p}" for ours, _ in qkv_pairs(cfg) for o in ours for p in ("weight", "bias")]
     special += ["text_projection.weight"] if cfg.projection_dim else []
-    _check([], [n for n in special if n not in src], "CLIP -> OpenCLIP")
+    check_names("CLIP -> OpenCLIP", missing=[n for n in special if n not in src])
     out = {}
     for ours, fused in qkv_pairs(cfg):
         for p in ("weight", "bias"):
@@ -125,7 +111,7 @@ def clip_to_openclip(sd: dict, cfg: CLIPTextConfig) -> dict:
             out[f"{fused}_{p}"] = torch.cat([src.pop(f"{o}.{p}") for o in ours])
     if cfg.projection_dim:
         out["text_projection"] = src.pop("text_projection.weight").T.contiguous()   # [P, D] -> [D, P]
-    out.update(_rename(src, ((theirs, ours) for ours, theirs in openclip_pairs(cfg)), "CLIP -> OpenCLIP"))
+    out.update(strict_rename(src, openclip_pairs(cfg), "CLIP -> OpenCLIP"))
     return out
 
 
@@ -153,7 +139,7 @@ def clip_from_hf(sd: dict) -> tuple[dict, dict]:
             out[name] = v
         else:
             unknown.append(k)
-    _check(unknown, [], "CLIP text encoder")
+    check_names("CLIP text encoder", unexpected=unknown)
     return out, ignored
 
 
@@ -183,19 +169,13 @@ def ldmbert_pairs(n_layer: int):
         yield f"transformer.to_logits.{p}", f"to_logits.{p}"
 
 
-def _count(names, pattern: str) -> int:
-    """1 + the largest index captured by `pattern` among the names (0 if none match)."""
-    found = [int(m.group(1)) for n in names if (m := re.match(pattern, n))]
-    return max(found) + 1 if found else 0
-
-
 def ldmbert_from_diffusers(sd: dict) -> dict:
     """diffusers `bert/` state dict (LDMBertModel) -> ours. The layer count comes from the names."""
-    n = _count(sd, r"model\.layers\.(\d+)\.")
-    return _rename(sd, ldmbert_pairs(n), "LDMBert (diffusers)")
+    n = count_index(sd, r"model\.layers\.(\d+)\.")
+    return strict_rename(sd, ((theirs, ours) for ours, theirs in ldmbert_pairs(n)), "LDMBert (diffusers)")
 
 
 def ldmbert_to_diffusers(sd: dict) -> dict:
     """Ours -> diffusers `bert/` names."""
-    n = _count(sd, r"transformer\.attn_layers\.layers\.(\d+)\.")
-    return _rename(sd, ((theirs, ours) for ours, theirs in ldmbert_pairs((n + 1) // 2)), "LDMBert -> diffusers")
+    n = count_index(sd, r"transformer\.attn_layers\.layers\.(\d+)\.")
+    return strict_rename(sd, ldmbert_pairs((n + 1) // 2), "LDMBert -> diffusers")

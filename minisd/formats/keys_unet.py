@@ -13,12 +13,14 @@ from the config; a tensor name is its module name + `.weight` / `.bias`. How the
     (diffusers' `use_linear_projection` = our `use_linear_in_transformer`); a conv weight arriving
     where a Linear is configured (or back) is reshaped on import.
 
-Strictness: every source tensor must be consumed and every module of the table filled (weight, and
-bias except for the bias-free q/k/v); otherwise a KeyError lists the first offending names.
+Strictness (rename.py's `strict_rename`): every source tensor must be consumed and every module of the
+table filled (weight, and bias except for the bias-free q/k/v); otherwise a KeyError lists the first
+offending names.
 """
 from __future__ import annotations
 
 from ..config import UNetConfig
+from .rename import strict_rename, tensor_pairs
 
 # ResBlock: ours -> diffusers ResnetBlock2D, inside `input_blocks.i.0` / `down_blocks.l.resnets.j`.
 RESBLOCK = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
@@ -83,43 +85,30 @@ def unet_name_pairs(cfg: UNetConfig) -> list[tuple[str, str]]:
     return pairs
 
 
-def _convert(sd: dict, table: dict, what: str, fix=None) -> dict:
-    """Rename every tensor of `sd` through {source module: target module}; strict both ways."""
-    out, unknown = {}, []
-    for name, tensor in sd.items():
-        module, _, param = name.rpartition(".")
-        target = table.get(module)
-        if target is None or param not in ("weight", "bias"):
-            unknown.append(name)
-            continue
-        out[f"{target}.{param}"] = fix(target, param, tensor) if fix else tensor
-    if unknown:
-        raise KeyError(f"{what}: {len(unknown)} unconsumed tensors, first: {unknown[:5]}")
-    missing = [f"{m}.{p}" for m in table for p in ("weight", "bias")
-               if f"{m}.{p}" not in sd and not (p == "bias" and m.endswith(NO_BIAS))]
-    if missing:
-        raise KeyError(f"{what}: {len(missing)} missing tensors, first: {missing[:5]}")
-    return out
+def _bias_free(name: str) -> bool:
+    """The attention's q/k/v Linear layers have no bias: their `.bias` pair is optional."""
+    module, _, param = name.rpartition(".")
+    return param == "bias" and module.endswith(NO_BIAS)
 
 
 def unet_from_diffusers(sd: dict, cfg: UNetConfig) -> dict:
     """diffusers UNet2DConditionModel state dict -> ours (the same tensor objects, renamed)."""
-    table = {theirs: ours for ours, theirs in unet_name_pairs(cfg)}
+    pairs = tensor_pairs((theirs, ours) for ours, theirs in unet_name_pairs(cfg))
 
-    def fix(ours, param, t):  # proj_in/out stored as the other kind than configured: reshape
-        if param == "weight" and ours.endswith(("proj_in", "proj_out")):
+    def fix(_, ours, t):  # proj_in/out stored as the other kind than configured: reshape
+        if ours.endswith(("proj_in.weight", "proj_out.weight")):
             if cfg.use_linear_in_transformer and t.ndim == 4:
                 return t.reshape(t.shape[:2])                 # [C, C, 1, 1] -> [C, C]
             if not cfg.use_linear_in_transformer and t.ndim == 2:
                 return t.reshape(*t.shape, 1, 1)              # [C, C] -> [C, C, 1, 1]
         return t
 
-    return _convert(sd, table, "unet_from_diffusers", fix)
+    return strict_rename(sd, pairs, "unet_from_diffusers", optional=_bias_free, fix=fix)
 
 
 def unet_to_diffusers(sd: dict, cfg: UNetConfig) -> dict:
     """Our UNet state dict -> diffusers UNet2DConditionModel names."""
-    return _convert(sd, dict(unet_name_pairs(cfg)), "unet_to_diffusers")
+    return strict_rename(sd, tensor_pairs(unet_name_pairs(cfg)), "unet_to_diffusers", optional=_bias_free)
 
 
 # ---------------------------------------------------------------------------------------------

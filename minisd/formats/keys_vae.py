@@ -11,14 +11,14 @@ is its module name + `.weight` / `.bias`. Three things are not plain renames:
         legacy : query, key, value, proj_attn (older files: SD1.5 fp32, SD2.1, LDM-256 `vqvae/`)
     `group_norm` is the same in both.
 
-Strictness: every source tensor must be consumed, and every module of the table present (the
-`nin_shortcut` 1x1 convs exist only where a ResNet changes width, so they are optional); otherwise
-a KeyError lists the first offending names. The level / block counts come from the names themselves.
+Strictness (rename.py's `strict_rename`): every source tensor must be consumed, and every module of the
+table present (the `nin_shortcut` 1x1 convs exist only where a ResNet changes width, so they are
+optional); otherwise a KeyError lists the first offending names. The level / block counts come from
+the names themselves.
 """
 from __future__ import annotations
 
-import re
-
+from .rename import count_index, strict_rename, tensor_pairs
 
 # ours -> (new diffusers name, legacy diffusers name), inside `mid.attn_1` / `mid_block.attentions.0`.
 ATTENTION_NAMES = {
@@ -73,59 +73,39 @@ def module_pairs(levels: int, blocks: int, legacy: bool = False):
     yield "decoder.conv_out", "decoder.conv_out"
 
 
-def _count(names, pattern: str) -> int:
-    """1 + the largest index captured by `pattern` among the names (0 if none match)."""
-    found = [int(m.group(1)) for n in names if (m := re.match(pattern, n))]
-    return max(found) + 1 if found else 0
+def _is_linear_weight(ours: str) -> bool:
+    """Our tensor `ours` is a mid-attention 1x1 conv weight that diffusers stores as a Linear weight."""
+    module, _, param = ours.rpartition(".")
+    return param == "weight" and module.rsplit(".", 1)[-1] in LINEAR_IN_DIFFUSERS and ".mid.attn_1." in module
 
 
-def _is_linear_weight(ours_module: str, param: str) -> bool:
-    return param == "weight" and ours_module.rsplit(".", 1)[-1] in LINEAR_IN_DIFFUSERS \
-        and ".mid.attn_1." in ours_module
-
-
-def _convert(sd: dict, table: dict, what: str, reshape) -> dict:
-    """Rename every tensor of `sd` through the module table {source module: target module}."""
-    out, unknown = {}, []
-    for name, tensor in sd.items():
-        module, _, param = name.rpartition(".")
-        target = table.get(module)
-        if target is None:
-            unknown.append(name)
-            continue
-        out[f"{target}.{param}"] = reshape(module, target, param, tensor)
-    if unknown:
-        raise KeyError(f"{what}: {len(unknown)} unconsumed tensors, first: {unknown[:5]}")
-    # Every module but the optional shortcuts must have arrived with its weight and bias.
-    missing = [f"{m}.{p}" for m in table if not m.endswith(("nin_shortcut", "conv_shortcut"))
-               for p in ("weight", "bias") if f"{m}.{p}" not in sd]
-    if missing:
-        raise KeyError(f"{what}: {len(missing)} missing tensors, first: {missing[:5]}")
-    return out
+def _shortcut(name: str) -> bool:
+    """The 1x1 shortcut convs exist only where a ResNet changes width: their pairs are optional."""
+    return name.rpartition(".")[0].endswith(("nin_shortcut", "conv_shortcut"))
 
 
 def vae_from_diffusers(sd: dict) -> dict:
     """diffusers AutoencoderKL state dict (either attention naming) -> ours."""
     legacy = any(".mid_block.attentions.0.query." in k for k in sd)
-    levels = _count(sd, r"encoder\.down_blocks\.(\d+)\.")
-    blocks = _count(sd, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
-    table = {theirs: ours for ours, theirs in module_pairs(levels, blocks, legacy)}
+    levels = count_index(sd, r"encoder\.down_blocks\.(\d+)\.")
+    blocks = count_index(sd, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
+    pairs = tensor_pairs((theirs, ours) for ours, theirs in module_pairs(levels, blocks, legacy))
 
-    def reshape(_, ours, param, t):  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
-        return t.reshape(*t.shape[:2], 1, 1) if _is_linear_weight(ours, param) else t
+    def reshape(_, ours, t):  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
+        return t.reshape(*t.shape[:2], 1, 1) if _is_linear_weight(ours) else t
 
-    return _convert(sd, table, "vae_from_diffusers", reshape)
+    return strict_rename(sd, pairs, "vae_from_diffusers", optional=_shortcut, fix=reshape)
 
 
 def vae_to_diffusers(sd: dict, attention_names: str = "new") -> dict:
     """Our state dict -> diffusers AutoencoderKL names; attention_names "new" (to_q ...) or "legacy"."""
     if attention_names not in ("new", "legacy"):
         raise ValueError(f"attention_names must be 'new' or 'legacy', not {attention_names!r}")
-    levels = _count(sd, r"encoder\.down\.(\d+)\.")
-    blocks = _count(sd, r"encoder\.down\.0\.block\.(\d+)\.")
-    table = dict(module_pairs(levels, blocks, attention_names == "legacy"))
+    levels = count_index(sd, r"encoder\.down\.(\d+)\.")
+    blocks = count_index(sd, r"encoder\.down\.0\.block\.(\d+)\.")
+    pairs = tensor_pairs(module_pairs(levels, blocks, attention_names == "legacy"))
 
-    def reshape(ours, _, param, t):  # 1x1 conv [C, C, 1, 1] -> Linear [C, C]
-        return t.reshape(t.shape[:2]) if _is_linear_weight(ours, param) else t
+    def reshape(ours, _, t):  # 1x1 conv [C, C, 1, 1] -> Linear [C, C]
+        return t.reshape(t.shape[:2]) if _is_linear_weight(ours) else t
 
-    return _convert(sd, table, "vae_to_diffusers", reshape)
+    return strict_rename(sd, pairs, "vae_to_diffusers", optional=_shortcut, fix=reshape)

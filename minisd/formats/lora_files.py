@@ -35,6 +35,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, safe_open, save_file
 
 from .. import adapters
+from ..model import text_encoder_name
 from .keys_unet import unet_name_pairs
 
 ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
@@ -45,7 +46,7 @@ def _te_prefixes(model) -> list[tuple[str, str, str]]:
     """(minisd prefix, kohya prefix, diffusers prefix) of each text encoder."""
     n = len(model.text_encoders)
     kohya = ["lora_te"] if n == 1 else [f"lora_te{i + 1}" for i in range(n)]
-    diff = ["text_encoder" if i == 0 else f"text_encoder_{i + 1}" for i in range(n)]
+    diff = [text_encoder_name(i) for i in range(n)]
     return [(f"text_encoders.{i}.", kohya[i], diff[i]) for i in range(n)]
 
 

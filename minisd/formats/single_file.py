@@ -25,7 +25,8 @@ import torch
 
 from ..config import LDM_256, SD2_BASE, SD2_V, SD15, SDXL_BASE, ModelConfig
 from .keys_text import clip_from_hf, clip_from_openclip, clip_to_openclip, openclip_pairs, qkv_pairs
-from ..model import ModelError, read_safetensors
+from ..model import UNET_FILE, VAE_FILE, ModelError, read_safetensors, text_encoder_file, text_encoder_name
+from .rename import check_names
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 TEXT_PREFIXES = {
@@ -133,7 +134,7 @@ def split_checkpoint(sd: dict, family: str, cfg: ModelConfig, ema: bool | None =
         raise ModelError("--ema asked for, but the file holds no EMA weights")
     text_prefixes = TEXT_PREFIXES[family]
     text_raw = [{} for _ in text_prefixes]
-    extras = {}
+    extras, unrouted = {}, []
     for k, v in sd.items():
         if k in IGNORED:
             trace.append((k, f"ignored: {IGNORED[k]}"))
@@ -156,15 +157,15 @@ def split_checkpoint(sd: dict, family: str, cfg: ModelConfig, ema: bool | None =
                     text_raw[i][k[len(p):]] = v
                     break
             else:
-                raise ModelError(f"unexpected tensor '{k}' in a {family} checkpoint")
+                unrouted.append(k)
+    check_names(f"a {family} checkpoint", unexpected=unrouted, error=ModelError)
     if use_ema:
+        check_names("EMA copies of the UNet", missing=[ema_name(n) for n in comps["unet"] if ema_name(n) not in sd],
+                    error=ModelError)
         for name in list(comps["unet"]):
-            src = ema_name(name)
-            if src not in sd:
-                raise ModelError(f"EMA copy of unet.{name} missing ('{src}')")
-            comps["unet"][name] = sd[src]
+            comps["unet"][name] = sd[ema_name(name)]
     for i, (p, raw) in enumerate(zip(text_prefixes, text_raw)):
-        comp = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+        comp = text_encoder_name(i)
         tcfg = cfg.text_encoders[i]
         if family == "ldm":
             out, ignored = raw, {}
@@ -220,7 +221,7 @@ def join_checkpoint(components: dict, family: str, cfg: ModelConfig, extras: dic
     out.update({UNET + k: v for k, v in components["unet"].items()})
     out.update({VAE + k: v for k, v in components["vae"].items()})
     for i, p in enumerate(TEXT_PREFIXES[family]):
-        comp = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+        comp = text_encoder_name(i)
         sd = components[comp]
         if p.endswith(".model."):
             sd = clip_to_openclip(sd, cfg.text_encoders[i])
@@ -245,10 +246,9 @@ def load_single_file(path: str, family: str | None = None, prediction: str | Non
     split = split_checkpoint(sd, fam, cfg, ema=ema)
     with torch.device("meta"):
         model = StableDiffusion(cfg)
-    files = {"unet.safetensors": split.components["unet"], "vae.safetensors": split.components["vae"]}
+    files = {UNET_FILE: split.components["unet"], VAE_FILE: split.components["vae"]}
     for i in range(len(cfg.text_encoders)):
-        comp = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
-        files[f"{comp}.safetensors"] = split.components[comp]
+        files[text_encoder_file(i)] = split.components[text_encoder_name(i)]
     model.load_components(files)  # keeps the source dtype (an fp16 file stays fp16)
     model.extras = split.extras
     model.source = {"format": "single-file", "source": os.path.basename(path), "ema_used": split.ema_used}

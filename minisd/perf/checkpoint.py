@@ -3,7 +3,12 @@ storing its activations, and run it again inside backward to get them. Memory fo
 intermediate of the block" to "the block's inputs"; the price is one extra forward of the block. (Measured on an
 H100: 8 MLP blocks of width 256 on a 64x128-token batch, forward peak 711 MB plain, 96 MB checkpointed.)
 
+What it changes: nothing in the forward (the same operations on the same inputs: outputs are bit for bit equal);
+gradients only in rounding order (the recompute's inner backward sums some of them in another order, ~1e-7
+relative in fp32: tests/test_unet.py).
+
     y = checkpoint(block, x, context=c)     # instead of y = block(x, context=c)
+    set_gradient_checkpointing(unet, True)  # every block of a UNetModel, applied from outside the chapter
 
 Two things make a checkpoint correct, and both are classic bugs:
 
@@ -29,6 +34,8 @@ import functools
 
 import torch
 import torch.nn as nn
+
+from ..unet import TimestepEmbedSequential, UNetModel
 
 # An empty leaf that requires grad: passed to every CheckpointFunction so its outputs always require grad (point 2).
 _ANCHOR = torch.empty(0, requires_grad=True)
@@ -123,7 +130,7 @@ def checkpoint(fn, *args, preserve_rng_state: bool = True, **kwargs):
     if not torch.is_grad_enabled():
         return fn(*args, **kwargs)
     if preserve_rng_state and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        # Recording a CUDA graph (minisd/graphs.py): generator states cannot be read or set then (each replay
+        # Recording a CUDA graph (minisd/perf/graphs.py): generator states cannot be read or set then (each replay
         # advances them instead), so there is nothing to save. Recorders must keep random ops out of checkpointed
         # blocks (the trainer refuses --cuda-graph with dropout + checkpointing).
         preserve_rng_state = False
@@ -134,3 +141,30 @@ def checkpoint(fn, *args, preserve_rng_state: bool = True, **kwargs):
     def run(*flat):  # keyword tensors travel as positional ones so that they are saved and get gradients
         return fn(*flat[:n], **dict(zip(keys, flat[n:])))
     return CheckpointFunction.apply(run, preserve_rng_state, _ANCHOR, *values)
+
+
+# ------------------------------------------------------------------------------------------- the UNet's blocks
+class CheckpointedBlock(TimestepEmbedSequential):
+    """A UNet block whose every call with grad enabled goes through `checkpoint`. The same modules under the same
+    names (the state-dict keys do not change); only the class differs, so copies (EMA: copy.deepcopy) and pickles
+    keep the behaviour. `__call__` rather than `forward` is overridden so that the checkpoint wraps the whole module
+    call, a block compiled by perf/compile.py included (torch.compile replaces what `Module.__call__` runs)."""
+
+    def __call__(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            return checkpoint(super().__call__, *args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+def set_gradient_checkpointing(unet: UNetModel, on: bool) -> None:
+    """Recompute every block of the U (input, middle and output blocks) in backward instead of storing its
+    activations, or stop doing so. Recorded as `unet.gradient_checkpointing` (a plain attribute, not in the state
+    dict) for code that asks."""
+    for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
+        if block is None:
+            continue
+        if on and not isinstance(block, CheckpointedBlock):
+            block.__class__ = CheckpointedBlock
+        elif not on and isinstance(block, CheckpointedBlock):
+            block.__class__ = TimestepEmbedSequential
+    unet.gradient_checkpointing = on

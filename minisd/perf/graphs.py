@@ -1,5 +1,10 @@
 """CUDA graphs: record the kernels of one call once, then replay them with a single launch.
 
+What it changes: nothing in the numbers. The replay runs the same kernels with the same arguments in the same
+order as the eager call (same shapes, library heuristics and workspaces), only launched from a recording:
+sampled images are bit for bit the eager ones (tests/test_graphs.py). Used by sample.py --cuda-graph
+(`use_cuda_graph`: the Pipeline's UNet call), train.py --cuda-graph (a micro-batch's forward + backward) and bench/.
+
 Why. A Stable Diffusion UNet call is several thousand small kernels (every norm, activation, add and dtype cast is
 one). From Python each costs ~5-20 µs to launch, so for small batches the GPU waits on the CPU: an SDXL LoRA step
 at 1024 px holds ~95 ms of GPU work in ~400 ms of wall time (bench/NOTES.md). A CUDA graph is a recording of those
@@ -33,6 +38,7 @@ from typing import Callable
 import torch
 
 from ..trainer import Draws
+from ..pipeline import Pipeline
 
 
 class CudaGraph:
@@ -219,3 +225,55 @@ class _HandedDraws:
 
     def randn(self, shape, dtype=torch.float32):
         return self._take("randn", (tuple(shape), dtype))
+
+
+# ------------------------------------------------------------------------------------------- graphed sampling
+class UNetGraphs:
+    """unet(x, t, context, y=None), each call replayed from a CUDA graph; one graph per input signature (shape and
+    dtype of x, t and context; y given or not, and its shape), so calls of the sizes seen before reuse their
+    recording. Per signature the first call runs eagerly (cuDNN / cuBLAS pick their algorithms), the second records
+    and replays, every later one copies its inputs in and replays. Used by `use_cuda_graph` and by the
+    minisd sampling benchmark (bench/sampling.py).
+
+    Each graph keeps a private memory pool of about one UNet forward's activations (plus its input buffers) until
+    `clear()` or until this object goes. The recording fixes everything Python decided during it: after swapping
+    modules, rebinding parameters (`p.data = ...`) or changing Python-side settings the UNet reads (a LoRA scale),
+    call `clear()`. Weights updated in place (`load_state_dict`, `copy_`) are seen by the next replay."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet = unet
+        self.graphs: dict[tuple, CudaGraph] = {}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None):
+        key = tuple(None if a is None else (tuple(a.shape), a.dtype) for a in (x, t, context, y))
+        graph = self.graphs.get(key)
+        if graph is None:
+            # one eager warm-up call is enough for inference (no autograd state to initialise)
+            graph = self.graphs[key] = CudaGraph(self._forward, warmup=1)
+        # CudaGraph's buffers, streams and recording use the current CUDA device: make it x's (cuda:1 too)
+        with torch.cuda.device(x.get_device()):                      # -1 (a CPU tensor): no switch
+            return graph(x, t, context, y)
+
+    def _forward(self, x, t, context, y):
+        return self.unet(x, t, context, y=y)
+
+    def clear(self) -> None:
+        """Drop every recording and its memory pool."""
+        self.graphs.clear()
+
+
+def use_cuda_graph(pipe: Pipeline) -> Pipeline:
+    """Replay the UNet call of the pipeline's denoising loop (`pipe.run_unet`) from CUDA graphs (`UNetGraphs`,
+    kept as `pipe.graphs`); sample.py --cuda-graph. It removes the Python and launch overhead of the UNet's several
+    thousand small kernels, which dominates for small batches, small images and many steps (SD1.5, 512 px, batch 1
+    on an H100: 31.5 -> 76.7 UNet it/s, bench/NOTES.md); large SDXL images gain less, their kernels are long
+    already. Same kernels, same order: the images do not change. Costs: the first call of each size (batch,
+    width x height, guidance on/off) runs one step eagerly and records at the second, which takes about one extra
+    step; each recorded size keeps a private memory pool of about one UNet forward's activations while the
+    pipeline lives (`pipe.graphs.clear()` frees them). CUDA devices only. With `compile_unet_blocks`
+    (perf/compile.py) on top, the recorded kernels are the compiled ones. Returns the pipeline."""
+    if pipe.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device, not {str(pipe.device)!r}")
+    pipe.graphs = UNetGraphs(pipe.model.unet)
+    pipe.run_unet = pipe.graphs          # an instance attribute: the loop's `self.run_unet(...)` now replays
+    return pipe

@@ -1,5 +1,5 @@
 """AdamW with 8-bit optimizer state, in plain PyTorch (no bitsandbytes, no hand-written kernels, runs on any device;
-on CUDA the update is fused into a few kernels by torch.compile).
+on CUDA the update is fused into a few kernels by torch.compile, which changes only rounding order: see Speed).
 
 AdamW (Loshchilov & Hutter 2019, Algorithm 2, with Adam's bias correction, Kingma & Ba 2015):
 

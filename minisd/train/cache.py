@@ -126,7 +126,8 @@ def cache_latents(trainer) -> LatentCache:
     if cfg.cache_dir:
         path = os.path.join(cfg.cache_dir, "latents.safetensors")
         fp = fingerprint({"kind": "latents", "version": VERSION, "vae": module_digest(vae), "flips": len(flips),
-                          "tiling": [vae.tiling, vae.tile_latent, vae.tile_overlap] if vae.tiling else False,
+                          "tiling": [vae.tiling, vae.tile_latent, vae.tile_overlap] if getattr(vae, "tiling", False)
+                          else False,  # perf/vae_memory.py's settings, where set
                           "images": [[os.path.abspath(ex.path), file_digest(ex.path), *ds.targets[k]]
                                      for k, ex in enumerate(ds.examples)]})
         stored = read_cache(path, fp, trainer.log)

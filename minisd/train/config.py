@@ -105,7 +105,7 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "recompute UNet blocks in backward (less memory, ~30%% slower)")
     cuda_graph: bool = opt(False, "record the forward + backward of a micro-batch once as a CUDA graph and replay it "
                                   "(removes the launch overhead that dominates small batches; needs CUDA, fixed "
-                                  "shapes: no --buckets, no fp16, no --module-dropout; minisd/graphs.py)")
+                                  "shapes: no --buckets, no fp16, no --module-dropout; minisd/perf/graphs.py)")
     compile: bool = opt(False, "torch.compile each UNet block and the VAE encoder: Inductor fuses the norms, "
                                "activations, adds and casts around the convs and matmuls, and saves less for backward. "
                                "The first steps compile (minutes on a GPU); with --cuda-graph the fastest path")
@@ -177,7 +177,7 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         if self.bucket_min and self.bucket_max and self.bucket_min > self.bucket_max:
             raise ValueError("--bucket-min must be <= --bucket-max")
-        if self.cuda_graph:  # what a recorded step cannot do (minisd/graphs.py); the device is checked by Trainer
+        if self.cuda_graph:  # what a recorded step cannot do (minisd/perf/graphs.py); the device is checked by Trainer
             if self.buckets:
                 raise ValueError("--cuda-graph needs one image shape: drop --buckets (a graph replays fixed shapes)")
             if self.mixed_precision == "fp16":

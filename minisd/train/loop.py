@@ -32,8 +32,10 @@ from ..formats import load_model, load_vae
 from ..perf.graphs import StepGraph
 from ..perf.profiler import StageTimer
 from ..schedule import NoiseSchedule
-from ..trainer import (TARGETS, TE_TARGETS, Draws, MicroBatch, compile_for_training, lr_lambda, noised,
-                       training_loss)
+from ..perf.checkpoint import set_gradient_checkpointing
+from ..perf.compile import compile_for_training
+from ..perf.vae_memory import set_vae_memory
+from ..trainer import TARGETS, TE_TARGETS, Draws, MicroBatch, lr_lambda, noised, training_loss
 from .adamw8bit import AdamW8bit
 from .buckets import BucketLoader, assign_buckets, buckets_for
 from .cache import build_caches, offload_cached
@@ -105,7 +107,7 @@ class Trainer:
         vae_dtype = cfg.vae_dtype if cfg.vae_dtype != "auto" else "bf16" if cfg.mixed_precision == "bf16" else "fp32"
         self.vae_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[vae_dtype]
         m.vae.to(self.vae_dtype)
-        m.vae.slicing, m.vae.tiling = cfg.vae_slicing, cfg.vae_tiling
+        set_vae_memory(m.vae, slicing=cfg.vae_slicing, tiling=cfg.vae_tiling)
         if cfg.vae_dtype == "fp16" and not vae_info.get("fp16_safe", m.cfg.vae.force_upcast is False):
             log("warning: --vae-dtype fp16 with a VAE not known to be fp16-safe: expect NaN latents (the SDXL VAE "
                 "overflows); use bf16, or an fp16-fix VAE via --vae")
@@ -132,7 +134,7 @@ class Trainer:
                 self.te_layers += adapters.inject(te, cfg.network, TE_TARGETS, rank=cfg.rank, alpha=cfg.alpha,
                                                   **opts)
         m.to(self.device)
-        m.unet.gradient_checkpointing = cfg.gradient_checkpointing
+        set_gradient_checkpointing(m.unet, cfg.gradient_checkpointing)
         if cfg.compile:  # compiled lazily, at the first call of each block and shape
             compile_for_training(m, encoder=not cfg.cache_latents)
         self.unet_params = adapters.adapter_parameters(m.unet)

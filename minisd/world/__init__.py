@@ -1,4 +1,7 @@
-"""The embedded world: a procedural, captioned image dataset that minisd-tiny is trained on and evaluated with.
+"""Appendix: the embedded world (this file), its probe (probe.py) and minisd-tiny's pretraining (pretrain.py).
+Only the commands and this folder import it.
+
+The world: a procedural, captioned image dataset that minisd-tiny is trained on and evaluated with.
 
 Every 64×64 RGB image holds one shape on a flat background, drawn with PIL at 4× and box-downsampled
 (anti-aliased edges). Everything is a pure function of a seed (numpy `default_rng`), so the same seed gives the
