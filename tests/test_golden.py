@@ -57,10 +57,10 @@ SAMPLER_VARIANTS = [("ddim", False, 0.0), ("ddim", False, 0.7), ("ddpm", False, 
 PIPELINE = dict(prompt="a small red circle at the top left", negative="blurry", steps=4, cfg_scale=7.5, seed=7,
                 height=32, width=48)
 
-# Bounds on max |ours − reference| / max(1, max |reference|). Measured (2-vCPU Intel Xeon VM with AVX-512, torch 2.13
-# CPU) with these tests' one thread against fixtures written with two (which reorders the sums in matmuls and convolutions as another CPU would; with two threads the
-# UNet, attention, pipeline and LoRA are bit-exact): the largest relative difference of each group, and the bound,
-# 10-20x that, rounded to 1, 2 or 5 x 10^k.
+# Bounds on max |ours − reference| / max(1, max |reference|). Measured (2-vCPU Intel Xeon VM with AVX-512, torch
+# 2.13 CPU) with these tests' one thread against fixtures written with two, which reorders the sums in matmuls and
+# convolutions as another CPU would (with two threads the UNet, attention, pipeline and LoRA are bit-exact): the
+# largest relative difference of each group, and the bound, 10-20x that, rounded to 1, 2 or 5 x 10^k.
 TOL = {
     "text": 1e-5,        # CLIP, OpenCLIP, LDMBert states and token-row gradients: 6.0e-7
     "vae": 2e-5,         # moments, posterior sample, image, input gradients: 1.7e-6
