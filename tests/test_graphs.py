@@ -1,6 +1,6 @@
 """CUDA graphs (minisd/perf/graphs.py) and graphed sampling (use_cuda_graph(pipe), sample.py --cuda-graph).
 
-CPU: the flag is refused off CUDA with a clear error (the Pipeline raises ValueError, sample.py prints one line and
+CPU: the flag is refused off CUDA with a clear error (use_cuda_graph raises ValueError, sample.py prints one line and
 exits 2), and UNetGraphs keeps one recording per input signature.
 GPU (`-m gpu`): a replayed graph computes what the eager call computes, bit for bit. The kernels are the same ones
 (same shapes, same library heuristics, same workspace sizes), only launched from a recording, so the tests assert

@@ -1,4 +1,4 @@
-"""train.py --compile (minisd/trainer.py `compile_for_training`): each UNet block and the VAE encoder through
+"""train.py --compile (minisd/perf/compile.py `compile_for_training`): each UNet block and the VAE encoder through
 torch.compile.
 
 CPU: the flag compiles what it says (every UNet block; the encoder only when images are encoded in the step), and a
