@@ -97,7 +97,7 @@ def to_kohya(model, naming: str | None = None) -> dict[str, torch.Tensor]:
     naming = naming or default_naming(model)
     names = module_names(model, "kohya", naming)
     out = {}
-    for path, tensors in adapters.group_by_module(adapters.adapter_state_dict(model)).items():
+    for path, tensors in adapters.group_by_module(adapters.adapter_state_dict(model, portable=True)).items():
         for suffix, t in tensors.items():
             if suffix == "alpha":
                 t = t.float()  # 0-dim float tensor, as kohya writes it (diffusers' int64 alphas confuse readers)
