@@ -2,6 +2,7 @@
 
     python sample.py                                   # the embedded default model, a captioned grid
     python sample.py "a red circle" --model weights/sd15 --steps 30 --sampler dpmpp_2m --karras
+    python sample.py "a cat" --model weights/sd15 --lora style.safetensors:0.8 --lora detail.safetensors:-0.3
 
 The initial noise comes from a CPU generator seeded with --seed (fp32, B x 4 x H/8 x W/8), exactly
 as diffusers draws it, so the same weights, seed, sampler and steps give diffusers' image. The prompt
@@ -57,7 +58,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.compile each UNet block (fuses the elementwise work; with --cuda-graph the fastest "
                         "path on a GPU: SDXL 1024 px on an H100 23 -> 28 UNet it/s). The first image compiles "
                         "(about a minute for SDXL); worth it for many images")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply an adapter file at strength SCALE (default 1; negative allowed), repeatable to mix "
+                        "several: LoRA / DoRA / LoHa / LoKr / LoCon in minisd, kohya / A1111 (SD1, SD2, SDXL, both "
+                        "UNet namings, text-encoder parts included) or diffusers / PEFT layout. Applied beside the "
+                        "base weights, which stay as stored; a key naming no module of the model is an error")
+    p.add_argument("--lora-merge", action="store_true",
+                   help="fold the --lora adapters into the weights once (W + sum of scale x dW, in fp32): the base "
+                        "model's speed, same image up to rounding")
     a = p.parse_args(argv)
+    if a.lora_merge and not a.lora:
+        p.error("--lora-merge needs at least one --lora")
+    try:
+        a.lora = [split_spec(s, float) for s in a.lora]
+    except ValueError as e:
+        p.error(f"--lora: {e}")
     if a.steps < 1:
         p.error("--steps must be at least 1")
     if a.batch < 1:
@@ -69,12 +84,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
+def split_spec(spec: str, convert=str, default=None) -> tuple:
+    """'FILE:VALUE' -> (FILE, convert(VALUE)); a spec that is an existing path, or has no ':', is (spec, default).
+    (The last ':' splits, so Windows drive letters and paths with ':' stay whole.)"""
+    path, sep, tail = spec.rpartition(":")
+    if not sep or not path or os.path.exists(spec):
+        return spec, (1.0 if convert is float else default)
+    try:
+        return path, convert(tail)
+    except ValueError:
+        raise ValueError(f"{spec!r}: {tail!r} is not a number") from None
+
+
+def apply_adapter_flags(a, model) -> str:
+    """--lora: read every file (each key placed or an AdapterError), then apply them together. Returns the PNG
+    settings text that names them."""
+    if not a.lora:
+        return ""
+    from minisd.adapters.mix import apply_adapters
+    from minisd.formats.lora_read import read_adapter_file
+    items, parts = [], []
+    for path, scale in a.lora:
+        f = read_adapter_file(model, path)
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(f.kinds().items()))
+        te = sum(1 for p in f.modules if p.startswith("text_encoders."))
+        print(f"lora {path}: {'/'.join(sorted(f.layouts))} layout, {kinds} modules "
+              f"({len(f.modules) - te} UNet, {te} text encoder), strength {scale:g}", file=sys.stderr)
+        items.append((f.modules, f.ranks, scale, path))
+        parts.append(f"{os.path.splitext(os.path.basename(path))[0]}:{scale:g}")
+    try:
+        apply_adapters(model, items, merge=a.lora_merge)
+    except ValueError as e:
+        from minisd.formats.lora_read import AdapterError
+        raise AdapterError(str(e)) from None
+    return f", Lora: {' '.join(parts)}" + (" (merged)" if a.lora_merge else "")
+
+
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()
 
 
-def parameters_text(a, width: int, height: int, seed: int, model_name: str) -> str:
+def parameters_text(a, width: int, height: int, seed: int, model_name: str, extra: str = "") -> str:
     """The A1111 `parameters` chunk: prompt, negative prompt, then one line of settings."""
     sampler = SAMPLER_NAMES[a.sampler] + (" Karras" if a.karras else "")
     lines = [a.prompt]
@@ -84,7 +135,7 @@ def parameters_text(a, width: int, height: int, seed: int, model_name: str) -> s
                f"Size: {width}x{height}, Model: {model_name}"
     if a.init:
         settings += f", Denoising strength: {a.strength}"
-    lines.append(settings)
+    lines.append(settings + extra)
     return "\n".join(lines)
 
 
@@ -117,6 +168,7 @@ def main(argv=None) -> int:
     try:
         t0 = time.time()
         model = load_model(model_path)
+        extra = apply_adapter_flags(a, model)
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -142,7 +194,7 @@ def main(argv=None) -> int:
 
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters_text(a, width, height, a.seed, os.path.basename(
-        os.path.normpath(model_path))))
+        os.path.normpath(model_path)), extra))
     stem, ext = os.path.splitext(a.out)
     outs = [a.out] if len(images) == 1 else [f"{stem}-{i}{ext or '.png'}" for i in range(len(images))]
     for img, path in zip(images, outs):
@@ -170,6 +222,7 @@ def grid(a, model_path: str) -> int:
     t0 = time.time()
     try:
         model = load_model(model_path)
+        extra = apply_adapter_flags(a, model)
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -180,7 +233,7 @@ def grid(a, model_path: str) -> int:
     images = pipe(prompts, steps=steps, sampler=a.sampler, karras=a.karras, cfg_scale=cfg, seed=a.seed, eta=a.eta)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", "\n".join(prompts) + f"\nSteps: {steps}, Sampler: {SAMPLER_NAMES[a.sampler]}, "
-                  f"CFG scale: {cfg}, Seed: {a.seed}, Model: {os.path.basename(os.path.normpath(model_path))}")
+                  f"CFG scale: {cfg}, Seed: {a.seed}, Model: {os.path.basename(os.path.normpath(model_path))}{extra}")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     caption_grid(images, prompts).save(a.out + ".tmp", format="PNG", pnginfo=info)
     os.replace(a.out + ".tmp", a.out)
