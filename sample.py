@@ -66,7 +66,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-merge", action="store_true",
                    help="fold the --lora adapters into the weights once (W + sum of scale x dW, in fp32): the base "
                         "model's speed, same image up to rounding")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="textual-inversion embedding, repeatable: A1111 .safetensors / .pt (read with "
+                        "weights_only=True), SDXL files with clip_l + clip_g, diffusers learned_embeds.safetensors. "
+                        "TOKEN (default: the file name without extension) in a prompt stands for its vectors")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="one prompt per line (blank lines and lines starting with # skipped); line i is drawn with "
+                        "seed --seed + i into OUT-i.png, and each PNG records the prompt and seed that reproduce it")
+    p.epilog = ("Prompts longer than CLIP's 77-token window are read as A1111 does: split into chunks of 75 tokens, "
+                "each encoded on its own (with start and end tokens) and the results concatenated, so every token "
+                "counts; a prompt up to 75 tokens is encoded exactly as diffusers does. LDM-256's BERT encoder has "
+                "one window: a longer prompt is cut there, with a warning naming the dropped words.")
     a = p.parse_args(argv)
+    if a.prompts and a.prompt is not None:
+        p.error("give a prompt or --prompts FILE, not both")
+    a.embedding = [split_spec(s) for s in a.embedding]
     if a.lora_merge and not a.lora:
         p.error("--lora-merge needs at least one --lora")
     try:
@@ -97,10 +111,19 @@ def split_spec(spec: str, convert=str, default=None) -> tuple:
 
 
 def apply_adapter_flags(a, model) -> str:
-    """--lora: read every file (each key placed or an AdapterError), then apply them together. Returns the PNG
-    settings text that names them."""
+    """--embedding, then --lora: read every file (each key placed or an AdapterError), then apply the LoRAs
+    together. Returns the PNG settings text that names them."""
+    text = ""
+    if a.embedding:
+        from minisd.adapters.embeddings import load_embedding
+        names = []
+        for path, token in a.embedding:
+            token, n = load_embedding(model, path, token)
+            print(f"embedding {path}: token {token!r}, {n} vector(s) per text encoder", file=sys.stderr)
+            names.append(token)
+        text = f", TI: {' '.join(names)}"
     if not a.lora:
-        return ""
+        return text
     from minisd.adapters.mix import apply_adapters
     from minisd.formats.lora_read import read_adapter_file
     items, parts = [], []
@@ -117,7 +140,34 @@ def apply_adapter_flags(a, model) -> str:
     except ValueError as e:
         from minisd.formats.lora_read import AdapterError
         raise AdapterError(str(e)) from None
-    return f", Lora: {' '.join(parts)}" + (" (merged)" if a.lora_merge else "")
+    return text + f", Lora: {' '.join(parts)}" + (" (merged)" if a.lora_merge else "")
+
+
+def read_prompts(path: str) -> list[str]:
+    """--prompts: the non-blank lines that do not start with #."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the prompts file ({e})") from None
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path}: no prompt in the file")
+    return prompts
+
+
+def warn_cut(model, prompts: list[str]) -> None:
+    """A text encoder with one window (BERT) cuts long prompts: say which words are lost."""
+    from minisd.tokenizer import encode_whole
+    for tok in model.tokenizers:
+        if hasattr(tok, "chunk_ids"):
+            continue
+        for p in prompts:
+            enc = encode_whole(tok.tokenizer, p)
+            keep = tok.max_length - 2
+            if len(enc.ids) > keep:
+                cut = p[enc.offsets[keep][0]:]
+                print(f"warning: prompt longer than {keep} tokens, cut before: {cut!r}", file=sys.stderr)
 
 
 def _cuda() -> bool:
@@ -152,10 +202,19 @@ def main(argv=None) -> int:
         print(f"error: --cuda-graph needs a CUDA device, not --device {a.device}", file=sys.stderr)
         return 2
     model_path = a.model or (DEFAULT_MODEL if os.path.isdir(DEFAULT_MODEL) else TINY_RANDOM)
-    if a.prompt is None:
-        if os.path.basename(os.path.normpath(model_path)) == "minisd-tiny" and not a.init:
-            return grid(a, model_path)
-        a.prompt = DEFAULT_PROMPT
+    stem, ext = os.path.splitext(a.out)
+    if a.prompts:  # (prompt, seed, output stem) per line
+        try:
+            jobs = [(p, a.seed + i, f"{stem}-{i}") for i, p in enumerate(read_prompts(a.prompts))]
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    else:
+        if a.prompt is None:
+            if os.path.basename(os.path.normpath(model_path)) == "minisd-tiny" and not a.init:
+                return grid(a, model_path)
+            a.prompt = DEFAULT_PROMPT
+        jobs = [(a.prompt, a.seed, stem)]
     init = None
     if a.init:
         try:
@@ -172,6 +231,7 @@ def main(argv=None) -> int:
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warn_cut(model, [j[0] for j in jobs] + [a.negative])
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     pipe = Pipeline(model, device=a.device, dtype=dtype, cuda_graph=a.cuda_graph, compile=a.compile)
     f = model.vae_scale
@@ -181,28 +241,29 @@ def main(argv=None) -> int:
         print(f"error: --width/--height must be multiples of {f} for this model", file=sys.stderr)
         return 2
     print(f"model {model_path} ({model.cfg.family}) loaded in {time.time() - t0:.1f}s; "
-          f"{a.batch} image(s) {width}x{height}, {a.sampler}{' karras' if a.karras else ''}, "
+          f"{a.batch * len(jobs)} image(s) {width}x{height}, {a.sampler}{' karras' if a.karras else ''}, "
           f"{a.steps} steps, cfg {a.cfg}, seed {a.seed}{', CUDA graph' if a.cuda_graph else ''}"
           f"{', compiled' if a.compile else ''}", file=sys.stderr)
-    try:
-        images = pipe(a.prompt, negative=a.negative or None, steps=a.steps, sampler=a.sampler,
-                      karras=a.karras, cfg_scale=a.cfg, seed=a.seed, width=width, height=height,
-                      batch=a.batch, init_image=init, strength=a.strength, eta=a.eta, progress=True)
-    except ValueError as e:  # e.g. img2img strength so low that no step is left
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters_text(a, width, height, a.seed, os.path.basename(
-        os.path.normpath(model_path)), extra))
-    stem, ext = os.path.splitext(a.out)
-    outs = [a.out] if len(images) == 1 else [f"{stem}-{i}{ext or '.png'}" for i in range(len(images))]
-    for img, path in zip(images, outs):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        img.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)  # never leave a half-written PNG behind
-        print(path)
+    for prompt, seed, out_stem in jobs:
+        try:
+            images = pipe(prompt, negative=a.negative or None, steps=a.steps, sampler=a.sampler,
+                          karras=a.karras, cfg_scale=a.cfg, seed=seed, width=width, height=height,
+                          batch=a.batch, init_image=init, strength=a.strength, eta=a.eta, progress=True)
+        except ValueError as e:  # e.g. img2img strength so low that no step is left
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        a.prompt = prompt  # what parameters_text records: this line's prompt and seed reproduce this PNG
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters_text(a, width, height, seed, os.path.basename(
+            os.path.normpath(model_path)), extra))
+        outs = [out_stem + (ext or ".png")] if len(images) == 1 else \
+            [f"{out_stem}-{i}{ext or '.png'}" for i in range(len(images))]
+        for img, path in zip(images, outs):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            tmp = path + ".tmp"
+            img.save(tmp, format="PNG", pnginfo=info)
+            os.replace(tmp, path)  # never leave a half-written PNG behind
+            print(path)
     return 0
 
 
