@@ -54,7 +54,8 @@ def adapted(folder, kind="lora", seed=1, te=True, rank=4, alpha=2.0, conv=False,
     """The minisd model of `folder` with a random non-zero adapter of `kind` in the UNet and text encoder(s)."""
     model = load_model(folder).eval()
     torch.manual_seed(seed)
-    adapters.inject(model.unet, kind, UNET_TARGETS + (["conv1", "conv2"] if conv else []), rank=rank, alpha=alpha,
+    convs = ["in_layers.2", "out_layers.3"] if conv else []  # the ResBlock 3x3 convs (LoCon)
+    adapters.inject(model.unet, kind, UNET_TARGETS + convs, rank=rank, alpha=alpha,
                     conv_rank=rank if conv else None, conv_alpha=alpha, **kw)
     if te:
         for enc in model.text_encoders:
