@@ -115,3 +115,25 @@ def apply_adapters(model: nn.Module, adapters: Sequence[tuple], merge: bool = Fa
             stack = (StackConv2d if isinstance(base, nn.Conv2d) else StackLinear)(base, layers)
             _set_module(model, path, stack)
     return {p: len(v) for p, v in per_path.items()}
+
+
+@torch.no_grad()
+def load_into_adapters(model: nn.Module, modules: dict, source: str = "adapter") -> int:
+    """Copy a file's tensors ({path: {suffix: tensor}}) into the adapter layers already injected in `model` (to train
+    on from them: train.py --init-adapter). Every module of the file must be adapted there with the same kind and
+    rank; layers the file lacks keep their fresh init. Returns the number of layers loaded; ValueError otherwise."""
+    from . import _load_layer
+    for path, tensors in modules.items():
+        layer = model.get_submodule(path)
+        if not isinstance(layer, AdapterLayer):
+            raise ValueError(f"{source}: adapts {path}, which this run does not (--targets / --train-text-encoder)")
+        own = layer.adapter_state_dict()
+        if set(own) - {"alpha"} != set(tensors) - {"alpha"}:
+            raise ValueError(f"{source}: {path} holds {'/'.join(sorted(set(tensors) - {'alpha'}))}, this run's "
+                             f"{layer.kind} layer {'/'.join(sorted(set(own) - {'alpha'}))} (--network mismatch)")
+        for k, v in tensors.items():
+            if k != "alpha" and tuple(v.shape) != tuple(own[k].shape) and v.numel() != own[k].numel():
+                raise ValueError(f"{source}: {path}.{k} is {tuple(v.shape)}, this run's is {tuple(own[k].shape)} "
+                                 f"(rank mismatch: the file's rank is not --rank {getattr(layer, 'rank', '?')}?)")
+        _load_layer(layer, {k: v.float() for k, v in tensors.items()})
+    return len(modules)
