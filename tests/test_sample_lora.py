@@ -357,3 +357,35 @@ def test_bad_adapter_files_are_one_line_errors(sd1, tmp_path):
     one_line_error(run_cli(*cli, "--lora", str(tmp_path / "missing.safetensors")), "no such file")
     r = run_cli(*cli, "--lora", f"{path}:strong")
     assert r.returncode == 2 and "not a number" in r.stderr
+
+
+@pytest.mark.parametrize("algo,kw", [("lora", {}), ("loha", {}), ("lokr", {"factor": 4})])
+def test_file_written_by_lycoris_loads_and_computes_like_lycoris(sd1, tmp_path, algo, kw):
+    """A LyCORIS network built and saved by the lycoris-lora package itself (`create_lycoris` on the diffusers UNet:
+    `lycoris_` + diffusers module names, every Linear / Conv2d incl. 3x3 convs), alpha 2 != rank 4: minisd's UNet
+    with the file at strength 0.8 equals the diffusers UNet running LyCORIS' own modules at multiplier 0.8."""
+    from lycoris import create_lycoris
+    from minisd.adapters.mix import apply_adapters
+    from minisd.formats.lora_read import read_adapter_file
+    pipe = StableDiffusionPipeline.from_pretrained(sd1)
+    torch.manual_seed(5)
+    net = create_lycoris(pipe.unet, 0.8, linear_dim=4, linear_alpha=2.0, conv_dim=4, conv_alpha=2.0, algo=algo, **kw)
+    net.apply_to()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    path = str(tmp_path / f"lycoris_{algo}.safetensors")
+    net.save_weights(path, torch.float32, {})
+    assert all(k.startswith("lycoris_") for k in load_file(path))
+    model = load_model(sd1).eval()
+    f = read_adapter_file(model, path)
+    apply_adapters(model, [(f.modules, f.ranks, 0.8, path)])
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        ref = pipe.unet(x, t, encoder_hidden_states=ctx).sample
+        ours = model.unet(x, t, ctx)
+        net.set_multiplier(0.0)
+        base = pipe.unet(x, t, encoder_hidden_states=ctx).sample
+    assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
+    assert (base - ref).abs().max() > 1e-2
