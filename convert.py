@@ -5,6 +5,17 @@
     python convert.py weights/NAME --to single-file OUT.safetensors
     python convert.py weights/NAME --to diffusers OUT_DIR
 
+Adapters (LoRA tools; MODEL is any model minisd reads, needed for the module names and shapes):
+
+    python convert.py MODEL --lora IN.safetensors --to lora-kohya OUT.safetensors     # change layout:
+                      (lora-kohya: A1111 / ComfyUI / kohya; lora-diffusers: diffusers / PEFT; lora-minisd)
+    python convert.py MODEL --lora a.safetensors:0.8 --lora b.safetensors:0.4 --to single-file baked.safetensors
+                      ("bake": W + sum of w_i dW_i; also --out FOLDER for a minisd folder, --to diffusers DIR)
+    python convert.py BASE --extract-from TUNED --rank 32 [--conv-rank 16] --to lora-kohya OUT.safetensors
+    python convert.py MODEL --lora IN.safetensors --energy 0.9 --to lora-kohya SMALLER.safetensors   # resize
+                      (--rank N or --energy F: the rank keeping a fraction F of the squared singular values;
+                       each layer's relative error is printed)
+
 SRC is an official single file (.safetensors, or .ckpt loaded with weights_only=True) or a diffusers
 folder. `--explain` prints every source tensor -> minisd parameter (or "ignored: reason"). Output is
 written to a temporary folder and renamed into place: a failed run leaves nothing at --out.
@@ -17,6 +28,18 @@ import sys
 import time
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+LORA_FORMATS = ("lora-kohya", "lora-diffusers", "lora-minisd")
+
+
+def split_spec(spec: str) -> tuple[str, float]:
+    """'FILE:WEIGHT' -> (FILE, WEIGHT); an existing path or no ':' -> (spec, 1.0)."""
+    path, sep, tail = spec.rpartition(":")
+    if not sep or not path or os.path.exists(spec):
+        return spec, 1.0
+    try:
+        return path, float(tail)
+    except ValueError:
+        raise ValueError(f"{spec!r}: {tail!r} is not a number") from None
 
 
 def parse_args(argv=None):
@@ -37,11 +60,50 @@ def parse_args(argv=None):
                      help="use the EMA UNet copy of a full SD1/SD2 file (default when present)")
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw (non-EMA) UNet weights")
     p.add_argument("--explain", action="store_true", help="print every source tensor -> minisd parameter")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="adapter file (any layout sample.py reads): with --to lora-*, the file to convert or "
+                        "resize; with --out / --to single-file / --to diffusers, baked into the weights with "
+                        "WEIGHT (default 1), repeatable")
+    p.add_argument("--extract-from", metavar="TUNED", help="extract a LoRA of TUNED - SRC by SVD (--to lora-*)")
+    p.add_argument("--rank", type=int, help="extract / resize: rank of every Linear and 1x1-conv layer")
+    p.add_argument("--energy", type=float, help="extract / resize: per layer, the smallest rank keeping this "
+                                                "fraction (0-1] of the squared singular values")
+    p.add_argument("--conv-rank", type=int, help="extract: rank of the 3x3 convs (default: left out)")
+    p.add_argument("--conv-energy", type=float, help="extract: energy fraction of the 3x3 convs")
+    p.add_argument("--naming", choices=["sgm", "diffusers"], default=None,
+                   help="lora-kohya UNet names (default: what kohya writes: diffusers paths for SD1/SD2, "
+                        "official SGM paths for SDXL)")
     a = p.parse_args(argv)
     if bool(a.out) == bool(a.to):
         p.error("give exactly one of --out (import) or --to FORMAT DEST (export)")
-    if a.to and a.to[0] not in ("single-file", "diffusers"):
-        p.error("--to takes 'single-file' or 'diffusers'")
+    if a.to and a.to[0] not in ("single-file", "diffusers") + LORA_FORMATS:
+        p.error(f"--to takes {', '.join(('single-file', 'diffusers') + LORA_FORMATS)}")
+    lora_out = bool(a.to) and a.to[0] in LORA_FORMATS
+    sizing = a.rank is not None or a.energy is not None
+    if a.rank is not None and a.energy is not None:
+        p.error("give --rank or --energy, not both")
+    if a.energy is not None and not 0 < a.energy <= 1 or a.conv_energy is not None and not 0 < a.conv_energy <= 1:
+        p.error("--energy / --conv-energy must be in (0, 1]")
+    if any(v is not None and v < 1 for v in (a.rank, a.conv_rank)):
+        p.error("--rank / --conv-rank must be at least 1")
+    if lora_out and not (a.extract_from or len(a.lora) == 1):
+        p.error(f"--to {a.to[0]} needs one --lora FILE (convert / resize) or --extract-from TUNED")
+    if lora_out and a.extract_from and a.lora:
+        p.error("--extract-from and --lora do not go together")
+    if a.extract_from and not (sizing or a.conv_rank or a.conv_energy):
+        p.error("--extract-from needs --rank or --energy")
+    if (a.extract_from or sizing or a.conv_rank or a.conv_energy) and not lora_out:
+        p.error("--extract-from / --rank / --energy write an adapter file: use --to lora-kohya|lora-diffusers|lora-minisd")
+    if (a.conv_rank or a.conv_energy) and not a.extract_from:
+        p.error("--conv-rank / --conv-energy apply to --extract-from (a resize keeps every layer the file has)")
+    if a.naming and not (lora_out and a.to[0] == "lora-kohya"):
+        p.error("--naming applies to --to lora-kohya")
+    try:
+        a.lora = [split_spec(s) for s in a.lora]
+    except ValueError as e:
+        p.error(f"--lora: {e}")
+    if lora_out and a.lora and a.lora[0][1] != 1.0:
+        p.error("--lora FILE:WEIGHT: a weight applies when baking; a converted file keeps its own strength")
     return a
 
 
@@ -115,12 +177,108 @@ def export_model(a):
     print(f"wrote {dest}", file=sys.stderr)
 
 
+def write_adapter(model, fmt: str, dest: str, naming: str | None, metadata: dict) -> None:
+    """Write `model`'s adapters in layout `fmt`; warn where the layout loses something."""
+    from minisd import adapters
+    from minisd.formats.lora_files import dora_warning, save_diffusers, save_kohya
+    warning = dora_warning(model, fmt)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    if fmt == "lora-kohya":
+        save_kohya(model, dest, metadata=metadata, naming=naming)
+    elif fmt == "lora-diffusers":
+        save_diffusers(model, dest, metadata=metadata)
+    else:
+        adapters.save_adapter(model, dest, metadata=metadata)
+
+
+def adapter_tool(a):
+    """--to lora-*: convert, resize (--rank/--energy) or extract (--extract-from) an adapter file."""
+    from minisd.adapters.mix import apply_adapters
+    from minisd.adapters.svd import extract, format_report, resize
+    from minisd.formats import load_model
+    from minisd.formats.lora_read import AdapterError, read_adapter_file
+    from minisd.model import ModelError
+    model = load_model(a.src)
+    fmt, dest = a.to
+    if a.extract_from:
+        tuned = load_model(a.extract_from)
+        if tuned.cfg.family != model.cfg.family:
+            raise ModelError(f"{a.extract_from} is {tuned.cfg.family}, {a.src} is {model.cfg.family}")
+        try:
+            sd, report = extract(model, tuned, a.rank, a.energy, a.conv_rank, a.conv_energy)
+        except ValueError as e:
+            raise ModelError(str(e)) from None
+        if not sd:
+            raise ModelError(f"{a.extract_from} and {a.src} have the same weights: nothing to extract")
+        modules, ranks, what = _group(sd), {}, f"extracted from {a.extract_from} - {a.src}"
+    else:
+        f = read_adapter_file(model, a.lora[0][0])
+        modules, ranks, what = f.modules, f.ranks, f"{a.lora[0][0]} ({'/'.join(sorted(f.layouts))} layout)"
+        if a.rank is not None or a.energy is not None:
+            try:
+                sd, report = resize(model, modules, ranks, a.rank, a.energy)
+            except ValueError as e:
+                raise AdapterError(str(e)) from None
+            modules, ranks, what = _group(sd), {}, what + " resized"
+        else:
+            report = None
+    try:
+        apply_adapters(model, [(modules, ranks, 1.0, what)])
+        write_adapter(model, fmt, dest, a.naming, {"minisd.source": what})
+    except ValueError as e:  # e.g. LoHa / LoKr into the diffusers layout
+        raise AdapterError(str(e)) from None
+    if report is not None:
+        print(format_report(report), file=sys.stderr)
+    print(f"wrote {dest} ({fmt}): {what}", file=sys.stderr)
+
+
+def _group(sd: dict) -> dict:
+    from minisd.adapters import group_by_module
+    return group_by_module(sd)
+
+
+def bake(a):
+    """--lora with --out / --to single-file / --to diffusers: W + sum of w_i dW_i, written as a model."""
+    from minisd.adapters.mix import apply_adapters
+    from minisd.formats import load_model
+    from minisd.formats.export import export_diffusers, export_single_file
+    from minisd.formats.lora_read import AdapterError, read_adapter_file
+    from minisd.model import is_minisd_folder, save_model
+    model = load_model(a.src)
+    items = []
+    for path, weight in a.lora:
+        f = read_adapter_file(model, path)
+        items.append((f.modules, f.ranks, weight, path))
+        print(f"bake {path} x {weight:g}: {len(f.modules)} layers", file=sys.stderr)
+    try:
+        apply_adapters(model, items, merge=True)
+    except ValueError as e:
+        raise AdapterError(str(e)) from None
+    if a.dtype:
+        import torch
+        model.to(getattr(torch, DTYPES[a.dtype]))
+    folder = a.src if os.path.isdir(a.src) and is_minisd_folder(a.src) else None
+    if a.out:
+        save_model(model, a.out, metadata={"minisd_baked": ",".join(f"{p}:{w:g}" for p, w in a.lora)})
+        dest = a.out
+    elif a.to[0] == "single-file":
+        export_single_file(model, folder, a.to[1])
+        dest = a.to[1]
+    else:
+        export_diffusers(model, a.to[1], folder=folder)
+        dest = a.to[1]
+    print(f"wrote {dest}: {a.src} with {len(a.lora)} adapter(s) baked in", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     from minisd.model import ModelError
     t0 = time.time()
+    lora_out = a.to and a.to[0] in LORA_FORMATS
     try:
-        (export_model if a.to else import_model)(a)
+        (adapter_tool if lora_out else bake if a.lora else export_model if a.to else import_model)(a)
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

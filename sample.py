@@ -2,6 +2,7 @@
 
     python sample.py                                   # the embedded default model, a captioned grid
     python sample.py "a red circle" --model weights/sd15 --steps 30 --sampler dpmpp_2m --karras
+    python sample.py "a cat" --model weights/sd15 --lora style.safetensors:0.8 --lora detail.safetensors:-0.3
 
 The initial noise comes from a CPU generator seeded with --seed (fp32, B x 4 x H/8 x W/8), exactly
 as diffusers draws it, so the same weights, seed, sampler and steps give diffusers' image. The prompt
@@ -59,7 +60,35 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "changing only rounding order; with --cuda-graph the fastest "
                         "path on a GPU: SDXL 1024 px on an H100 23 -> 28 UNet it/s). The first image compiles "
                         "(about a minute for SDXL); worth it for many images")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply an adapter file at strength SCALE (default 1; negative allowed), repeatable to mix "
+                        "several: LoRA / DoRA / LoHa / LoKr / LoCon in minisd, kohya / A1111 (SD1, SD2, SDXL, both "
+                        "UNet namings, text-encoder parts included) or diffusers / PEFT layout. Applied beside the "
+                        "base weights, which stay as stored; a key naming no module of the model is an error")
+    p.add_argument("--lora-merge", action="store_true",
+                   help="fold the --lora adapters into the weights once (W + sum of scale x dW, in fp32): the base "
+                        "model's speed, same image up to rounding")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="textual-inversion embedding, repeatable: A1111 .safetensors / .pt (read with "
+                        "weights_only=True), SDXL files with clip_l + clip_g, diffusers learned_embeds.safetensors. "
+                        "TOKEN (default: the file name without extension) in a prompt stands for its vectors")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="one prompt per line (blank lines and lines starting with # skipped); line i is drawn with "
+                        "seed --seed + i into OUT-i.png, and each PNG records the prompt and seed that reproduce it")
+    p.epilog = ("Prompts longer than CLIP's 77-token window are read as A1111 does: split into chunks of 75 tokens, "
+                "each encoded on its own (with start and end tokens) and the results concatenated, so every token "
+                "counts; a prompt up to 75 tokens is encoded exactly as diffusers does. LDM-256's BERT encoder has "
+                "one window: a longer prompt is cut there, with a warning naming the dropped words.")
     a = p.parse_args(argv)
+    if a.prompts and a.prompt is not None:
+        p.error("give a prompt or --prompts FILE, not both")
+    a.embedding = [split_spec(s) for s in a.embedding]
+    if a.lora_merge and not a.lora:
+        p.error("--lora-merge needs at least one --lora")
+    try:
+        a.lora = [split_spec(s, float) for s in a.lora]
+    except ValueError as e:
+        p.error(f"--lora: {e}")
     if a.steps < 1:
         p.error("--steps must be at least 1")
     if a.batch < 1:
@@ -86,12 +115,84 @@ def make_pipeline(model, a, **kw):
     return pipe
 
 
+def split_spec(spec: str, convert=str, default=None) -> tuple:
+    """'FILE:VALUE' -> (FILE, convert(VALUE)); a spec that is an existing path, or has no ':', is (spec, default).
+    (The last ':' splits, so Windows drive letters and paths with ':' stay whole.)"""
+    path, sep, tail = spec.rpartition(":")
+    if not sep or not path or os.path.exists(spec):
+        return spec, (1.0 if convert is float else default)
+    try:
+        return path, convert(tail)
+    except ValueError:
+        raise ValueError(f"{spec!r}: {tail!r} is not a number") from None
+
+
+def apply_adapter_flags(a, model) -> str:
+    """--embedding, then --lora: read every file (each key placed or an AdapterError), then apply the LoRAs
+    together. Returns the PNG settings text that names them."""
+    text = ""
+    if a.embedding:
+        from minisd.adapters.embeddings import load_embedding
+        names = []
+        for path, token in a.embedding:
+            token, n = load_embedding(model, path, token)
+            print(f"embedding {path}: token {token!r}, {n} vector(s) per text encoder", file=sys.stderr)
+            names.append(token)
+        text = f", TI: {' '.join(names)}"
+    if not a.lora:
+        return text
+    from minisd.adapters.mix import apply_adapters
+    from minisd.formats.lora_read import read_adapter_file
+    items, parts = [], []
+    for path, scale in a.lora:
+        f = read_adapter_file(model, path)
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(f.kinds().items()))
+        te = sum(1 for p in f.modules if p.startswith("text_encoders."))
+        print(f"lora {path}: {'/'.join(sorted(f.layouts))} layout, {kinds} modules "
+              f"({len(f.modules) - te} UNet, {te} text encoder), strength {scale:g}", file=sys.stderr)
+        items.append((f.modules, f.ranks, scale, path))
+        parts.append(f"{os.path.splitext(os.path.basename(path))[0]}:{scale:g}")
+    try:
+        apply_adapters(model, items, merge=a.lora_merge)
+    except ValueError as e:
+        from minisd.formats.lora_read import AdapterError
+        raise AdapterError(str(e)) from None
+    return text + f", Lora: {' '.join(parts)}" + (" (merged)" if a.lora_merge else "")
+
+
+def read_prompts(path: str) -> list[str]:
+    """--prompts: the non-blank lines that do not start with #."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the prompts file ({e})") from None
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path}: no prompt in the file")
+    return prompts
+
+
+def warn_cut(model, prompts: list[str]) -> None:
+    """A text encoder with one window (BERT) cuts long prompts: say which words are lost."""
+    from minisd.tokenizer import encode_whole
+    for tok in model.tokenizers:
+        if hasattr(tok, "chunk_ids"):
+            continue
+        for p in prompts:
+            enc = encode_whole(tok.tokenizer, p)
+            keep = tok.max_length - 2
+            if len(enc.ids) > keep:
+                cut = p[enc.offsets[keep][0]:]
+                print(f"warning: prompt longer than {keep} tokens, cut before: {cut!r}", file=sys.stderr)
+
+
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()
 
 
-def parameters_text(a, width: int, height: int, seed: int, model_name: str) -> str:
+def parameters_text(a, width: int, height: int, seed: int, model_name: str, extra: str = "") -> str:
     """The A1111 `parameters` chunk: prompt, negative prompt, then one line of settings."""
     sampler = SAMPLER_NAMES[a.sampler] + (" Karras" if a.karras else "")
     lines = [a.prompt]
@@ -101,7 +202,7 @@ def parameters_text(a, width: int, height: int, seed: int, model_name: str) -> s
                f"Size: {width}x{height}, Model: {model_name}"
     if a.init:
         settings += f", Denoising strength: {a.strength}"
-    lines.append(settings)
+    lines.append(settings + extra)
     return "\n".join(lines)
 
 
@@ -117,10 +218,19 @@ def main(argv=None) -> int:
         print(f"error: --cuda-graph needs a CUDA device, not --device {a.device}", file=sys.stderr)
         return 2
     model_path = a.model or (DEFAULT_MODEL if os.path.isdir(DEFAULT_MODEL) else TINY_RANDOM)
-    if a.prompt is None:
-        if os.path.basename(os.path.normpath(model_path)) == "minisd-tiny" and not a.init:
-            return grid(a, model_path)
-        a.prompt = DEFAULT_PROMPT
+    stem, ext = os.path.splitext(a.out)
+    if a.prompts:  # (prompt, seed, output stem) per line
+        try:
+            jobs = [(p, a.seed + i, f"{stem}-{i}") for i, p in enumerate(read_prompts(a.prompts))]
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    else:
+        if a.prompt is None:
+            if os.path.basename(os.path.normpath(model_path)) == "minisd-tiny" and not a.init:
+                return grid(a, model_path)
+            a.prompt = DEFAULT_PROMPT
+        jobs = [(a.prompt, a.seed, stem)]
     init = None
     if a.init:
         try:
@@ -133,9 +243,11 @@ def main(argv=None) -> int:
     try:
         t0 = time.time()
         model = load_model(model_path)
+        extra = apply_adapter_flags(a, model)
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warn_cut(model, [j[0] for j in jobs] + [a.negative])
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     pipe = make_pipeline(model, a, dtype=dtype)
     f = model.vae_scale
@@ -145,28 +257,29 @@ def main(argv=None) -> int:
         print(f"error: --width/--height must be multiples of {f} for this model", file=sys.stderr)
         return 2
     print(f"model {model_path} ({model.cfg.family}) loaded in {time.time() - t0:.1f}s; "
-          f"{a.batch} image(s) {width}x{height}, {a.sampler}{' karras' if a.karras else ''}, "
+          f"{a.batch * len(jobs)} image(s) {width}x{height}, {a.sampler}{' karras' if a.karras else ''}, "
           f"{a.steps} steps, cfg {a.cfg}, seed {a.seed}{', CUDA graph' if a.cuda_graph else ''}"
           f"{', compiled' if a.compile else ''}", file=sys.stderr)
-    try:
-        images = pipe(a.prompt, negative=a.negative or None, steps=a.steps, sampler=a.sampler,
-                      karras=a.karras, cfg_scale=a.cfg, seed=a.seed, width=width, height=height,
-                      batch=a.batch, init_image=init, strength=a.strength, eta=a.eta, progress=True)
-    except ValueError as e:  # e.g. img2img strength so low that no step is left
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters_text(a, width, height, a.seed, os.path.basename(
-        os.path.normpath(model_path))))
-    stem, ext = os.path.splitext(a.out)
-    outs = [a.out] if len(images) == 1 else [f"{stem}-{i}{ext or '.png'}" for i in range(len(images))]
-    for img, path in zip(images, outs):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        img.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)  # never leave a half-written PNG behind
-        print(path)
+    for prompt, seed, out_stem in jobs:
+        try:
+            images = pipe(prompt, negative=a.negative or None, steps=a.steps, sampler=a.sampler,
+                          karras=a.karras, cfg_scale=a.cfg, seed=seed, width=width, height=height,
+                          batch=a.batch, init_image=init, strength=a.strength, eta=a.eta, progress=True)
+        except ValueError as e:  # e.g. img2img strength so low that no step is left
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        a.prompt = prompt  # what parameters_text records: this line's prompt and seed reproduce this PNG
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters_text(a, width, height, seed, os.path.basename(
+            os.path.normpath(model_path)), extra))
+        outs = [out_stem + (ext or ".png")] if len(images) == 1 else \
+            [f"{out_stem}-{i}{ext or '.png'}" for i in range(len(images))]
+        for img, path in zip(images, outs):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            tmp = path + ".tmp"
+            img.save(tmp, format="PNG", pnginfo=info)
+            os.replace(tmp, path)  # never leave a half-written PNG behind
+            print(path)
     return 0
 
 
@@ -185,6 +298,7 @@ def grid(a, model_path: str) -> int:
     t0 = time.time()
     try:
         model = load_model(model_path)
+        extra = apply_adapter_flags(a, model)
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -195,7 +309,7 @@ def grid(a, model_path: str) -> int:
     images = pipe(prompts, steps=steps, sampler=a.sampler, karras=a.karras, cfg_scale=cfg, seed=a.seed, eta=a.eta)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", "\n".join(prompts) + f"\nSteps: {steps}, Sampler: {SAMPLER_NAMES[a.sampler]}, "
-                  f"CFG scale: {cfg}, Seed: {a.seed}, Model: {os.path.basename(os.path.normpath(model_path))}")
+                  f"CFG scale: {cfg}, Seed: {a.seed}, Model: {os.path.basename(os.path.normpath(model_path))}{extra}")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     caption_grid(images, prompts).save(a.out + ".tmp", format="PNG", pnginfo=info)
     os.replace(a.out + ".tmp", a.out)

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if world_run:
             sample_and_score(trainer, "after")
         print(f"wrote {result['lora']} (minisd), {result['kohya']} (kohya: A1111 / ComfyUI), "
+              + (f"{result['diffusers']} (diffusers / PEFT), " if "diffusers" in result else "")
               + (f"both with EMA weights, {result['lora_raw']} (raw weights), " if "lora_raw" in result else "")
               + f"{os.path.join(run_dir, 'loss.png')}, config.json, checkpoint.pt")
     except (ValueError, DataError, ModelError, TrainError) as e:

@@ -50,20 +50,38 @@ class Pipeline:
 
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]):
-        """Prompts -> (context (B,T,D) for cross-attention, pooled (B,P) or None): `StableDiffusion.encode_text`."""
-        return self.model.encode_text([ids.to(self.device) for ids in self.model.tokenize(prompts)])
+    def encode_prompt(self, prompts: list[str], chunks: int | None = None):
+        """Prompts -> (context (B,T,D) for cross-attention, pooled (B,P) or None): `StableDiffusion.encode_text`.
+
+        Prompts longer than 75 tokens are read the A1111 way with CLIP: in chunks of 75 tokens, each wrapped and
+        padded to 77 and encoded on its own, the hidden states concatenated (T = 77 · chunks; the UNet's
+        cross-attention takes any T), pooled from the first chunk. A prompt up to 75 tokens is one chunk, exactly
+        what diffusers encodes. `chunks`: the number to use (conditioning() makes prompt and negative agree)."""
+        ids = [tok.chunk_ids(prompts, chunks) if hasattr(tok, "chunk_ids")  # (B, chunks, 77)
+               else tok(prompts)[:, None]                                  # BERT (LDM): one window, the rest cut
+               for tok in self.model.tokenizers]
+        outs = [self.model.encode_text([x[:, c].to(self.device) for x in ids]) for c in range(ids[0].shape[1])]
+        return torch.cat([o.hidden for o in outs], dim=1), outs[0].pooled  # (B, 77 · chunks, D), first chunk's pooled
+
+    def n_chunks(self, prompts: list[str]) -> int:
+        """75-token chunks the longest prompt needs (1 for every prompt diffusers reads whole)."""
+        tok = self.model.tokenizers[0]
+        if not hasattr(tok, "chunk_ids"):
+            return 1
+        n = tok.max_length - 2
+        return max(1, *((len(tok.prompt_tokens(p)) + n - 1) // n for p in prompts))
 
     def conditioning(self, prompts: list[str], negatives: list[str] | None, guidance: bool):
         """Context (and SDXL pooled) for [negatives..., prompts...] when guidance is on."""
-        ctx, pooled = self.encode_prompt(prompts)
+        chunks = self.n_chunks(prompts + (negatives or []))
+        ctx, pooled = self.encode_prompt(prompts, chunks)
         if not guidance:
             return ctx, pooled
         if negatives is None and self.model.cfg.zero_empty_negative:
             # SDXL was trained to read zeros, not the embedding of "", as "no prompt".
             n_ctx, n_pooled = torch.zeros_like(ctx), None if pooled is None else torch.zeros_like(pooled)
         else:
-            n_ctx, n_pooled = self.encode_prompt(negatives or [""] * len(prompts))
+            n_ctx, n_pooled = self.encode_prompt(negatives or [""] * len(prompts), chunks)
         pooled = None if pooled is None else torch.cat([n_pooled, pooled])
         return torch.cat([n_ctx, ctx]), pooled
 

@@ -56,6 +56,20 @@ def _to_ids(tok: Tokenizer, prompts: list[str]) -> torch.Tensor:
     return torch.tensor([e.ids for e in enc], dtype=torch.long)      # (B, max_length)
 
 
+def encode_whole(tok: Tokenizer, text: str):
+    """The Encoding of `text` without wrap tokens, truncation or padding (the tokenizer's settings are restored)."""
+    trunc, pad = tok.truncation, tok.padding
+    tok.no_truncation()
+    tok.no_padding()
+    try:
+        return tok.encode(text, add_special_tokens=False)
+    finally:
+        if trunc:
+            tok.enable_truncation(**trunc)
+        if pad:
+            tok.enable_padding(**pad)
+
+
 def _write_json(path: str, obj: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -122,7 +136,47 @@ class CLIPTokenizer:
         self.tokenizer = tok
 
     def __call__(self, prompts: list[str] | str) -> torch.Tensor:
-        return _to_ids(self.tokenizer, [prompts] if isinstance(prompts, str) else prompts)
+        return _to_ids(self.tokenizer, [self.expand(p) for p in ([prompts] if isinstance(prompts, str) else prompts)])
+
+    # --- textual-inversion tokens (adapters/embeddings.py) and A1111 long prompts --------------------------------
+    def add_embedding_token(self, token: str, n_vectors: int) -> list[int]:
+        """Register `token` as n new ids after the vocabulary (matched literally, case-sensitively, never split),
+        as diffusers' `load_textual_inversion` does: a multi-vector token is written `token token_1 ... token_{n-1}`
+        into the prompt before tokenizing. Returns the new ids."""
+        names = [token] + [f"{token}_{i}" for i in range(1, n_vectors)]
+        if any(self.tokenizer.token_to_id(n) is not None for n in names):
+            raise ValueError(f"token {token!r} is already in the vocabulary (pick another with FILE:TOKEN)")
+        self.tokenizer.add_tokens([AddedToken(n, single_word=False, lstrip=False, rstrip=False, normalized=False)
+                                   for n in names])
+        if not hasattr(self, "multi"):
+            self.multi = {}
+        if n_vectors > 1:
+            self.multi[token] = " ".join(names)
+        return [self.tokenizer.token_to_id(n) for n in names]
+
+    def expand(self, prompt: str) -> str:
+        for token, spelled in getattr(self, "multi", {}).items():
+            prompt = prompt.replace(token, spelled)
+        return prompt
+
+    def prompt_tokens(self, prompt: str) -> list[int]:
+        """The prompt's ids without BOS / EOS, padding or truncation."""
+        return encode_whole(self.tokenizer, self.expand(str(prompt))).ids
+
+    def chunk_ids(self, prompts: list[str], chunks: int | None = None) -> torch.Tensor:
+        """A1111's long prompts: the tokens in windows of max_length - 2 = 75, each wrapped in BOS ... EOS and padded
+        to 77, encoded separately by the caller and concatenated. (B, chunks, 77); `chunks` defaults to what the
+        longest prompt needs (an empty prompt is one chunk), shorter prompts get padding-only chunks."""
+        n = self.max_length - 2
+        toks = [self.prompt_tokens(p) for p in prompts]
+        chunks = chunks or max(1, *((len(t) + n - 1) // n for t in toks))
+        out = torch.full((len(prompts), chunks, self.max_length), self.pad_id, dtype=torch.long)
+        for b, t in enumerate(toks):
+            for c in range(chunks):
+                piece = t[c * n:(c + 1) * n]
+                row = [self.bos_id] + piece + [self.eos_id]
+                out[b, c, :len(row)] = torch.tensor(row)
+        return out
 
     def save(self, out_dir: str) -> None:
         """Write the Hugging Face tokenizer folder (`CLIPTokenizer.from_pretrained` reads it)."""

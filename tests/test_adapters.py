@@ -118,12 +118,11 @@ def test_save_load_roundtrip(kind, tmp_path):
     randomize_adapters(m)
     y = m(X)
     path = str(tmp_path / "a.safetensors")
-    def save(path, **kw):
-        if kind == "lokr":  # rank 2 on 8 = 2 x 4 channels gives two full factors: alpha 3 != rank is not portable
-            with pytest.warns(UserWarning, match="alpha=rank"):
-                adapters.save_adapter(m, path, **kw)
-        else:
-            adapters.save_adapter(m, path, **kw)
+    # LoKr rank 2 on 8 = 2 x 4 channels gives two full factors: the file folds alpha/rank = 1.5 into lokr_w1 (same ΔW
+    # up to rounding, see test_lycoris.test_full_lokr_file_scale_is_folded)
+    same = (lambda a, b: maxdiff(a, b) < 1e-6) if kind == "lokr" else torch.equal
+    def save(p, **kw):
+        adapters.save_adapter(m, p, **kw)
     save(path, metadata={"ss_network_dim": "2", "steps": 100, "targets": ["to_q"]})
     with safe_open(path, framework="pt") as f:
         assert set(f.keys()) == set(adapters.adapter_state_dict(m))
@@ -132,12 +131,12 @@ def test_save_load_roundtrip(kind, tmp_path):
     meta = adapters.load_adapter(fresh, path)
     assert meta["ss_network_dim"] == "2" and json.loads(meta["steps"]) == 100
     assert {k for k, r in json.loads(meta["minisd.adapter"]).values()} == {kind}
-    assert torch.equal(fresh(X), y)
+    assert same(fresh(X), y)
     # into a model already injected with the same layout
     other = net()
     adapters.inject(other, kind, ["to_q", "ff.0", "proj_in"], rank=2, alpha=3.0, conv_rank=2)
     adapters.load_adapter(other, path, inject=False)
-    assert torch.equal(other(X), y)
+    assert same(other(X), y)
     # half-precision file
     path = str(tmp_path / "half.safetensors")
     save(path, dtype=torch.float16)

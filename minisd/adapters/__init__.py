@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -27,8 +26,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, safe_open, save_file
 
 from ..lora import AdapterLayer, LoRAConv2d, LoRALinear, lora_from_tensors
-from .lycoris import (LoHaConv2d, LoHaLinear, LoKrConv2d, LoKrLinear, LoKrMixin, loha_from_tensors, lokr_from_tensors,
-                      lokr_scale_is_portable)
+from .lycoris import (LoHaConv2d, LoHaLinear, LoKrConv2d, LoKrLinear, loha_from_tensors, lokr_from_tensors,
+                      portable_tensors)
 
 # kind -> (class for nn.Linear, class for nn.Conv2d, extra constructor kwargs)
 KINDS = {
@@ -163,12 +162,15 @@ def unmerge(model: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------- state dicts / files
-def adapter_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """{"<path>.<suffix>": tensor} of every adapter (detached; cast to `dtype` if given)."""
+def adapter_state_dict(model: nn.Module, dtype: torch.dtype | None = None, portable: bool = False
+                       ) -> dict[str, torch.Tensor]:
+    """{"<path>.<suffix>": tensor} of every adapter (detached; cast to `dtype` if given). portable: the tensors as a
+    file holds them (`lycoris.portable_tensors`: a full-factor LoKr's scale folded in), for files; False keeps the
+    trained parameters as they are, for checkpoints."""
     out = {}
     for name, layer in adapter_layers(model):
         prefix = name + "." if name else ""
-        for k, v in layer.adapter_state_dict().items():
+        for k, v in (portable_tensors(layer) if portable else layer.adapter_state_dict()).items():
             v = v.detach()
             out[prefix + k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
     return out
@@ -242,14 +244,10 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
 def save_adapter(model: nn.Module, path: str, metadata: dict | None = None, dtype: torch.dtype | None = None) -> None:
     """Write the adapter tensors to a .safetensors file. `metadata` values that are not strings are stored as JSON;
     `minisd.adapter` records {path: [kind, rank]} so a reader knows what each module holds."""
-    sd = {k: v.contiguous() for k, v in adapter_state_dict(model, dtype).items()}
+    sd = {k: v.contiguous() for k, v in adapter_state_dict(model, dtype, portable=True).items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     layers = dict(adapter_layers(model))
     meta["minisd.adapter"] = json.dumps({name: [layer.kind, layer.rank] for name, layer in layers.items()})
-    odd = [n for n, layer in layers.items() if isinstance(layer, LoKrMixin) and not lokr_scale_is_portable(layer)]
-    if odd:
-        warnings.warn(f"LoKr layers with two full factors and alpha != rank ({odd[:3]}...): minisd reads the rank from "
-                      "the metadata, other tools (ComfyUI) will apply scale 1. Use alpha=rank for portable files.")
     save_file(sd, path, metadata=meta)
 
 

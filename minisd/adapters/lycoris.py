@@ -130,10 +130,13 @@ class LoHaConv2d(LoHaMixin, nn.Conv2d):
 
 # ----------------------------------------------------------------------------------------------------------- LoKr
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
-    """Split dim = a·b with a ≤ b (LyCORIS/PEFT rule). factor > 0 dividing dim gives (factor, dim/factor) as is;
-    otherwise the divisor pair closest to √dim, with a ≤ factor when factor > 0 (factor = -1: no bound)."""
+    """Split dim = a·b with a ≤ b, the LyCORIS rule (lycoris/functional/general.py), which is what the tools reading
+    the file rebuild (LyCORIS' loader recomputes the shapes from it and refuses others). factor > 0 dividing dim gives
+    (factor, dim/factor) ordered small first: 768 with factor 32 is (24, 32). PEFT keeps the order (32, 24); a file
+    with that layout loads in PEFT-like readers only. Otherwise the divisor pair closest to √dim, with a ≤ factor
+    when factor > 0 (factor = -1: no bound)."""
     if factor > 0 and dim % factor == 0:
-        return factor, dim // factor
+        return min(factor, dim // factor), max(factor, dim // factor)
     bound = dim if factor == -1 else factor
     a = 1
     for cand in range(2, math.isqrt(dim) + 1):  # the largest divisor ≤ √dim that respects the bound
@@ -253,3 +256,17 @@ def lokr_scale_is_portable(layer: LoKrMixin) -> bool:
     """False for a LoKr with both factors full and alpha ≠ rank: other tools read such files with scale 1."""
     full = hasattr(layer, "lokr_w1") and hasattr(layer, "lokr_w2")
     return not full or float(layer.alpha) == float(layer.rank)
+
+
+def portable_tensors(layer) -> dict:
+    """The adapter tensors of `layer` as a file should hold them (detached).
+
+    A LoKr whose two factors are both full carries no rank in its tensors, so every reader (LyCORIS, ComfyUI, kohya,
+    A1111) applies it with scale 1 whatever `alpha` says; with alpha ≠ rank the update would come out rank/alpha
+    times off. The scale is therefore folded into the small factor, W1' = (α/r)·W1, and alpha written as the rank:
+    every reader, minisd's included, then computes the same ΔW = W1' ⊗ W2. Other layers are returned unchanged."""
+    sd = {k: v.detach() for k, v in layer.adapter_state_dict().items()}
+    if isinstance(layer, LoKrMixin) and not lokr_scale_is_portable(layer):
+        sd["lokr_w1"] = sd["lokr_w1"] * layer.scale.to(sd["lokr_w1"].dtype)
+        sd["alpha"] = torch.tensor(float(layer.rank))
+    return sd

@@ -98,7 +98,7 @@ def to_kohya(model, naming: str | None = None) -> dict[str, torch.Tensor]:
     naming = naming or default_naming(model)
     names = module_names(model, "kohya", naming)
     out = {}
-    for path, tensors in adapters.group_by_module(adapters.adapter_state_dict(model)).items():
+    for path, tensors in adapters.group_by_module(adapters.adapter_state_dict(model, portable=True)).items():
         for suffix, t in tensors.items():
             if suffix == "alpha":
                 t = t.float()  # 0-dim float tensor, as kohya writes it (diffusers' int64 alphas confuse readers)
@@ -176,3 +176,17 @@ def from_diffusers(model, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def load_diffusers(model, path: str) -> None:
     adapters.load_adapter_state_dict(model, from_diffusers(model, load_file(path)), inject=True)
+
+
+# ----------------------------------------------------------------------------------------------- DoRA portability
+def dora_warning(model, fmt: str = "lora-kohya") -> str | None:
+    """A one-line warning when `model` holds DoRA layers: every other reader applies them differently (README, "DoRA
+    in other tools", measured there); None without DoRA."""
+    n = sum(1 for _, layer in adapters.adapter_layers(model) if getattr(layer, "dora", False))
+    if not n:
+        return None
+    who = ("diffusers' load_lora_weights drops dora_scale (plain LoRA), ComfyUI normalises by the base weight, "
+           "A1111 1.10 per input column" if fmt == "lora-kohya" else
+           "diffusers skips the text-encoder magnitudes of this layout")
+    return (f"{n} DoRA layers: no other tool applies them as trained ({who}); ship merged weights for exact results "
+            "(convert.py MODEL --lora FILE --to single-file OUT)")

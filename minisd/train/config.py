@@ -68,6 +68,8 @@ class TrainConfig:
     targets: str = opt("attn-mlp", "UNet layers to adapt: " + "|".join(CHOICES["targets"]))
     train_text_encoder: bool = opt(False, "also put adapters into the text encoder(s)")
     init: str = opt("kaiming", "LoRA/DoRA down-matrix init: kaiming (kohya, PEFT default) | gaussian (N(0, 1/rank))")
+    init_adapter: Optional[str] = opt(None, "start from this adapter file (any layout sample.py --lora reads); "
+                                            "--network, --rank, --targets and --train-text-encoder must match it")
     dropout: float = opt(0.0, "LoRA/DoRA dropout on the adapter input (PEFT's lora_dropout; training only)")
     rank_dropout: float = opt(0.0, "probability of zeroing each rank channel per sample (kohya; training only)")
     module_dropout: float = opt(0.0, "probability of skipping a whole adapter for a step (kohya; training only)")

@@ -28,7 +28,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from .. import adapters
+from ..adapters.mix import load_into_adapters
 from ..formats import load_model, load_vae
+from ..formats.lora_read import read_adapter_file
 from ..perf.graphs import StepGraph
 from ..perf.profiler import StageTimer
 from ..schedule import NoiseSchedule
@@ -133,6 +135,10 @@ class Trainer:
             for te in m.text_encoders:
                 self.te_layers += adapters.inject(te, cfg.network, TE_TARGETS, rank=cfg.rank, alpha=cfg.alpha,
                                                   **opts)
+        if cfg.init_adapter:  # continue from an existing adapter file (adapters/mix.py; kinds and ranks must match)
+            n = load_into_adapters(m, read_adapter_file(m, cfg.init_adapter).modules, cfg.init_adapter)
+            self.log(f"init-adapter: {n} of {len(self.unet_layers) + len(self.te_layers)} layers from "
+                     f"{cfg.init_adapter}")
         m.to(self.device)
         set_gradient_checkpointing(m.unet, cfg.gradient_checkpointing)
         if cfg.compile:  # compiled lazily, at the first call of each block and shape
@@ -350,7 +356,7 @@ class Trainer:
 
     def write_outputs(self) -> dict:
         """loss.jsonl, loss.png, the adapter file (minisd) and its kohya export."""
-        from ..formats.lora_files import save_kohya
+        from ..formats.lora_files import dora_warning, save_diffusers, save_kohya
         self.write_loss_log()
         draw_loss_curve([r["loss"] for r in self.losses], os.path.join(self.run_dir, "loss.png"))
         meta = {"minisd.train_config": json.dumps(self.cfg.to_dict()), "minisd.steps": str(self.step)}
@@ -366,6 +372,12 @@ class Trainer:
             save_kohya(self.model, kohya, metadata={"ss_network_dim": str(self.cfg.rank),
                                                     "ss_network_alpha": str(self.cfg.alpha),
                                                     "ss_max_train_steps": str(self.step)})
+            if self.cfg.network in ("lora", "dora"):  # diffusers / PEFT have no LoHa / LoKr layout
+                out["diffusers"] = os.path.join(self.run_dir, "lora_diffusers.safetensors")
+                save_diffusers(self.model, out["diffusers"])
+            warning = dora_warning(self.model)
+            if warning:
+                self.log(f"warning: {warning}")
         self.log(self.data.summary() if self.data.skipped else "data: no image was skipped")
         return out
 
