@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import train
 from minisd import adapters, world
 from minisd.train.config import parse_config
-from minisd.trainer import Trainer
+from minisd.train.loop import Trainer
 
 torch.set_num_threads(1)
 FAST = ["--model", "tiny-random", "--threads", "1", "--no-progress", "--batch-size", "2", "--no-samples"]
