@@ -177,6 +177,21 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         if self.bucket_min and self.bucket_max and self.bucket_min > self.bucket_max:
             raise ValueError("--bucket-min must be <= --bucket-max")
+        # No flag is a silent no-op: an option that the chosen setup would ignore is refused.
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        changed = lambda *names: [n for n in names if getattr(self, n) != defaults[n]]  # noqa: E731
+        needs = [("train_text_encoder", "--train-text-encoder", changed("te_lr", "te1_lr", "te2_lr")),
+                 ("buckets", "--buckets", changed("bucket_step", "bucket_min", "bucket_max")),
+                 ("ema_decay", "--ema-decay D", changed("ema_warmup")),
+                 ("validate_every", "--validate-every N", changed("validation_prompts", "validation_steps"))]
+        # 3x3 conv adapters exist only with --targets full (a run on the embedded world without --data picks
+        # full itself, and train.py validates again once it has)
+        if self.data is not None and self.targets != "full":
+            needs.append(("targets", "--targets full", changed("conv_rank", "conv_alpha")))
+        for gate, flag, given in needs:
+            if given and (gate == "targets" or not getattr(self, gate)):
+                names = ", ".join("--" + ("no-" if n == "ema_warmup" else "") + n.replace("_", "-") for n in given)
+                raise ValueError(f"{names} would be ignored without {flag}")
         if self.cuda_graph:  # what a recorded step cannot do (minisd/graphs.py); the device is checked by Trainer
             if self.buckets:
                 raise ValueError("--cuda-graph needs one image shape: drop --buckets (a graph replays fixed shapes)")
