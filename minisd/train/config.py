@@ -37,7 +37,8 @@ def opt(default, help: str):
 @dataclass
 class TrainConfig:
     # --- what to train on
-    data: Optional[str] = opt(None, "image folder (NAME.png + NAME.txt, or metadata.jsonl); default: generate "
+    data: Optional[str] = opt(None, "image folder (NAME.png + NAME.txt, metadata.jsonl, or kohya concept folders "
+                                    "DIR/10_sks dog/: repeats and class tokens from the name); default: generate "
                                     "the embedded world's style dataset into the run folder")
     style: str = opt("outlined", "world style used when --data is not given (outlined, striped, dotted)")
     n_images: int = opt(400, "images generated when --data is not given")
@@ -46,7 +47,7 @@ class TrainConfig:
     out: Optional[str] = opt(None, "run folder; default runs/<timestamp>")
     resume: Optional[str] = opt(None, "continue the run in this folder from its last checkpoint")
     resolution: int = opt(0, "training resolution in pixels (0: the model's native resolution)")
-    repeats: int = opt(1, "times each image is seen per epoch")
+    repeats: int = opt(1, "times each image is seen per epoch (times a kohya concept folder's own count)")
     random_crop: bool = opt(False, "random instead of centre crop")
     flip: float = opt(0.0, "probability of a horizontal flip")
     caption_dropout: float = opt(0.0, "probability of training on the empty caption (keeps CFG working)")
@@ -137,6 +138,27 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def public_dict(self, run_dir: str | None = None) -> dict:
+        """`to_dict()` for what leaves the machine (the adapter files' metadata): no local path. A path inside the
+        run folder becomes its name relative to it (the world run's `data`), any other its base name (`sd15`,
+        `vae.safetensors`); the run folder itself (`out`, `resume`) is dropped. config.json keeps the real paths
+        (--resume needs them)."""
+        d = self.to_dict()
+        run = os.path.abspath(run_dir or self.out or ".")
+        paths = ["data", "model", "vae", "cache_dir", "config"]
+        if d["validation_prompts"] and (d["validation_prompts"].endswith(".txt")
+                                        or os.path.isfile(d["validation_prompts"])):  # a file, not 'a|b'
+            paths.append("validation_prompts")
+        for name in paths:
+            v = d[name]
+            if v is None or (name == "model" and not os.path.exists(v)):  # "tiny-random" is a name already
+                continue
+            full = os.path.abspath(v)
+            inside = os.path.commonpath([full, run]) == run and full != run
+            d[name] = os.path.relpath(full, run) if inside else os.path.basename(os.path.normpath(full))
+        d["out"] = d["resume"] = None
+        return d
 
     def validate(self) -> None:
         """Raise ValueError with a one-line message on a bad combination."""
