@@ -22,7 +22,7 @@ DEFAULT_PROMPT = "a red circle on a blue background"
 # shape and colour by the probe there; at 7.5 a little less). --steps / --cfg override these when given.
 GRID_PROMPTS, GRID_STEPS, GRID_CFG = 8, 12, 3.0
 # Defaults with a prompt. The flags default to None, so an explicit `--steps 30` is told apart from no flag.
-STEPS, CFG, DTYPE = 30, 7.5, "fp32"
+STEPS, CFG, DTYPE, STRENGTH, ETA = 30, 7.5, "fp32", 0.8, 0.0
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -38,8 +38,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description="Generate images with minisd (text-to-image or img2img).",
-                                formatter_class=_Help)
+    p = _Parser(description="Generate images with minisd (text-to-image or img2img).", formatter_class=_Help)
     p.add_argument("prompt", nargs="?", default=None,
                    help="what to draw (none, with minisd-tiny: a captioned grid of held-out world prompts; "
                         f"none, with another model: {DEFAULT_PROMPT!r})")
@@ -62,8 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "which with the seed and batch size reproduces it (default: 1; not for the grid, one image "
                         "per prompt)")
     p.add_argument("--init", default=None, help="init image for img2img")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much of the init image to redraw")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--strength", type=float, default=None,
+                   help=f"img2img: how much of the init image to redraw (default: {STRENGTH}; needs --init)")
+    p.add_argument("--eta", type=float, default=None,
+                   help=f"DDIM eta, 0 = deterministic (default: {ETA}; --sampler ddim only)")
     p.add_argument("--out", default="sample.png", help="output PNG (with --batch N: OUT-0.png ... OUT-(N-1).png)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
@@ -82,13 +83,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps must be at least 1")
     if a.batch is not None and a.batch < 1:
         p.error("--batch must be at least 1")
+    # no flag is a silent no-op
+    if a.strength is not None and not a.init:
+        p.error("--strength applies to img2img: give --init IMAGE too")
+    if a.eta is not None and a.sampler != "ddim":
+        p.error(f"--eta is DDIM's eta; --sampler {a.sampler} has none")
+    a.strength, a.eta = STRENGTH if a.strength is None else a.strength, ETA if a.eta is None else a.eta
     if not 0.0 < a.strength <= 1.0:
         p.error("--strength must be in (0, 1]")
-    # no flag is a silent no-op
-    if a.strength != 0.8 and not a.init:
-        p.error("--strength applies to img2img: give --init IMAGE too")
-    if a.eta != 0.0 and a.sampler != "ddim":
-        p.error(f"--eta is DDIM's eta; --sampler {a.sampler} has none")
     if a.karras and a.sampler not in ("euler", "dpmpp_2m"):
         p.error("--karras applies to --sampler euler or dpmpp_2m (as in diffusers)")
     return a
@@ -201,8 +203,9 @@ def grid(a, model_path: str) -> int:
     # core stalls every op at its join (measured: 0.35 s per step with 1 thread, 5.7 s with 2 under load).
     refused = [f for f, v in (("--batch", a.batch), ("--width", a.width), ("--height", a.height)) if v is not None]
     if refused:
-        print(f"error: {'/'.join(refused)} {'needs' if len(refused) == 1 else 'need'} a prompt: the no-prompt grid draws one image per held-out prompt at "
-              "the model's resolution", file=sys.stderr)
+        verb = "needs" if len(refused) == 1 else "need"
+        print(f"error: {'/'.join(refused)} {verb} a prompt: the no-prompt grid draws one image per held-out prompt "
+              "at the model's resolution", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
     t0 = time.time()

@@ -162,7 +162,8 @@ def test_diffusers_folder_keeps_its_scheduler_and_family_is_checked(tmp_path):
 
     export_diffusers(tiny_model(4), str(tmp_path / "d1"))
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing", rescale_betas_zero_snr=True)
+                          set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing",
+                          rescale_betas_zero_snr=True)
     sched.save_pretrained(str(tmp_path / "d1" / "scheduler"))
     index_path = tmp_path / "d1" / "model_index.json"
     index = _json.loads(index_path.read_text())

@@ -1,5 +1,6 @@
-"""The fine-tuning dataset: the three folder layouts (kohya concept folders too), repeats, crops, flips, caption dropout, and a folder of broken
-or odd images (truncated, CMYK, 16-bit, RGBA, EXIF-rotated, tiny) that loads the good ones and reports the rest."""
+"""The fine-tuning dataset: the three folder layouts (kohya concept folders too), repeats, crops, flips, caption
+dropout, and a folder of broken or odd images (truncated, CMYK, 16-bit, RGBA, EXIF-rotated, tiny) that loads the good
+ones and reports the rest."""
 import json
 import os
 from collections import Counter

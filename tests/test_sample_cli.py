@@ -62,6 +62,7 @@ def test_grid_refuses_what_it_cannot_honour(tmp_path, capsys, recorded, flags):
 
 
 @pytest.mark.parametrize("flags, named", [(["x", "--strength", "0.5"], "--strength"),
+                                          (["x", "--strength", "0.8"], "--strength"),   # the default, but given
                                           (["x", "--eta", "0.5", "--sampler", "euler"], "--eta")])
 def test_prompt_mode_refuses_flags_that_would_be_ignored(capsys, flags, named):
     with pytest.raises(SystemExit) as e:

@@ -54,7 +54,7 @@ class TrainConfig:
     buckets: bool = opt(False, "aspect-ratio buckets: each image at the shape nearest its own, area <= "
                                "resolution², one shape per batch (minisd/buckets.py)")
     bucket_step: int = opt(0, "bucket side step in px, a multiple of VAE factor x UNet down-sampling "
-                              "(0: auto, 64 for SD/SDXL)")
+                              "(0: auto, 64 for SD/SDXL; needs --buckets, as do the next two)")
     bucket_min: int = opt(0, "smallest bucket side in px (0: resolution / 2)")
     bucket_max: int = opt(0, "largest bucket side in px (0: 2 x resolution)")
     cache_latents: bool = opt(False, "VAE-encode every image once before training (posterior mean, logvar; with "
@@ -74,14 +74,16 @@ class TrainConfig:
     module_dropout: float = opt(0.0, "probability of skipping a whole adapter for a step (kohya; training only)")
     conv_rank: Optional[int] = opt(None, "rank of the 3x3 conv adapters of --targets full (default: --rank; "
                                          "0: no adapters on 3x3 convs)")
-    conv_alpha: Optional[float] = opt(None, "alpha of the 3x3 conv adapters (default: --alpha)")
+    conv_alpha: Optional[float] = opt(None, "alpha of the 3x3 conv adapters (default: --alpha; needs --targets "
+                                            "full)")
     # --- optimisation
     lr: float = opt(1e-3, "learning rate of the UNet adapters (prodigy: use 1.0)")
-    te_lr: Optional[float] = opt(None, "learning rate of the text-encoder adapters (default: --lr)")
+    te_lr: Optional[float] = opt(None, "learning rate of the text-encoder adapters (default: --lr; needs "
+                                       "--train-text-encoder)")
     te1_lr: Optional[float] = opt(None, "learning rate of the first text encoder's adapters (SDXL: CLIP-L; "
-                                        "default: --te-lr)")
+                                        "default: --te-lr; needs --train-text-encoder)")
     te2_lr: Optional[float] = opt(None, "learning rate of the second text encoder's adapters (SDXL: OpenCLIP "
-                                        "bigG; default: --te-lr)")
+                                        "bigG; default: --te-lr; needs --train-text-encoder)")
     optimizer: str = opt("adamw", "|".join(CHOICES["optimizer"]))
     weight_decay: float = opt(1e-2, "AdamW weight decay")
     lr_scheduler: str = opt("constant", "|".join(CHOICES["lr_scheduler"]) + " (after the warmup)")
@@ -93,7 +95,7 @@ class TrainConfig:
     ema_decay: float = opt(0.0, "EMA of the adapter weights, e.g. 0.999; the final files and after-grid use it, "
                                 "lora_raw.safetensors keeps the raw weights (0: off)")
     ema_warmup: bool = opt(True, "EMA decay warmup min(decay, (1+s)/(10+s)), so short runs forget the initial "
-                                 "adapter (minisd/ema.py)")
+                                 "adapter (minisd/ema.py; --no-ema-warmup needs --ema-decay)")
     # --- recipe
     prediction: str = opt("auto", "training target: auto (the model's) | epsilon | v_prediction")
     min_snr_gamma: float = opt(0.0, "Min-SNR-γ loss weighting (Hang et al. 2023; 5 is usual; 0: off)")
@@ -129,7 +131,8 @@ class TrainConfig:
     validate_every: int = opt(0, "write <run>/validation/step_N.png every N steps, same seed each time (0: off)")
     validation_prompts: Optional[str] = opt(None, "validation prompts: 'a|b|c' or a .txt file, one per line "
                                                   "(world runs: 4 held-out prompts in the style)")
-    validation_steps: int = opt(15, "sampler steps of the validation images")
+    validation_steps: int = opt(15, "sampler steps of the validation images (this and --validation-prompts need "
+                                    "--validate-every)")
     progress: bool = opt(True, "tqdm progress bar")
     profile: bool = opt(False, "time each stage of a step (data, VAE, text encoders, UNet, backward, optimizer); "
                                "table at the end and <run>/profile.json")
