@@ -90,8 +90,9 @@ def test_train_text_encoder_adapts_every_ldmbert_linear_and_trains_it(tmp_path, 
     (["--validation-prompts", "a|b"], "--validation-prompts"),
 ])
 def test_train_refuses_options_the_setup_ignores(tmp_path, data_dir, capsys, flags, named):
-    out = tmp_path / "run"
-    assert train.main(["--data", data_dir, "--out", str(out)] + flags) == 2
+    out = tmp_path / "run"   # FAST and one step: were the flag accepted, the run would end in seconds
+    assert train.main(FAST + ["--model", "tiny-random", "--max-steps", "1", "--data", data_dir, "--out", str(out)]
+                      + flags) == 2
     err = one_line_error(capsys)
     assert named in err and "ignored" in err
     assert not out.exists()
@@ -99,7 +100,8 @@ def test_train_refuses_options_the_setup_ignores(tmp_path, data_dir, capsys, fla
 
 def test_world_run_refuses_conv_options_without_full_targets(tmp_path, capsys):
     """Without --data the world run picks --targets full itself; an explicit --targets attn makes --conv-rank moot."""
-    assert train.main(["--targets", "attn", "--conv-rank", "2", "--out", str(tmp_path / "w")] + FAST) == 2
+    assert train.main(["--targets", "attn", "--conv-rank", "2", "--out", str(tmp_path / "w"), "--model", "tiny-random",
+                       "--max-steps", "1", "--n-images", "2"] + FAST) == 2
     assert "--conv-rank" in one_line_error(capsys)
     assert not os.path.exists(tmp_path / "w" / "data")   # refused before the world images are written
     cfg, _ = parse_config(["--conv-rank", "2"])          # world run with its default full targets: accepted
