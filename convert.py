@@ -52,7 +52,10 @@ def parse_args(argv=None):
                    help="export a minisd folder: 'single-file OUT.safetensors' or 'diffusers DIR'")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="dtype of the written tensors (default: keep the source's)")
-    p.add_argument("--family", choices=["auto", "sd1", "sd2", "sdxl", "ldm"], default="auto")
+    p.add_argument("--family", choices=["auto", "sd1", "sd2", "sdxl", "ldm"], default="auto",
+                   help="the source's family (default: detected from the keys or the folder's components). A "
+                        "diffusers folder cannot tell SD1 from SD2 for sure (only the text encoder's activation "
+                        "does): sd1/sd2 decides it. A family the source contradicts is an error")
     p.add_argument("--prediction", choices=["eps", "v"], default=None,
                    help="override the prediction type (SD2 files cannot tell; default: 768-v)")
     ema = p.add_mutually_exclusive_group()
@@ -139,7 +142,7 @@ def import_model(a):
             raise ModelError(f"{src}: not a diffusers folder (no model_index.json)")
         if a.ema:
             raise ModelError("--ema applies to single files only")
-        model = load_diffusers_folder(src)
+        model = load_diffusers_folder(src, a.family)
         trace, extras, source = model.trace, model.extras, model.source
         n_src = len(trace)
         if a.prediction:

@@ -22,33 +22,54 @@ DEFAULT_PROMPT = "a red circle on a blue background"
 # The grid of `python sample.py`: 8 held-out world prompts, DDIM 12 steps, guidance 3 (minisd-tiny scores 100 %
 # shape and colour by the probe there; at 7.5 a little less). --steps / --cfg override these when given.
 GRID_PROMPTS, GRID_STEPS, GRID_CFG = 8, 12, 3.0
+# Defaults with a prompt. The flags default to None, so an explicit `--steps 30` is told apart from no flag.
+STEPS, CFG, DTYPE, STRENGTH, ETA = 30, 7.5, "fp32", 0.8, 0.0
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones: those flags say in their help what they default to."""
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2, no usage dump
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Generate images with minisd (text-to-image or img2img).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description="Generate images with minisd (text-to-image or img2img).", formatter_class=_Help)
     p.add_argument("prompt", nargs="?", default=None,
                    help="what to draw (none, with minisd-tiny: a captioned grid of held-out world prompts; "
                         f"none, with another model: {DEFAULT_PROMPT!r})")
     p.add_argument("--model", default=None,
                    help="minisd folder, diffusers folder, or 'tiny-random' "
                         "(default: weights/minisd-tiny if present, else tiny-random)")
-    p.add_argument("--steps", type=int, default=30, help="sampling steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampling steps (default: {STEPS}; the no-prompt grid: {GRID_STEPS})")
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLER_NAMES))
     p.add_argument("--karras", action="store_true", help="Karras sigma spacing (euler, dpmpp_2m)")
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help=f"classifier-free guidance scale, 1 = off (default: {CFG}; the no-prompt grid: {GRID_CFG})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's resolution)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--batch", type=int, default=1, help="images for the prompt")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's resolution; not for the "
+                                                          "no-prompt grid, which draws at it)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's resolution; as --width)")
+    p.add_argument("--negative", default="", help="negative prompt (the grid: the same for every image)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="images for the prompt, drawn as one batch from --seed: each PNG records its `Batch pos`, "
+                        "which with the seed and batch size reproduces it (default: 1; not for the grid, one image "
+                        "per prompt)")
     p.add_argument("--init", default=None, help="init image for img2img")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much of the init image to redraw")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--strength", type=float, default=None,
+                   help=f"img2img: how much of the init image to redraw (default: {STRENGTH}; needs --init)")
+    p.add_argument("--eta", type=float, default=None,
+                   help=f"DDIM eta, 0 = deterministic (default: {ETA}; --sampler ddim only)")
     p.add_argument("--out", default="sample.png", help="output PNG (with --batch N: OUT-0.png ... OUT-(N-1).png)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="UNet / text-encoder precision (the VAE stays fp32 where it overflows)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help=f"UNet / text-encoder precision (default: {DTYPE}; the VAE stays fp32 where it overflows)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay the UNet call from a CUDA graph (minisd/perf/graphs.py; recorded at the second "
                         "step): the same image, "
@@ -89,10 +110,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.lora = [split_spec(s, float) for s in a.lora]
     except ValueError as e:
         p.error(f"--lora: {e}")
-    if a.steps < 1:
+    if a.steps is not None and a.steps < 1:
         p.error("--steps must be at least 1")
-    if a.batch < 1:
+    if a.batch is not None and a.batch < 1:
         p.error("--batch must be at least 1")
+    # no flag is a silent no-op
+    if a.strength is not None and not a.init:
+        p.error("--strength applies to img2img: give --init IMAGE too")
+    if a.eta is not None and a.sampler != "ddim":
+        p.error(f"--eta is DDIM's eta; --sampler {a.sampler} has none")
+    a.strength, a.eta = STRENGTH if a.strength is None else a.strength, ETA if a.eta is None else a.eta
     if not 0.0 < a.strength <= 1.0:
         p.error("--strength must be in (0, 1]")
     if a.karras and a.sampler not in ("euler", "dpmpp_2m"):
@@ -192,14 +219,19 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def parameters_text(a, width: int, height: int, seed: int, model_name: str, extra: str = "") -> str:
-    """The A1111 `parameters` chunk: prompt, negative prompt, then one line of settings."""
+def parameters_text(a, width: int, height: int, seed: int, model_name: str, extra: str = "", pos: int = 0) -> str:
+    """The A1111 `parameters` chunk: prompt, negative prompt, then one line of settings (`extra`: the adapters).
+    Every image of a batch is drawn from one generator seeded `seed` (the initial noise is one (batch, C, h, w)
+    draw, as in diffusers), so an image is reproduced by the seed, the batch size and its position: A1111's
+    `Batch size` / `Batch pos` fields."""
     sampler = SAMPLER_NAMES[a.sampler] + (" Karras" if a.karras else "")
     lines = [a.prompt]
     if a.negative:
         lines.append(f"Negative prompt: {a.negative}")
     settings = f"Steps: {a.steps}, Sampler: {sampler}, CFG scale: {a.cfg}, Seed: {seed}, " \
                f"Size: {width}x{height}, Model: {model_name}"
+    if a.batch > 1:
+        settings += f", Batch size: {a.batch}, Batch pos: {pos}"
     if a.init:
         settings += f", Denoising strength: {a.strength}"
     lines.append(settings + extra)
@@ -231,6 +263,8 @@ def main(argv=None) -> int:
                 return grid(a, model_path)
             a.prompt = DEFAULT_PROMPT
         jobs = [(a.prompt, a.seed, stem)]
+    a.steps, a.cfg = a.steps or STEPS, CFG if a.cfg is None else a.cfg
+    a.batch, a.dtype = a.batch or 1, a.dtype or DTYPE
     init = None
     if a.init:
         try:
@@ -269,12 +303,12 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         a.prompt = prompt  # what parameters_text records: this line's prompt and seed reproduce this PNG
-        info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", parameters_text(a, width, height, seed, os.path.basename(
-            os.path.normpath(model_path)), extra))
         outs = [out_stem + (ext or ".png")] if len(images) == 1 else \
             [f"{out_stem}-{i}{ext or '.png'}" for i in range(len(images))]
-        for img, path in zip(images, outs):
+        for pos, (img, path) in enumerate(zip(images, outs)):
+            info = PngImagePlugin.PngInfo()
+            info.add_text("parameters", parameters_text(a, width, height, seed, os.path.basename(
+                os.path.normpath(model_path)), extra, pos))
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             tmp = path + ".tmp"
             img.save(tmp, format="PNG", pnginfo=info)
@@ -284,7 +318,9 @@ def main(argv=None) -> int:
 
 
 def grid(a, model_path: str) -> int:
-    """No prompt, minisd-tiny: draw held-out world prompts (compositions it never saw) as a captioned grid."""
+    """No prompt, minisd-tiny: draw held-out world prompts (compositions it never saw) as a captioned grid.
+    --steps, --cfg, --sampler, --seed, --negative and --dtype given explicitly are honoured; --batch, --width and
+    --height are refused (one image per prompt, at the model's resolution, which the grid's cells assume)."""
     import torch
     from PIL import PngImagePlugin
 
@@ -294,6 +330,12 @@ def grid(a, model_path: str) -> int:
 
     # One thread: this model's ops are too small to gain from a second, and on a shared CPU a busy second
     # core stalls every op at its join (measured: 0.35 s per step with 1 thread, 5.7 s with 2 under load).
+    refused = [f for f, v in (("--batch", a.batch), ("--width", a.width), ("--height", a.height)) if v is not None]
+    if refused:
+        verb = "needs" if len(refused) == 1 else "need"
+        print(f"error: {'/'.join(refused)} {verb} a prompt: the no-prompt grid draws one image per held-out prompt "
+              "at the model's resolution", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
     t0 = time.time()
     try:
@@ -302,14 +344,18 @@ def grid(a, model_path: str) -> int:
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    steps = GRID_STEPS if a.steps == 30 else a.steps      # 30 and 7.5 are the flags' defaults
-    cfg = GRID_CFG if a.cfg == 7.5 else a.cfg
+    steps = GRID_STEPS if a.steps is None else a.steps    # None: the flag was not given
+    cfg = GRID_CFG if a.cfg is None else a.cfg
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype or DTYPE]
     prompts = grid_prompts(GRID_PROMPTS)
-    pipe = make_pipeline(model, a)
-    images = pipe(prompts, steps=steps, sampler=a.sampler, karras=a.karras, cfg_scale=cfg, seed=a.seed, eta=a.eta)
+    pipe = make_pipeline(model, a, dtype=dtype)
+    images = pipe(prompts, negative=a.negative or None, steps=steps, sampler=a.sampler, karras=a.karras,
+                  cfg_scale=cfg, seed=a.seed, eta=a.eta)
+    sampler = SAMPLER_NAMES[a.sampler] + (" Karras" if a.karras else "")
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", "\n".join(prompts) + f"\nSteps: {steps}, Sampler: {SAMPLER_NAMES[a.sampler]}, "
-                  f"CFG scale: {cfg}, Seed: {a.seed}, Model: {os.path.basename(os.path.normpath(model_path))}{extra}")
+    info.add_text("parameters", "\n".join(prompts + ([f"Negative prompt: {a.negative}"] if a.negative else []))
+                  + f"\nSteps: {steps}, Sampler: {sampler}, CFG scale: {cfg}, Seed: {a.seed}, "
+                  f"Model: {os.path.basename(os.path.normpath(model_path))}{extra}")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     caption_grid(images, prompts).save(a.out + ".tmp", format="PNG", pnginfo=info)
     os.replace(a.out + ".tmp", a.out)

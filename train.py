@@ -48,6 +48,7 @@ def prepare(cfg, flags: dict) -> str:
             if name not in flags:
                 setattr(cfg, name, value)
         cfg.data = os.path.join(run_dir, "data")
+        cfg.validate()  # again, now that the world's defaults are in (e.g. --conv-rank needs --targets full)
         print(f"data: writing {cfg.n_images} '{cfg.style}' images of the embedded world to {cfg.data}")
         world.write_folder(cfg.data, cfg.n_images, seed=cfg.seed, split="train", style=cfg.style)
     return run_dir

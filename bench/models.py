@@ -68,8 +68,8 @@ def model_config(family: str, tiny: bool = False) -> ModelConfig:
 
 
 def configs_dir() -> str:
-    """The official configs: $MINISD_REFERENCE/configs, else ../shared/reference/configs beside the checkout."""
-    for base in (os.environ.get("MINISD_REFERENCE", ""), os.path.join(os.path.dirname(ROOT), "shared", "reference")):
+    """The official configs: $MINISD_REFERENCE/configs, else tests/reference/configs of this checkout."""
+    for base in (os.environ.get("MINISD_REFERENCE", ""), os.path.join(ROOT, "tests", "reference")):
         p = os.path.join(base, "configs")
         if base and os.path.isdir(p):
             return p

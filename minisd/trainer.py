@@ -51,8 +51,9 @@ ATTN_MLP = ATTN + [r".*ff\.net\.0\.proj", r".*ff\.net\.2", r".*\.proj_in", r".*\
 FULL = ATTN_MLP + [r".*\.(in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection)",  # ResBlock layers
                    r"input_blocks\.\d+\.0\.op", r"output_blocks\.\d+\.\d+\.conv"]       # down / up-sampling convs
 TARGETS = {"attn": ATTN, "attn-mlp": ATTN_MLP, "full": FULL}
-# text encoder: every linear layer of the CLIP transformer (kohya's default)
-TE_TARGETS = [r".*self_attn\.(q|k|v|out)_proj", r".*mlp\.fc(1|2)"]
+# text encoder: every linear layer of the transformer (kohya's default): CLIP's, then LDMBert's (not to_logits: unused)
+TE_TARGETS = [r".*self_attn\.(q|k|v|out)_proj", r".*mlp\.fc(1|2)",
+              r".*attn_layers\.layers\.\d+\.1\.(to_(q|k|v|out)|net\.0\.0|net\.2)"]
 
 
 def lr_lambda(cfg: TrainConfig):

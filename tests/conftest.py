@@ -8,7 +8,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-REFERENCE = os.path.join(os.path.dirname(ROOT), "shared", "reference")
+# Facts about the official checkpoints (tensor names, shapes, configs; no weights), kept in the repository so a
+# fresh clone runs its tests alone: tests/reference/README.md says where each file comes from.
+REFERENCE = os.path.join(ROOT, "tests", "reference")
 CLIP_VOCAB = os.path.join(ROOT, "weights", "tokenizers", "clip")
 BERT_VOCAB = os.path.join(ROOT, "weights", "tokenizers", "bert")
 

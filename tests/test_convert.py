@@ -153,6 +153,43 @@ def test_diffusers_folder_roundtrip(tmp_path):
         assert (pipe.unet(x, t, encoder_hidden_states=ctx).sample - ours.unet(x, t, ctx)).abs().max() < 1e-5
 
 
+def test_diffusers_folder_keeps_its_scheduler_and_family_is_checked(tmp_path):
+    """DDIM in, DDIM out: the scheduler a diffusers folder came with (class and keys) survives import + export; and
+    --family, which a single file must match, is checked for a folder too (it was ignored)."""
+    import json as _json
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from minisd.formats.export import export_diffusers
+
+    export_diffusers(tiny_model(4), str(tmp_path / "d1"))
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing",
+                          rescale_betas_zero_snr=True)
+    sched.save_pretrained(str(tmp_path / "d1" / "scheduler"))
+    index_path = tmp_path / "d1" / "model_index.json"
+    index = _json.loads(index_path.read_text())
+    index["scheduler"] = ["diffusers", "DDIMScheduler"]
+    index_path.write_text(_json.dumps(index))
+    r = run(str(tmp_path / "d1"), "--out", str(tmp_path / "wrong"), "--family", "sdxl")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "\n" not in r.stderr.strip(), r.stderr
+    assert "sd1/sd2" in r.stderr and "--family sdxl" in r.stderr and not (tmp_path / "wrong").exists()
+    # the tiny CLIP (32 wide, quick_gelu) is SD1's kind: detected so; --family sd2 overrides the guess
+    for family, want in (("auto", "sd1"), ("sd2", "sd2")):
+        r = run(str(tmp_path / "d1"), "--out", str(tmp_path / family), "--family", family)
+        assert r.returncode == 0, r.stderr
+        assert _json.loads((tmp_path / family / "config.json").read_text())["family"] == want
+    r = run(str(tmp_path / "d1"), "--out", str(tmp_path / "m"), "--family", "sd1")
+    assert r.returncode == 0, r.stderr
+    r = run(str(tmp_path / "m"), "--to", "diffusers", str(tmp_path / "d2"))
+    assert r.returncode == 0, r.stderr
+    assert _json.loads((tmp_path / "d2" / "model_index.json").read_text())["scheduler"] == ["diffusers",
+                                                                                           "DDIMScheduler"]
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "d2"), local_files_only=True)
+    assert type(pipe.scheduler) is DDIMScheduler
+    ours, ref = (_json.loads((tmp_path / d / "scheduler" / "scheduler_config.json").read_text()) for d in ("d2", "d1"))
+    assert ours == ref                                  # every key, e.g. rescale_betas_zero_snr, clip_sample
+    assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
+
+
 def test_fp16_output(tmp_path):
     single = tmp_path / "tiny.safetensors"
     from minisd.formats.export import export_single_file

@@ -1,7 +1,9 @@
-"""The fine-tuning dataset: both folder layouts, repeats, crops, flips, caption dropout, and a folder of broken
-or odd images (truncated, CMYK, 16-bit, RGBA, EXIF-rotated, tiny) that loads the good ones and reports the rest."""
+"""The fine-tuning dataset: the three folder layouts (kohya concept folders too), repeats, crops, flips, caption
+dropout, and a folder of broken or odd images (truncated, CMYK, 16-bit, RGBA, EXIF-rotated, tiny) that loads the good
+ones and reports the rest."""
 import json
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -106,3 +108,65 @@ def test_repeats_crop_flip_dropout_and_determinism(tmp_path):
     got = [ld2.next_batch() for _ in range(3)]
     for w, g in zip(want, got):
         assert torch.equal(w["pixels"], g["pixels"]) and w["captions"] == g["captions"]
+
+
+def test_kohya_concept_folders(tmp_path):
+    """DIR/<repeats>_<class tokens>/: repeats from the folder name, each folder a concept, the class tokens as the
+    caption of an image without a caption file; what is not read is named in the summary with the reason."""
+    dog, cat = tmp_path / "10_sks dog", tmp_path / "3_ohwx cat"
+    dog.mkdir()
+    cat.mkdir()
+    _write(dog, "a.png", _img(colour=(1, 2, 3)), "sks dog on a sofa")
+    _write(dog, "b.png", _img(colour=(4, 5, 6)))                      # no caption: the class tokens
+    _write(cat, "c.jpg", _img(colour=(7, 8, 9)))
+    open(cat / "c.caption", "w").write("ohwx cat, sleeping")          # kohya's other caption extension
+    open(cat / "orphan.txt", "w").write("no image for me")
+    open(cat / "notes.md", "w").write("x")
+    (cat / "nested").mkdir()
+    open(cat / "broken.png", "wb").write(b"junk")
+    (tmp_path / "misc").mkdir()                                       # no <repeats>_ prefix
+    (tmp_path / "0_reg").mkdir()
+    _write(tmp_path / "0_reg", "r.png", _img())
+    _write(tmp_path, "top.png", _img())                               # beside the concept folders
+    ds = CaptionDataset(str(tmp_path), resolution=16, repeats=2)
+    got = [(os.path.relpath(e.path, tmp_path), e.caption, e.repeats) for e in ds.examples]
+    assert got == [("10_sks dog/a.png", "sks dog on a sofa", 10), ("10_sks dog/b.png", "sks dog", 10),
+                   ("3_ohwx cat/c.jpg", "ohwx cat, sleeping", 3)]
+    assert len(ds) == 2 * (10 + 10 + 3)                               # folder repeats × --repeats
+    seen = Counter(ds.get(i, 0)["caption"] for i in range(len(ds)))   # every slot once: counts per example
+    assert seen == {"sks dog on a sofa": 20, "sks dog": 20, "ohwx cat, sleeping": 6}
+    assert sorted(ds.skipped) == sorted([
+        ("0_reg/", "repeat count 0"),
+        ("3_ohwx cat/broken.png", "unreadable (UnidentifiedImageError)"),
+        ("3_ohwx cat/nested/", "a folder here is not read"),
+        ("3_ohwx cat/orphan.txt", "caption without an image"),
+        ("misc/", "folder without a <repeats>_ prefix (kohya layout: DIR/10_sks dog/)"),
+        ("top.png", "beside the concept folders (kohya layout: DIR/<repeats>_<tokens>/)")])
+    assert ds.others == ["3_ohwx cat/notes.md"]
+    s = ds.summary()
+    for name in ("0_reg/", "broken.png", "nested/", "orphan.txt", "misc/", "top.png", "notes.md"):
+        assert name in s, (name, s)
+    assert "10_sks dog: 2 × 10" in s and "3_ohwx cat: 1 × 3" in s
+    assert "1 images have no caption file and train on their folder's class tokens 'sks dog': 10_sks dog/b.png" in s
+    # the loader draws whole epochs of these slots, resumable as before
+    batch = Loader(ds, batch_size=4).next_batch()
+    assert batch["pixels"].shape == (4, 3, 16, 16)
+
+
+def test_uncaptioned_images_are_named(tmp_path):
+    _write(tmp_path, "a.png", _img(), "a caption")
+    _write(tmp_path, "b.png", _img())
+    open(tmp_path / "c.txt", "w").write("orphan")
+    ds = CaptionDataset(str(tmp_path), resolution=16)
+    s = ds.summary()
+    assert "1 images have no caption file and train on the empty caption: b.png" in s, s
+    assert ds.skipped == [("c.txt", "caption without an image")]
+    assert len(ds) == 2 and [ds.example_index(i) for i in range(4)] == [0, 1, 0, 1]
+
+
+def test_kohya_folder_with_nothing_usable_says_why(tmp_path):
+    (tmp_path / "5_thing").mkdir()
+    open(tmp_path / "5_thing" / "x.png", "wb").write(b"junk")
+    _write(tmp_path, "top.png", _img())
+    with pytest.raises(DataError, match=r"no usable images \(1 unreadable; 1 not read, e.g. top.png: beside"):
+        CaptionDataset(str(tmp_path))

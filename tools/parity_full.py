@@ -32,13 +32,13 @@ from minisd.vae import AutoencoderKL  # noqa: E402
 
 
 def configs_dir() -> str:
-    """The official configs: ../shared/reference/configs beside the checkout, or $MINISD_REFERENCE."""
-    bases = [os.environ.get("MINISD_REFERENCE", ""), os.path.join(os.path.dirname(ROOT), "shared", "reference")]
+    """The official configs: $MINISD_REFERENCE/configs, else tests/reference/configs of this checkout."""
+    bases = [os.environ.get("MINISD_REFERENCE", ""), os.path.join(ROOT, "tests", "reference")]
     for base in bases:
         p = os.path.join(base, "configs")
         if base and os.path.isdir(p):
             return p
-    raise SystemExit("error: ../shared/reference/configs not found (set MINISD_REFERENCE)")
+    raise SystemExit("error: tests/reference/configs not found (set MINISD_REFERENCE)")
 
 
 def load_json(*parts):

@@ -90,13 +90,17 @@ def inject(model: nn.Module, kind: str = "lora", targets: Sequence[str] | None =
     convolutions with a larger kernel, which are skipped when conv_rank is None. Other keyword arguments go to the
     layer class (init, dropout, rank_dropout, module_dropout, multiplier, dtype, factor, decompose_both, ...).
     The base weights are frozen; nothing else changes requires_grad (see `freeze_base`). Returns the paths.
+
+    Targets that adapt nothing are a ValueError, never a silent no-op: a pattern list written for another network
+    (CLIP names on LDMBert, say) would otherwise train nothing while looking like it trained.
     """
     lin_cls, conv_cls, extra = KINDS[kind]
-    done = []
+    done, skipped = [], []
     for name in find_modules(model, targets, exclude):
         base = model.get_submodule(name)
         if isinstance(base, nn.Conv2d) and base.kernel_size != (1, 1):
             if conv_rank is None:
+                skipped.append(name)
                 continue
             layer = conv_cls(base, conv_rank, conv_alpha, **extra, **kwargs)
         else:
@@ -107,6 +111,11 @@ def inject(model: nn.Module, kind: str = "lora", targets: Sequence[str] | None =
                 p.requires_grad_(False)
         _set_module(model, name, layer)
         done.append(name)
+    if not done:
+        why = (f"only {len(skipped)} convolution(s) larger than 1x1, which need conv_rank" if skipped else
+               "no plain Linear / Conv2d layer (already adapted ones are not re-selected)")
+        raise ValueError(f"adapter targets {list(targets) if targets is not None else 'all'} match {why} in "
+                         f"{type(model).__name__}")
     return done
 
 

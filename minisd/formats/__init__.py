@@ -121,15 +121,25 @@ def _pad_token(path: str, sub: str, default: str) -> str:
     return default
 
 
-def load_diffusers_folder(path: str) -> StableDiffusion:
-    """Build a StableDiffusion from a diffusers pipeline folder (SD1.x, SD2.x, SDXL, LDM-256)."""
+def load_diffusers_folder(path: str, family: str | None = None) -> StableDiffusion:
+    """Build a StableDiffusion from a diffusers pipeline folder (SD1.x, SD2.x, SDXL, LDM-256).
+
+    The components tell LDM (bert/) and SDXL (text_encoder_2/); SD1 and SD2 differ only in the text encoder, OpenAI
+    CLIP (quick_gelu) or OpenCLIP (exact gelu), which is a guess for a community model: `family` "sd1" / "sd2"
+    decides it instead (it sets the single-file layout of an export), and a family the components contradict is
+    a ModelError."""
     index = _read_json(os.path.join(path, "model_index.json"))
+    given = None if family in (None, "auto") else family
     if "bert" in index:
         family = "ldm"
     elif text_encoder_name(1) in index:
         family = "sdxl"
     else:
-        family = None  # sd1 or sd2, told apart by the text encoder width below
+        family = None  # sd1 or sd2, told apart by the text encoder below
+    if given and (given != family if family else given not in ("sd1", "sd2")):
+        raise ModelError(f"{path}: the folder's components are those of {family or 'sd1/sd2'}, but --family "
+                         f"{given} was given")
+    family = family or given
     for comp in ("unet", "vqvae" if family == "ldm" else "vae", "scheduler"):
         if not os.path.isdir(os.path.join(path, comp)):
             raise ModelError(f"{path}: diffusers folder without its '{comp}/' component")
@@ -137,8 +147,8 @@ def load_diffusers_folder(path: str) -> StableDiffusion:
     unet_cfg = unet_config_from_diffusers(_read_json(os.path.join(path, "unet", "config.json")))
     vae_dir = os.path.join(path, "vqvae" if family == "ldm" else "vae")
     vae_cfg = vae_config_from_diffusers(_read_json(os.path.join(vae_dir, "config.json")))
-    sched = schedule_config_from_diffusers(
-        _read_json(os.path.join(path, "scheduler", "scheduler_config.json")))
+    sched_json = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    sched = schedule_config_from_diffusers(sched_json)
 
     text_dirs = ["bert"] if family == "ldm" else (
         [text_encoder_name(0), text_encoder_name(1)] if family == "sdxl" else [text_encoder_name(0)])
@@ -148,8 +158,9 @@ def load_diffusers_folder(path: str) -> StableDiffusion:
         if family == "ldm":
             text_cfgs.append(ldmbert_config_from_diffusers(d))
             continue
-        if family is None:
-            family = "sd1" if d["hidden_size"] == 768 else "sd2"
+        if family is None:  # OpenAI CLIP-L (SD1) uses quick_gelu, OpenCLIP (SD2) the exact gelu
+            family = ("sd1" if d["hidden_act"] == "quick_gelu" else "sd2") if "hidden_act" in d else (
+                "sd1" if d["hidden_size"] == 768 else "sd2")
         tok = "tokenizer" if i == 0 else "tokenizer_2"
         default_pad = "!" if (family == "sd2" or i == 1) else "<|endoftext|>"
         # SDXL reads both encoders at the penultimate layer without the final LayerNorm.
@@ -175,7 +186,9 @@ def load_diffusers_folder(path: str) -> StableDiffusion:
     # What export needs to write this folder back exactly: naming conventions and unused tensors.
     extras, source = {}, {"format": "diffusers", "source": os.path.basename(os.path.normpath(path)),
                           "vae_attention": "legacy" if any(".query." in k for k in vae_sd) else "new",
-                          "text_model_prefix": []}
+                          "text_model_prefix": [],
+                          # the scheduler as read (class and every key), so export writes the same one back
+                          "scheduler": sched_json}
     for i, sub in enumerate(text_dirs):
         sd = read_weights(os.path.join(path, sub))
         raw.update({f"{sub}/{k}": v for k, v in sd.items()})

@@ -79,7 +79,10 @@ def ldmbert_hf_config(t) -> dict:
             "d_model": t.d_model, "activation_function": "gelu", "pad_token_id": 0}
 
 
-def scheduler_config(cfg: ModelConfig) -> dict:
+def scheduler_config(cfg: ModelConfig, read: dict | None = None) -> dict:
+    """The diffusers scheduler config. `read`: the one a diffusers folder came with (source.json's "scheduler"):
+    its class and every key it had are kept, with minisd's schedule fields written over them (so a --prediction
+    override at import shows); without it, the class of the family's official pipeline."""
     s = cfg.schedule
     cls = {"sdxl": "EulerDiscreteScheduler", "ldm": "DDIMScheduler"}.get(cfg.family, "PNDMScheduler")
     d = {"_class_name": cls, "num_train_timesteps": s.num_train_timesteps, "beta_start": s.beta_start,
@@ -88,8 +91,11 @@ def scheduler_config(cfg: ModelConfig) -> dict:
          "set_alpha_to_one": s.set_alpha_to_one, "clip_sample": False}
     if s.timestep_spacing is None:   # absent = each scheduler's own default; diffusers rejects null
         del d["timestep_spacing"]
-    if cls == "PNDMScheduler":
-        d["skip_prk_steps"] = True
+    if read:
+        d = {**read, **{k: v for k, v in d.items() if k != "_class_name" and k != "clip_sample"}}
+        d.setdefault("_class_name", cls)
+    if d["_class_name"] == "PNDMScheduler":
+        d.setdefault("skip_prk_steps", True)
     return d
 
 
@@ -106,6 +112,7 @@ def export_diffusers(model: StableDiffusion, dest: str, folder: str | None = Non
     extras, source = read_extras(folder) if folder else ({}, {})
     legacy_vae = source.get("vae_attention") == "legacy"
     prefixes = source.get("text_model_prefix", [])
+    sched = scheduler_config(cfg, source.get("scheduler"))
     with atomic_folder(dest) as tmp:
         ldm = cfg.family == "ldm"
         vae_sub = "vqvae" if ldm else "vae"
@@ -118,7 +125,7 @@ def export_diffusers(model: StableDiffusion, dest: str, folder: str | None = Non
         index = {"_class_name": "LDMTextToImagePipeline" if ldm else (
             "StableDiffusionXLPipeline" if cfg.family == "sdxl" else "StableDiffusionPipeline"),
             "unet": ["diffusers", "UNet2DConditionModel"], vae_sub: ["diffusers", "AutoencoderKL"],
-            "scheduler": ["diffusers", scheduler_config(cfg)["_class_name"]]}
+            "scheduler": ["diffusers", sched["_class_name"]]}
         for i, (t, te, tok) in enumerate(zip(cfg.text_encoders, model.text_encoders, model.tokenizers)):
             sub = "bert" if ldm else text_encoder_name(i)
             tok_sub = "tokenizer" if i == 0 else f"tokenizer_{i + 1}"
@@ -138,7 +145,7 @@ def export_diffusers(model: StableDiffusion, dest: str, folder: str | None = Non
             tok.save(os.path.join(tmp, tok_sub))
         os.makedirs(os.path.join(tmp, "scheduler"))
         with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
-            json.dump(scheduler_config(cfg), f, indent=2)
+            json.dump(sched, f, indent=2)
         if cfg.family == "sdxl":
             index["force_zeros_for_empty_prompt"] = cfg.zero_empty_negative
         elif not ldm:

@@ -86,7 +86,7 @@ class BucketLoader(Loader):
         rng = np.random.default_rng([self.ds.seed, epoch, 2])
         groups: dict[tuple[int, int], list[int]] = {}
         for i in rng.permutation(len(self.ds)):
-            groups.setdefault(self.ds.targets[i % len(self.ds.examples)], []).append(int(i))
+            groups.setdefault(self.ds.targets[self.ds.example_index(i)], []).append(int(i))
         B = self.batch_size
         batches = [idx[j:j + B] for _, idx in sorted(groups.items()) for j in range(0, len(idx), B)]
         return [batches[j] for j in rng.permutation(len(batches))]

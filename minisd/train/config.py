@@ -37,7 +37,8 @@ def opt(default, help: str):
 @dataclass
 class TrainConfig:
     # --- what to train on
-    data: Optional[str] = opt(None, "image folder (NAME.png + NAME.txt, or metadata.jsonl); default: generate "
+    data: Optional[str] = opt(None, "image folder (NAME.png + NAME.txt, metadata.jsonl, or kohya concept folders "
+                                    "DIR/10_sks dog/: repeats and class tokens from the name); default: generate "
                                     "the embedded world's style dataset into the run folder")
     style: str = opt("outlined", "world style used when --data is not given (outlined, striped, dotted)")
     n_images: int = opt(400, "images generated when --data is not given")
@@ -46,14 +47,14 @@ class TrainConfig:
     out: Optional[str] = opt(None, "run folder; default runs/<timestamp>")
     resume: Optional[str] = opt(None, "continue the run in this folder from its last checkpoint")
     resolution: int = opt(0, "training resolution in pixels (0: the model's native resolution)")
-    repeats: int = opt(1, "times each image is seen per epoch")
+    repeats: int = opt(1, "times each image is seen per epoch (times a kohya concept folder's own count)")
     random_crop: bool = opt(False, "random instead of centre crop")
     flip: float = opt(0.0, "probability of a horizontal flip")
     caption_dropout: float = opt(0.0, "probability of training on the empty caption (keeps CFG working)")
     buckets: bool = opt(False, "aspect-ratio buckets: each image at the shape nearest its own, area <= "
                                "resolution², one shape per batch (minisd/buckets.py)")
     bucket_step: int = opt(0, "bucket side step in px, a multiple of VAE factor x UNet down-sampling "
-                              "(0: auto, 64 for SD/SDXL)")
+                              "(0: auto, 64 for SD/SDXL; needs --buckets, as do the next two)")
     bucket_min: int = opt(0, "smallest bucket side in px (0: resolution / 2)")
     bucket_max: int = opt(0, "largest bucket side in px (0: 2 x resolution)")
     cache_latents: bool = opt(False, "VAE-encode every image once before training (posterior mean, logvar; with "
@@ -75,14 +76,16 @@ class TrainConfig:
     module_dropout: float = opt(0.0, "probability of skipping a whole adapter for a step (kohya; training only)")
     conv_rank: Optional[int] = opt(None, "rank of the 3x3 conv adapters of --targets full (default: --rank; "
                                          "0: no adapters on 3x3 convs)")
-    conv_alpha: Optional[float] = opt(None, "alpha of the 3x3 conv adapters (default: --alpha)")
+    conv_alpha: Optional[float] = opt(None, "alpha of the 3x3 conv adapters (default: --alpha; needs --targets "
+                                            "full)")
     # --- optimisation
     lr: float = opt(1e-3, "learning rate of the UNet adapters (prodigy: use 1.0)")
-    te_lr: Optional[float] = opt(None, "learning rate of the text-encoder adapters (default: --lr)")
+    te_lr: Optional[float] = opt(None, "learning rate of the text-encoder adapters (default: --lr; needs "
+                                       "--train-text-encoder)")
     te1_lr: Optional[float] = opt(None, "learning rate of the first text encoder's adapters (SDXL: CLIP-L; "
-                                        "default: --te-lr)")
+                                        "default: --te-lr; needs --train-text-encoder)")
     te2_lr: Optional[float] = opt(None, "learning rate of the second text encoder's adapters (SDXL: OpenCLIP "
-                                        "bigG; default: --te-lr)")
+                                        "bigG; default: --te-lr; needs --train-text-encoder)")
     optimizer: str = opt("adamw", "|".join(CHOICES["optimizer"]))
     weight_decay: float = opt(1e-2, "AdamW weight decay")
     lr_scheduler: str = opt("constant", "|".join(CHOICES["lr_scheduler"]) + " (after the warmup)")
@@ -94,7 +97,7 @@ class TrainConfig:
     ema_decay: float = opt(0.0, "EMA of the adapter weights, e.g. 0.999; the final files and after-grid use it, "
                                 "lora_raw.safetensors keeps the raw weights (0: off)")
     ema_warmup: bool = opt(True, "EMA decay warmup min(decay, (1+s)/(10+s)), so short runs forget the initial "
-                                 "adapter (minisd/ema.py)")
+                                 "adapter (minisd/ema.py; --no-ema-warmup needs --ema-decay)")
     # --- recipe
     prediction: str = opt("auto", "training target: auto (the model's) | epsilon | v_prediction")
     min_snr_gamma: float = opt(0.0, "Min-SNR-γ loss weighting (Hang et al. 2023; 5 is usual; 0: off)")
@@ -130,7 +133,8 @@ class TrainConfig:
     validate_every: int = opt(0, "write <run>/validation/step_N.png every N steps, same seed each time (0: off)")
     validation_prompts: Optional[str] = opt(None, "validation prompts: 'a|b|c' or a .txt file, one per line "
                                                   "(world runs: 4 held-out prompts in the style)")
-    validation_steps: int = opt(15, "sampler steps of the validation images")
+    validation_steps: int = opt(15, "sampler steps of the validation images (this and --validation-prompts need "
+                                    "--validate-every)")
     progress: bool = opt(True, "tqdm progress bar")
     profile: bool = opt(False, "time each stage of a step (data, VAE, text encoders, UNet, backward, optimizer); "
                                "table at the end and <run>/profile.json")
@@ -139,6 +143,27 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def public_dict(self, run_dir: str | None = None) -> dict:
+        """`to_dict()` for what leaves the machine (the adapter files' metadata): no local path. A path inside the
+        run folder becomes its name relative to it (the world run's `data`), any other its base name (`sd15`,
+        `vae.safetensors`); the run folder itself (`out`, `resume`) is dropped. config.json keeps the real paths
+        (--resume needs them)."""
+        d = self.to_dict()
+        run = os.path.abspath(run_dir or self.out or ".")
+        paths = ["data", "model", "vae", "cache_dir", "config"]
+        if d["validation_prompts"] and (d["validation_prompts"].endswith(".txt")
+                                        or os.path.isfile(d["validation_prompts"])):  # a file, not 'a|b'
+            paths.append("validation_prompts")
+        for name in paths:
+            v = d[name]
+            if v is None or (name == "model" and not os.path.exists(v)):  # "tiny-random" is a name already
+                continue
+            full = os.path.abspath(v)
+            inside = os.path.commonpath([full, run]) == run and full != run
+            d[name] = os.path.relpath(full, run) if inside else os.path.basename(os.path.normpath(full))
+        d["out"] = d["resume"] = None
+        return d
 
     def validate(self) -> None:
         """Raise ValueError with a one-line message on a bad combination."""
@@ -179,6 +204,21 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         if self.bucket_min and self.bucket_max and self.bucket_min > self.bucket_max:
             raise ValueError("--bucket-min must be <= --bucket-max")
+        # No flag is a silent no-op: an option that the chosen setup would ignore is refused.
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        changed = lambda *names: [n for n in names if getattr(self, n) != defaults[n]]  # noqa: E731
+        needs = [("train_text_encoder", "--train-text-encoder", changed("te_lr", "te1_lr", "te2_lr")),
+                 ("buckets", "--buckets", changed("bucket_step", "bucket_min", "bucket_max")),
+                 ("ema_decay", "--ema-decay D", changed("ema_warmup")),
+                 ("validate_every", "--validate-every N", changed("validation_prompts", "validation_steps"))]
+        # 3x3 conv adapters exist only with --targets full (a run on the embedded world without --data picks
+        # full itself, and train.py validates again once it has)
+        if self.data is not None and self.targets != "full":
+            needs.append(("targets", "--targets full", changed("conv_rank", "conv_alpha")))
+        for gate, flag, given in needs:
+            if given and (gate == "targets" or not getattr(self, gate)):
+                names = ", ".join("--" + ("no-" if n == "ema_warmup" else "") + n.replace("_", "-") for n in given)
+                raise ValueError(f"{names} would be ignored without {flag}")
         if self.cuda_graph:  # what a recorded step cannot do (minisd/perf/graphs.py); the device is checked by Trainer
             if self.buckets:
                 raise ValueError("--cuda-graph needs one image shape: drop --buckets (a graph replays fixed shapes)")

@@ -1,12 +1,17 @@
 """The fine-tuning dataset: a folder of captioned images, each cropped to the square resolution or to its
 aspect-ratio bucket (buckets.py sets `targets`).
 
-Two folder layouts are read (the two that trainers share):
+Three folder layouts are read (those that trainers share):
 
-    kohya style          0001.png + 0001.txt (same stem, the caption inside), ...
+    captioned images     0001.png + 0001.txt (same stem, the caption inside), ...
     HF imagefolder       metadata.jsonl with one {"file_name": "0001.png", "text": "..."} per line
+    kohya concepts       DIR/10_sks dog/0001.png (+ 0001.txt), DIR/3_dog/...: one folder per concept, named
+                         <repeats>_<class tokens>; each image is seen `repeats` times an epoch (times --repeats)
 
-When both exist metadata.jsonl wins. An image without a caption trains with the empty caption.
+metadata.jsonl wins over the others; a folder with `N_name` subfolders is read as kohya concepts. An image without a
+caption file trains on its concept folder's class tokens ("sks dog", as kohya does), else on the empty caption.
+What is not used is said by name in `summary()`: images skipped and why, folders and stray files not read, and the
+images that had no caption file.
 
 Real folders hold odd files. Each image is opened and checked once when the dataset is built:
 
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -37,6 +43,8 @@ import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CAPTION_EXTS = (".txt", ".caption")  # kohya's two caption extensions, .txt first
+CONCEPT = re.compile(r"(\d+)_(.+)")   # kohya concept folder: "<repeats>_<class tokens>"
 MIN_SIDE = 8  # pixels: below this an image holds no usable content at any resolution
 
 
@@ -48,11 +56,27 @@ class DataError(Exception):
 class Example:
     path: str
     caption: str
+    repeats: int = 1        # a kohya concept folder's repeat count
+    captioned: bool = True  # False: no caption file (the caption is the folder's class tokens, or empty)
+
+
+@dataclass
+class Scan:
+    """What a data folder holds: the examples; images, folders and captions not used, as (name relative to the
+    folder, reason); other files, which are not data (names)."""
+    examples: list[Example]
+    skipped: list[tuple[str, str]]
+    others: list[str]
 
 
 # ----------------------------------------------------------------------------------------------- reading
 def scan_folder(folder: str) -> list[Example]:
-    """The (image path, caption) pairs of a folder, in sorted file order."""
+    """The examples of a folder, in sorted file order (concept folders in sorted order)."""
+    return scan(folder).examples
+
+
+def scan(folder: str) -> Scan:
+    """Read a data folder in whichever layout it has (module docstring); opens no image."""
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: no such data folder")
     meta = os.path.join(folder, "metadata.jsonl")
@@ -64,19 +88,59 @@ def scan_folder(folder: str) -> list[Example]:
                     continue
                 try:
                     row = json.loads(line)
-                    out.append(Example(os.path.join(folder, row["file_name"]), str(row.get("text", ""))))
+                    out.append(Example(os.path.join(folder, row["file_name"]), str(row.get("text", "")),
+                                       captioned="text" in row))
                 except (ValueError, KeyError, TypeError):
                     raise DataError(f"{meta}:{n}: expected {{\"file_name\": ..., \"text\": ...}}") from None
-        return out
-    out = []
-    for name in sorted(os.listdir(folder)):
+        return Scan(out, [], [])
+    names = sorted(n for n in os.listdir(folder) if not n.startswith("."))  # hidden files are not data
+    concepts = [n for n in names if CONCEPT.fullmatch(n) and os.path.isdir(os.path.join(folder, n))]
+    if not concepts:
+        return _scan_images(folder, "", names, 1, None)
+    # kohya concepts: every image lives in a <repeats>_<tokens> folder; anything beside them is not read
+    found = Scan([], [], [])
+    for name in names:
+        m = CONCEPT.fullmatch(name)
+        if os.path.isdir(os.path.join(folder, name)) and name not in concepts:
+            found.skipped.append((name + "/", "folder without a <repeats>_ prefix (kohya layout: DIR/10_sks dog/)"))
+        elif name not in concepts:
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTS + CAPTION_EXTS:
+                found.skipped.append((name, "beside the concept folders (kohya layout: DIR/<repeats>_<tokens>/)"))
+            else:
+                found.others.append(name)
+        elif int(m.group(1)) == 0:
+            found.skipped.append((name + "/", "repeat count 0"))
+        else:
+            sub = _scan_images(os.path.join(folder, name), name + "/", sorted(
+                n for n in os.listdir(os.path.join(folder, name)) if not n.startswith(".")),
+                int(m.group(1)), m.group(2).strip())
+            found.examples += sub.examples
+            found.skipped += sub.skipped
+            found.others += sub.others
+    return found
+
+
+def _scan_images(folder: str, prefix: str, names: list[str], repeats: int, tokens: str | None) -> Scan:
+    """One folder of images with same-stem caption files; `tokens` is the caption of an uncaptioned image."""
+    images = {os.path.splitext(n)[0] for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTS}
+    found = Scan([], [], [])
+    for name in names:
         stem, ext = os.path.splitext(name)
-        if ext.lower() not in IMAGE_EXTS:
-            continue
-        txt = os.path.join(folder, stem + ".txt")
-        cap = open(txt, encoding="utf-8", errors="replace").read().strip() if os.path.isfile(txt) else ""
-        out.append(Example(os.path.join(folder, name), cap))
-    return out
+        path = os.path.join(folder, name)
+        if ext.lower() in IMAGE_EXTS:
+            cap = next((os.path.join(folder, stem + e) for e in CAPTION_EXTS
+                        if os.path.isfile(os.path.join(folder, stem + e))), None)
+            text = open(cap, encoding="utf-8", errors="replace").read().strip() if cap else (tokens or "")
+            found.examples.append(Example(path, text, repeats, captioned=cap is not None))
+        elif ext.lower() in CAPTION_EXTS and stem in images:
+            continue  # read with its image
+        elif os.path.isdir(path):
+            found.skipped.append((prefix + name + "/", "a folder here is not read"))
+        elif ext.lower() in CAPTION_EXTS:
+            found.skipped.append((prefix + name, "caption without an image"))
+        else:
+            found.others.append(prefix + name)
+    return found
 
 
 def open_rgb(path: str) -> Image.Image:
@@ -134,28 +198,39 @@ def resize_crop(img: Image.Image, width: int, height: int, random_crop: bool, fl
 
 # ----------------------------------------------------------------------------------------------- dataset
 class CaptionDataset:
-    """Checked examples × repeats, with deterministic augmentation by (epoch, index)."""
+    """Checked examples × repeats, with deterministic augmentation by (epoch, index). An epoch has one slot per
+    repetition of each example (its concept folder's count × `repeats`); `slots[i]` is the example of slot i."""
 
     def __init__(self, folder: str, resolution: int = 64, repeats: int = 1, random_crop: bool = False,
                  flip_prob: float = 0.0, caption_dropout: float = 0.0, seed: int = 0):
         self.resolution, self.repeats, self.seed = resolution, max(1, int(repeats)), seed
         self.random_crop, self.flip_prob, self.caption_dropout = random_crop, flip_prob, caption_dropout
-        self.skipped: list[tuple[str, str]] = []  # (file, reason)
+        found = scan(folder)
+        self.skipped: list[tuple[str, str]] = found.skipped  # (name relative to the folder, reason)
+        self.others = found.others                             # files that are not data, by name
         self.upscaled = 0
         self.examples: list[Example] = []
         self.sizes: list[tuple[int, int]] = []  # (w, h) of each upright image, read once here
-        for ex in scan_folder(folder):
+        unreadable = 0
+        for ex in found.examples:
             try:
                 img = open_rgb(ex.path)
             except ValueError as e:
-                self.skipped.append((os.path.basename(ex.path), str(e)))
+                self.skipped.append((os.path.relpath(ex.path, folder), str(e)))
+                unreadable += 1
                 continue
             self.upscaled += min(img.size) < resolution
             self.examples.append(ex)
             self.sizes.append(img.size)
         if not self.examples:
-            more = f" ({len(self.skipped)} unreadable)" if self.skipped else ""
-            raise DataError(f"{folder}: no usable images{more}")
+            more = [f"{unreadable} unreadable"] if unreadable else []
+            not_read = self.skipped[:len(self.skipped) - unreadable]  # the scan's skips come first
+            more += [f"{len(not_read)} not read, e.g. {not_read[0][0]}: {not_read[0][1]}"] if not_read else []
+            raise DataError(f"{folder}: no usable images" + (f" ({'; '.join(more)})" if more else ""))
+        self.root = folder
+        # repetition-major: slot i is example i % n while every example has the same count (the plain layout)
+        counts = [ex.repeats * self.repeats for ex in self.examples]
+        self.slots = [k for r in range(max(counts)) for k in range(len(counts)) if r < counts[k]]
         # the (w, h) each example is cropped to: the square, or its aspect-ratio bucket (buckets.assign_buckets)
         self.targets = [(resolution, resolution)] * len(self.examples)
         # False once the latents are cached (cache.py): `get` then reads no image, only the crop geometry
@@ -163,7 +238,11 @@ class CaptionDataset:
 
     def __len__(self) -> int:
         """Examples per epoch (repeats included)."""
-        return len(self.examples) * self.repeats
+        return len(self.slots)
+
+    def example_index(self, i: int) -> int:
+        """The example of slot i (any i: slots wrap around)."""
+        return self.slots[i % len(self.slots)]
 
     def order(self, epoch: int) -> np.ndarray:
         """The shuffled index order of one epoch, a pure function of (seed, epoch)."""
@@ -172,7 +251,7 @@ class CaptionDataset:
     def get(self, i: int, epoch: int) -> dict:
         """Item i of an epoch. The draws of its generator, in this order: flip, crop (top, left), caption
         dropout; the cache (cache.py) relies on the flip and dropout decisions being returned as they are."""
-        k = i % len(self.examples)
+        k = self.example_index(i)
         ex, (tw, th) = self.examples[k], self.targets[k]
         rng = np.random.default_rng([self.seed, epoch, i, 1])
         flip = self.flip_prob > 0 and rng.random() < self.flip_prob
@@ -192,11 +271,11 @@ class CaptionDataset:
 
     def neighbour(self, i: int) -> int:
         """The next index with the same crop target (a batch of buckets must keep one shape)."""
-        n = len(self.examples)
+        k = self.example_index(i)
         for j in range(i + 1, i + len(self)):
-            if self.targets[j % n] == self.targets[i % n] and j % n != i % n:
+            if self.targets[self.example_index(j)] == self.targets[k] and self.example_index(j) != k:
                 return j % len(self)
-        raise DataError(f"{self.examples[i % n].path}: became unreadable during training")
+        raise DataError(f"{self.examples[k].path}: became unreadable during training")
 
     def load(self, k: int, flip: bool) -> torch.Tensor:
         """Pixels (3, H, W) of example k, centre-cropped to its target, mirrored or not (what the cache encodes)."""
@@ -207,9 +286,15 @@ class CaptionDataset:
         return resize_crop(img, *self.targets[k], random_crop=False, flip=flip, rng=None)[0]
 
     def summary(self) -> str:
-        """One paragraph: how many images are used, which were skipped and why."""
+        """One paragraph: how many images are used (per concept), which were skipped and why, which files were not
+        read, which images had no caption file."""
         lines = [f"data: {len(self.examples)} images used × {self.repeats} repeats"
                  + (f", {self.upscaled} upscaled (smaller than {self.resolution} px)" if self.upscaled else "")]
+        concepts = Counter((os.path.basename(os.path.dirname(ex.path)), ex.repeats) for ex in self.examples)
+        if any(ex.repeats != 1 for ex in self.examples) or len(concepts) > 1:   # kohya concept folders
+            lines.append("data: concepts (folder: images × repeats) "
+                         + ", ".join(f"{c}: {n} × {r}" for (c, r), n in concepts.items())
+                         + f"; {len(self)} images an epoch")
         if self.skipped:
             reasons = Counter(r.split(" (")[0] for _, r in self.skipped)
             lines.append(f"data: skipped {len(self.skipped)} files: "
@@ -217,11 +302,26 @@ class CaptionDataset:
             lines += [f"  {f}: {r}" for f, r in self.skipped[:10]]
             if len(self.skipped) > 10:
                 lines.append(f"  ... and {len(self.skipped) - 10} more")
+        if self.others:
+            lines.append(f"data: {len(self.others)} other files not read (not images or captions): "
+                         + _names(self.others))
+        bare = [ex for ex in self.examples if not ex.captioned]
+        if bare:
+            tokens = sorted({ex.caption for ex in bare})
+            lines.append(f"data: {len(bare)} images have no caption file and train on "
+                         + ("the empty caption" if tokens == [""] else
+                            "their folder's class tokens " + ", ".join(repr(t) for t in tokens))
+                         + ": " + _names([os.path.relpath(ex.path, self.root) for ex in bare]))
         shapes = Counter(self.targets)
         if set(shapes) != {(self.resolution, self.resolution)}:  # aspect-ratio buckets (buckets.py)
             lines.append(f"data: {len(shapes)} buckets (w x h: images) "
                          + ", ".join(f"{w}x{h}: {n}" for (w, h), n in shapes.most_common()))
         return "\n".join(lines)
+
+
+def _names(names: list[str], n: int = 10) -> str:
+    """The first n names, then how many more."""
+    return ", ".join(names[:n]) + (f" ... and {len(names) - n} more" if len(names) > n else "")
 
 
 def collate(items: list[dict]) -> dict:

@@ -359,7 +359,7 @@ class Trainer:
         from ..formats.lora_files import dora_warning, save_diffusers, save_kohya
         self.write_loss_log()
         draw_loss_curve([r["loss"] for r in self.losses], os.path.join(self.run_dir, "loss.png"))
-        meta = {"minisd.train_config": json.dumps(self.cfg.to_dict()), "minisd.steps": str(self.step)}
+        meta = {"minisd.train_config": json.dumps(self.cfg.public_dict(self.run_dir)), "minisd.steps": str(self.step)}
         lora = os.path.join(self.run_dir, "lora.safetensors")
         kohya = os.path.join(self.run_dir, "lora_kohya.safetensors")
         out = {"lora": lora, "kohya": kohya, "losses": [r["loss"] for r in self.losses]}
