@@ -13,7 +13,7 @@ from minisd import world  # noqa: E402
 from minisd.config import TINY  # noqa: E402
 from minisd.model import StableDiffusion, save_model  # noqa: E402
 from minisd.train.config import parse_config  # noqa: E402
-from minisd.trainer import Trainer  # noqa: E402
+from minisd.train.loop import Trainer  # noqa: E402
 
 torch.set_num_threads(1)
 
