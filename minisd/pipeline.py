@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .clip import TextEncoderOutput
 from .model import StableDiffusion
 from .samplers import make_sampler
 from .unet import sdxl_vector_cond
@@ -61,7 +62,7 @@ class Pipeline:
                else tok(prompts)[:, None]                                  # BERT (LDM): one window, the rest cut
                for tok in self.model.tokenizers]
         outs = [self.model.encode_text([x[:, c].to(self.device) for x in ids]) for c in range(ids[0].shape[1])]
-        return torch.cat([o.hidden for o in outs], dim=1), outs[0].pooled  # (B, 77 · chunks, D), first chunk's pooled
+        return TextEncoderOutput(torch.cat([o.hidden for o in outs], dim=1), outs[0].pooled)  # (B, 77·chunks, D)
 
     def n_chunks(self, prompts: list[str]) -> int:
         """75-token chunks the longest prompt needs (1 for every prompt diffusers reads whole)."""
