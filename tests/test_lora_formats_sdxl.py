@@ -155,7 +155,8 @@ def test_kohya_sdxl_file_in_diffusers(xl, tmp_path):
     pipe = StableDiffusionXLPipeline.from_pretrained(xl)
     pipe.load_lora_weights(path, adapter_name="ours")
     n_ours = len(adapters.group_by_module(adapters.adapter_state_dict(model)))
-    n_theirs = sum(len(get_peft_model_state_dict(getattr(pipe, c), adapter_name="ours")) // 2 for c in PREFIXES)  # lora_A + lora_B
+    # lora_A + lora_B per adapted module
+    n_theirs = sum(len(get_peft_model_state_dict(getattr(pipe, c), adapter_name="ours")) // 2 for c in PREFIXES)
     assert n_theirs == n_ours, (n_theirs, n_ours)
     pipe.fuse_lora()
     d = max_diffs(model, pipe)

@@ -5,8 +5,8 @@ Nothing of minisd's training arithmetic is reused on the hand side: the schedule
 from the config's betas (scaled_linear: β_t = linspace(√β_0, √β_1, T)²; zero terminal SNR: Lin et al. 2023,
 Algorithm 1), the draws are replayed from the run's CPU generator in the documented order, and the loss is
 
-    z_0 = (μ + σ·ε_z) · scale_factor            μ, log σ² = the frozen VAE's posterior moments (log σ² clamped to
-                                                [-30, 20] as the original code does)
+    z_0 = (μ + σ·ε_z) · scale_factor            μ, log σ² = the frozen VAE's posterior moments
+                                                (log σ² clamped to [-30, 20] as the original code does)
     z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε                 ε = N(0, I) (+ offset · N(0, I) of shape (B, C, 1, 1))
     target = ε  or  v = √ᾱ_t·ε − √(1−ᾱ_t)·z_0
     L_i = mean_b w_b · mean_{C,h,w} (UNet(z_t, t, c) − target)²
@@ -171,7 +171,8 @@ def test_one_step_by_hand(tmp_path, data_dir, case):
     tr = make_trainer(tmp_path, data_dir, flags)
     assert tr.cfg.grad_accum == accum and tr.noise.prediction_type == prediction
     assert tr.model.cfg.vae.scale_factor != 1.0  # else a missing scale factor could not show
-    batches, gen = snapshot(tr)
+    batches, _ = snapshot(tr)
+    gen = torch.Generator().manual_seed(tr.cfg.seed).get_state()  # the draws replayed from the run's seed
     want_loss, want_grads, draws = hand_step(tr, batches, gen, prediction=prediction, gamma=gamma, offset=offset,
                                              ztsnr=ztsnr, accum=accum)
     got_loss, got_grads = trainer_step(tr)
