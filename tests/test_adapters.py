@@ -142,7 +142,7 @@ def test_save_load_roundtrip(kind, tmp_path):
     save(path, dtype=torch.float16)
     half = net()
     adapters.load_adapter(half, path)
-    assert maxdiff(half(X), y) < 1e-2
+    assert maxdiff(half(X), y) < 4e-3  # fp16 rounding of the adapter: measured 1.3e-3
 
 
 def test_load_errors_and_alpha_conventions():
@@ -194,7 +194,7 @@ def test_mixed_adapters_equal_sum_of_deltas():
     assert sorted(changed) == sorted(expected)
     for path, d in expected.items():
         got = mixed.state_dict()[path + ".weight"] - before[path + ".weight"]
-        assert maxdiff(got, d) < 1e-5, f"{path}: {maxdiff(got, d)}"
+        assert maxdiff(got, d) < 2e-7, f"{path}: {maxdiff(got, d)}"  # measured 6.0e-8
     assert all(type(mod) in (nn.Linear, nn.Conv2d) for mod in mixed.modules() if isinstance(mod, (nn.Linear, nn.Conv2d)))
 
 
@@ -238,11 +238,11 @@ def test_svd_extraction_full_rank_recovers_delta():
     for path in adapters.group_by_module(sd):
         want = tuned.get_submodule(path).weight - base.get_submodule(path).weight
         up, down = sd[path + ".lora_up.weight"].flatten(1), sd[path + ".lora_down.weight"].flatten(1)
-        assert maxdiff((up @ down).reshape(want.shape), want) < 1e-5, path
+        assert maxdiff((up @ down).reshape(want.shape), want) < 4e-6, path  # measured 1.2e-6
     m = copy.deepcopy(base)
     adapters.load_adapter_state_dict(m, sd)  # base + extracted LoRA behaves like the tuned model
     ref = tuned(X)  # outputs reach ~10: relative to the reference's max magnitude
-    assert maxdiff(m(X), ref) / ref.abs().max().item() < 1e-5, maxdiff(m(X), ref)
+    assert maxdiff(m(X), ref) / ref.abs().max().item() < 2e-6, maxdiff(m(X), ref)  # measured 4.8e-7
 
 
 def test_svd_extraction_lower_rank_is_best_approximation():
@@ -258,8 +258,8 @@ def test_svd_extraction_lower_rank_is_best_approximation():
         approx = sd["blocks.0.ff.0.lora_up.weight"] @ sd["blocks.0.ff.0.lora_down.weight"]
         # Eckart-Young: the error of the best rank-r approximation is the tail of the singular values
         err = torch.linalg.matrix_norm(d - approx).item()
-        assert abs(err - s[r:].square().sum().sqrt().item()) < 1e-5, (r, err)
-        assert abs(torch.linalg.matrix_norm(d - approx, ord=2).item() - s[r].item()) < 1e-5
+        assert abs(err - s[r:].square().sum().sqrt().item()) < 3e-7, (r, err)  # measured 6.0e-8
+        assert abs(torch.linalg.matrix_norm(d - approx, ord=2).item() - s[r].item()) < 4e-7  # 1.2e-7
         # and no other rank-r matrix tried here does better (random rank-r perturbations of the answer)
         for _ in range(5):
             other = approx + low_rank(16, 8, 1, g) * 0.01

@@ -1,5 +1,8 @@
 """End to end: tiny random diffusers pipelines saved to disk, then `sample.py` on the same folder with
-the same seed, sampler and steps must give the same PNG (at most 1/255 per pixel)."""
+the same seed, sampler and steps must give the same PNG: identical where measured identical on a 2-core x86 VM
+(SD1 with every sampler, SD1 img2img, SD2, SDXL), at most 1/255 per pixel where a 1/255 step was measured (SD1
+batch of 2, LDM, whose LDMBert differs from diffusers' by ~1e-6): a float difference far below 1/255 that moves a
+pixel across a rounding boundary."""
 import json
 import os
 import subprocess
@@ -84,12 +87,12 @@ def pixels(path):
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
-def assert_same_image(ours_path, ref_img: Image.Image):
+def assert_same_image(ours_path, ref_img: Image.Image, tol: int = 0):
     ours, ref = pixels(ours_path), np.asarray(ref_img.convert("RGB"), dtype=np.int16)
     assert ours.shape == ref.shape
     diff = np.abs(ours - ref).max()
     assert ref.std() > 2.0, "reference image is flat: the test would prove nothing"
-    assert diff <= 1, f"max pixel difference {diff}/255"
+    assert diff <= tol, f"max pixel difference {diff}/255"
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +133,7 @@ def test_sd1_batch_matches_diffusers(sd1_folder, tmp_path):
     run_sample([PROMPT, "--model", str(sd1_folder), "--steps", "3", "--sampler", "euler_a", "--seed", "3",
                 "--width", "32", "--height", "32", "--batch", "2", "--out", str(out), "--device", "cpu"])
     for i, ref in enumerate(refs):
-        assert_same_image(tmp_path / f"b-{i}.png", ref)
+        assert_same_image(tmp_path / f"b-{i}.png", ref, tol=1)  # measured 1/255
 
 
 def test_sd1_img2img_matches_diffusers(sd1_folder, tmp_path):
@@ -202,7 +205,7 @@ def test_ldm_matches_diffusers(tmp_path):
     out = tmp_path / "ldm.png"
     run_sample([PROMPT, "--model", str(tmp_path / "ldm"), "--steps", "5", "--sampler", "ddim", "--cfg", "4",
                 "--seed", "13", "--width", "64", "--height", "64", "--out", str(out), "--device", "cpu"])
-    assert_same_image(out, ref)
+    assert_same_image(out, ref, tol=1)  # measured 1/255
 
 
 def run_cli(*args):

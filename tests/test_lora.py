@@ -1,5 +1,6 @@
-"""LoRA / DoRA layers (minisd/lora.py) against PEFT: outputs and gradients at 1e-5, B = 0 is the base bit for bit,
-merge == unmerged forward, unmerge restores the base, multiplier and dropout semantics, dtype handling."""
+"""LoRA / DoRA layers (minisd/lora.py) against PEFT: outputs and gradients within 3e-6 to 1e-5 (each bound ~3x the
+difference measured on a 2-core x86 VM), B = 0 is the base bit for bit, merge == unmerged forward, unmerge restores
+the base, multiplier and dropout semantics, dtype handling."""
 import copy
 
 import pytest
@@ -100,14 +101,14 @@ def test_peft_parity_outputs_and_grads(rank, alpha, dora):
     x, g = torch.randn(2, 4, 6, 6), torch.randn(2, 9, 8)
     y_ref, gx_ref = run(pm, x, g)
     y, gx = run(ours, x, g)
-    assert maxdiff(y, y_ref) < 1e-5, f"output max diff {maxdiff(y, y_ref)}"
-    assert maxdiff(gx, gx_ref) < 1e-5, f"input grad max diff {maxdiff(gx, gx_ref)}"
+    assert maxdiff(y, y_ref) < 3e-6, f"output max diff {maxdiff(y, y_ref)}"  # measured 7.2e-7 (2-core x86 VM)
+    assert maxdiff(gx, gx_ref) < 4e-6, f"input grad max diff {maxdiff(gx, gx_ref)}"  # measured 1.3e-6
     ref = adapter_grads_peft(pm)
     got = adapter_grads_ours(ours)
     assert set(got) == set(ref) and len(ref) == len(TARGETS) * (3 if dora else 2), sorted(set(got) ^ set(ref))
     for k in ref:
         d = maxdiff(got[k].flatten(), ref[k].flatten())
-        assert d < 1e-5, f"{k}: grad max diff {d}"
+        assert d < 1e-5, f"{k}: grad max diff {d}"  # measured 2.9e-6
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -119,10 +120,10 @@ def test_peft_parity_with_dropout_in_training(dora):
     y_ref, gx_ref = run(pm, x, g)
     torch.manual_seed(123)
     y, gx = run(ours, x, g)
-    assert maxdiff(y, y_ref) < 1e-5 and maxdiff(gx, gx_ref) < 1e-5, (maxdiff(y, y_ref), maxdiff(gx, gx_ref))
+    assert maxdiff(y, y_ref) < 3e-6 and maxdiff(gx, gx_ref) < 3e-6, (maxdiff(y, y_ref), maxdiff(gx, gx_ref))  # 8.3e-7
     ref, got = adapter_grads_peft(pm), adapter_grads_ours(ours)
     for k in ref:
-        assert maxdiff(got[k].flatten(), ref[k].flatten()) < 1e-5, k
+        assert maxdiff(got[k].flatten(), ref[k].flatten()) < 1e-5, k  # measured 4.0e-6
     ours.eval()  # dropout off in eval: equal to the no-dropout forward
     assert torch.equal(ours(x), ours(x))
 
@@ -151,11 +152,11 @@ def test_merge_equals_unmerged_and_unmerge_restores(dora, multiplier):
     adapters.merge(ours)
     changed = [k for k, v in ours.state_dict().items() if not torch.equal(v, before[k])]
     assert sorted(changed) == sorted(p + ".weight" for p in TARGETS)
-    assert maxdiff(ours(x), y) < 1e-5, maxdiff(ours(x), y)
+    assert maxdiff(ours(x), y) < 6e-6, maxdiff(ours(x), y)  # measured 1.9e-6
     adapters.unmerge(ours)
     for k, v in ours.state_dict().items():
-        assert maxdiff(v, before[k]) < 1e-6, f"{k}: {maxdiff(v, before[k])}"
-    assert maxdiff(ours(x), y) < 1e-5
+        assert maxdiff(v, before[k]) < 4e-7, f"{k}: {maxdiff(v, before[k])}"  # measured 1.2e-7
+    assert maxdiff(ours(x), y) < 3e-6  # measured 9.5e-7
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -173,11 +174,11 @@ def test_multiplier(dora):
         layer.set_scale(1.0)
         d1 = layer(t) - F.linear(t, layer.weight)
         layer.set_scale(2.5)
-        assert maxdiff(layer(t) - F.linear(t, layer.weight), 2.5 * d1) < 1e-6
+        assert maxdiff(layer(t) - F.linear(t, layer.weight), 2.5 * d1) < 1e-6  # measured 3.6e-7
     adapters.set_scale(ours, 1.0)
     adapters.merge(ours)
     adapters.set_scale(ours, 1.0)  # re-merge path
-    assert maxdiff(ours(x), full) < 1e-5
+    assert maxdiff(ours(x), full) < 8e-6  # measured 2.6e-6
 
 
 def test_rank_and_module_dropout():
@@ -194,7 +195,7 @@ def test_rank_and_module_dropout():
     # rank 1, p = 0.5: per sample the delta is either dropped (0) or kept and rescaled by 1/(1-p) = 2
     dropped = d.abs().amax((1, 2)) == 0
     assert 0 < dropped.sum() < 64
-    assert maxdiff(d[~dropped], 2 * d_eval[~dropped]) < 1e-5
+    assert maxdiff(d[~dropped], 2 * d_eval[~dropped]) < 1e-6  # measured 2.4e-7
     layer = LoRALinear(lin, rank=2, module_dropout=1.0)
     nn.init.normal_(layer.lora_up.weight)
     assert torch.equal(layer(x), base)  # training: the whole adapter skipped
@@ -241,7 +242,7 @@ def test_dora_eval_norm_cache_follows_updates():
     with torch.no_grad():
         layer.lora_up.weight.normal_()  # an in-place update (optimizer step, load_state_dict) invalidates the cache
     fresh = torch.linalg.vector_norm(layer.weight + layer.delta_weight(), dim=1)
-    assert maxdiff(layer.weight_norm(), fresh) < 1e-5
+    assert maxdiff(layer.weight_norm(), fresh) < 2e-7  # measured 6.0e-8
     y = layer(x)
     ref = F.linear(x, layer.dora_scale * (layer.weight + layer.delta_weight()) / fresh[:, None], layer.bias)
-    assert maxdiff(y, ref) < 1e-5
+    assert maxdiff(y, ref) < 1e-6  # measured 2.4e-7

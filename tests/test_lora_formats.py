@@ -1,7 +1,8 @@
 """kohya and diffusers/PEFT LoRA files, with diffusers as the oracle: a tiny diffusers SD1 pipeline is loaded in
 minisd, LoRA (or DoRA) with random non-zero weights is put into its UNet and text encoder, exported, and read by
 `StableDiffusionPipeline.load_lora_weights`; the diffusers UNet and text-encoder outputs must equal minisd's
-(merged) model within 1e-4 max-abs (fp32; the LoRA scale alpha/r != 1 is exercised). Also the minisd round trip."""
+(merged) model bit for bit for LoRA and within 4e-6 max-abs for DoRA (fp32; the LoRA scale alpha/r != 1 is
+exercised). Also the minisd round trip."""
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -15,7 +16,10 @@ from minisd.trainer import ATTN_MLP, TE_TARGETS
 from test_e2e import clip_tokenizer, make_scheduler, scheduler_config, tiny_clip, tiny_unet, tiny_vae
 
 torch.set_num_threads(1)
-TOL = 1e-4
+# Measured max-abs, diffusers vs minisd (2-core x86 VM): LoRA 0.0 (the same W + (B·A)·s, and s = alpha/r = 1/2 folds
+# into B exactly), DoRA 1.4e-6 (the magnitude's norm computed in another order). Bounds: LoRA exact, DoRA ~3x.
+TOL = 4e-6
+LORA_TOL = 0.0
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,7 @@ def te_out(model, ids):
     return out[0] if isinstance(out, tuple) else out
 
 
-def compare(model, pipe, check_te=True):
+def compare(model, pipe, check_te=True, tol=TOL):
     x, t, ids = inputs()
     adapters.merge(model)  # the merged model is what A1111/ComfyUI compute
     with torch.no_grad():
@@ -66,8 +70,8 @@ def compare(model, pipe, check_te=True):
         ours = model.unet(x, t, ctx)
         ref = pipe.unet(x, t, encoder_hidden_states=ctx).sample
     d_te, d_unet = (ours_te - ref_te).abs().max().item(), (ours - ref).abs().max().item()
-    assert d_te < TOL or not check_te, f"text encoder max diff {d_te}"
-    assert d_unet < TOL, f"UNet max diff {d_unet}"
+    assert d_te <= tol or not check_te, f"text encoder max diff {d_te}"
+    assert d_unet <= tol, f"UNet max diff {d_unet}"
     return d_te, d_unet
 
 
@@ -97,7 +101,7 @@ def test_kohya_file_loads_in_diffusers(sd1, tmp_path, kind):
     base_te, base_unet = lora_effect(sd1)
     # DoRA: diffusers 0.42 + transformers 5 drop the text-encoder magnitude vectors (PEFT expects
     # `...lora_magnitude_vector.weight` there and reports them "UNEXPECTED"), so only the UNet is compared
-    compare(model, pipe, check_te=kind == "lora")
+    compare(model, pipe, check_te=kind == "lora", tol=LORA_TOL)
     with torch.no_grad():
         assert (te_out(model, inputs()[2]) - base_te).abs().max() > 100 * TOL  # the LoRA did something
 
@@ -175,7 +179,7 @@ def test_diffusers_lora_loads_in_diffusers(sd1, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(sd1)
     pipe.load_lora_weights(path)
     pipe.fuse_lora()
-    compare(model, pipe)
+    compare(model, pipe, tol=LORA_TOL)
 
 
 def test_dora_diffusers_format_loads_in_diffusers(sd1, tmp_path):
@@ -239,4 +243,4 @@ def test_diffusers_round_trip_in_minisd(sd1, tmp_path):
     with torch.no_grad():
         a = model.unet(x, t, te_out(model, ids))
         b = fresh.unet(x, t, te_out(fresh, ids))
-    assert (a - b).abs().max() < 1e-5
+    assert (a - b).abs().max() <= 0.0  # measured 0.0: the folded scale 1/2 is exact

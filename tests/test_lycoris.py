@@ -1,5 +1,6 @@
-"""LoHa / LoKr layers (minisd/lycoris.py) against PEFT's LoHaConfig / LoKrConfig: outputs and gradients at 1e-5,
-zero-init equals the base bit for bit, merge/unmerge, factorization rule, the memory-saving paths."""
+"""LoHa / LoKr layers (minisd/lycoris.py) against PEFT's LoHaConfig / LoKrConfig: outputs and gradients within 3e-6
+(each bound ~3x the difference measured on a 2-core x86 VM), zero-init equals the base bit for bit, merge/unmerge,
+factorization rule, the memory-saving paths."""
 import copy
 
 import pytest
@@ -84,15 +85,15 @@ def test_peft_parity_outputs_and_grads(name):
     x, g = torch.randn(2, 4, 6, 6), torch.randn(2, 9, 12)
     y_ref, gx_ref = run(pm, x, g)
     y, gx = run(ours, x, g)
-    assert maxdiff(y, y_ref) < 1e-5, f"output max diff {maxdiff(y, y_ref)}"
-    assert maxdiff(gx, gx_ref) < 1e-5, f"input grad max diff {maxdiff(gx, gx_ref)}"
+    assert maxdiff(y, y_ref) < 3e-6, f"output max diff {maxdiff(y, y_ref)}"  # measured 9.5e-7
+    assert maxdiff(gx, gx_ref) < 3e-6, f"input grad max diff {maxdiff(gx, gx_ref)}"  # measured 9.5e-7
     ref = {k.replace("base_model.model.", "").replace(".default", ""): p.grad
            for k, p in pm.named_parameters() if p.grad is not None}
     got = {k: p.grad for k, p in ours.named_parameters() if p.grad is not None}
     assert set(got) == set(ref) and len(ref) >= 2 * len(TARGETS), sorted(set(got) ^ set(ref))
     for k in ref:  # some factor grads reach ~10: relative to the reference's max magnitude
         rel = maxdiff(got[k], ref[k]) / max(1.0, ref[k].abs().max().item())
-        assert rel < 1e-5, f"{k}: grad max diff {maxdiff(got[k], ref[k])} (relative {rel})"
+        assert rel < 2e-6, f"{k}: grad max diff {maxdiff(got[k], ref[k])} (relative {rel})"  # measured 5.9e-7
 
 
 @pytest.mark.parametrize("kind,kw", [("loha", {}), ("lokr", {}), ("lokr", {"init": "lycoris"}),
@@ -114,10 +115,10 @@ def test_merge_equals_unmerged_and_unmerge_restores(name):
     before = {k: v.clone() for k, v in ours.state_dict().items()}
     y = ours(x)
     adapters.merge(ours)
-    assert maxdiff(ours(x), y) < 1e-5, maxdiff(ours(x), y)
+    assert maxdiff(ours(x), y) < 4e-6, maxdiff(ours(x), y)  # measured 1.2e-6
     adapters.unmerge(ours)
     for k, v in ours.state_dict().items():
-        assert maxdiff(v, before[k]) < 1e-6, k
+        assert maxdiff(v, before[k]) < 1e-7, k  # measured 3.0e-8
 
 
 def test_factorization_matches_lycoris():
@@ -156,7 +157,7 @@ def test_lokr_linear_never_builds_kron(monkeypatch):
         raise AssertionError("the Kronecker product was materialised")
     monkeypatch.setattr(torch, "kron", boom)
     monkeypatch.setattr(layer, "delta_weight", boom)
-    assert maxdiff(layer(x), ref) < 1e-5
+    assert maxdiff(layer(x), ref) < 3e-6  # measured 9.5e-7
 
 
 def test_lokr_conv_full_kernel_factor():
@@ -164,4 +165,4 @@ def test_lokr_conv_full_kernel_factor():
     layer = LoKrConv2d(nn.Conv2d(8, 12, 3), rank=8, init=False)
     assert layer.lokr_w2.ndim == 4
     ref = torch.kron(layer.lokr_w1[:, :, None, None], layer.lokr_w2) * layer.scale
-    assert maxdiff(layer.delta_weight(), ref) < 1e-6
+    assert maxdiff(layer.delta_weight(), ref) <= 0.0  # measured 0.0: the same products, bit-exact

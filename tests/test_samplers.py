@@ -1,10 +1,11 @@
 """minisd.samplers vs diffusers' schedulers, in lockstep from the same latent with a toy "model".
 
 For every sampler x official scheduler config x step count: same timesteps (values and dtype),
-same init_noise_sigma, same scale_model_input, and x after every step within 1e-5 (relative to
-max(1, |x|) for the σ-scaled Euler latents); the stochastic samplers get twin CPU generators with
-the same seed, so they must also draw the same noise at the same moments. img2img: start index,
-forward noising and the rest of the loop against StableDiffusionImg2ImgPipeline.get_timesteps.
+same init_noise_sigma, same scale_model_input, and x after every step bit for bit (measured: 0.0 for
+every sampler, config and step count on a 2-core x86 VM; `close` keeps its relative form for a future
+bound); the stochastic samplers get twin CPU generators with the same seed, so they must also draw the
+same noise at the same moments. img2img: start index, forward noising and the rest of the loop against
+StableDiffusionImg2ImgPipeline.get_timesteps.
 """
 import json
 import os
@@ -75,7 +76,7 @@ def toy_model(x, t):
     return 0.8 * torch.tanh(F.conv2d(x, _W, padding=1)) + 0.2 * torch.sin(float(t) / 100.0 + x)
 
 
-def close(ours, ref, what, tol=1e-5):
+def close(ours, ref, what, tol=0.0):  # measured max difference 0.0 everywhere: bit-exact
     d = (ours.double() - ref.double()).abs().max().item()
     scale = max(1.0, ref.abs().max().item())
     assert d <= tol * scale, f"{what}: max |diff| = {d:.3e} (|ref| max {scale:.3g})"

@@ -61,8 +61,8 @@ def test_to_x0_to_eps_invert_the_target(pred):
     t = torch.tensor([0, 250, 750, 999])
     xt = s.q_sample(x0, eps, t)
     target = s.training_target(x0, eps, t)
-    check(s.to_x0(target, xt, t), x0, 1e-9, "to_x0")
-    check(s.to_eps(target, xt, t), eps, 1e-9, "to_eps")
+    check(s.to_x0(target, xt, t), x0, 3e-14, "to_x0")  # measured 2.7e-15 (float64)
+    check(s.to_eps(target, xt, t), eps, 3e-14, "to_eps")  # measured 6.5e-15
 
 
 def test_sigmas_and_snr():
@@ -70,7 +70,7 @@ def test_sigmas_and_snr():
     ref = EulerDiscreteScheduler(**SD)           # before set_timesteps: all 1000 σ's, descending, then 0
     assert torch.equal(s.sigmas, ref.sigmas[:-1].flip(0)), maxdiff(s.sigmas, ref.sigmas[:-1].flip(0))
     t = torch.arange(1000)
-    check(s.snr(t), 1 / s.sigmas.double() ** 2, 1e-6 * s.snr(t).max().item(), "snr = 1/σ² (relative)")
+    check(s.snr(t), 1 / s.sigmas.double() ** 2, 2e-7 * s.snr(t).max().item(), "snr = 1/σ² (relative)")  # 6.3e-8
     assert s.sigmas[0].item() == pytest.approx(0.029168, abs=1e-6)   # the σ_min SD users know
     assert s.sigmas[-1].item() == pytest.approx(14.614642, abs=1e-5)  # σ_max
 
@@ -84,7 +84,7 @@ def test_rescale_zero_terminal_snr(betas):
     hf = DDPMScheduler(**betas, rescale_betas_zero_snr=True)
     assert torch.equal(s.alphas_cumprod, hf.alphas_cumprod)
     assert s.alphas_cumprod[-1].item() == 0.0 and s.snr(999).item() == 0.0     # the point of Algorithm 1
-    check(s.alphas_cumprod[0], NoiseSchedule(ScheduleConfig(**betas)).alphas_cumprod[0], 1e-7, "ᾱ_0 kept")
+    check(s.alphas_cumprod[0], NoiseSchedule(ScheduleConfig(**betas)).alphas_cumprod[0], 0, "ᾱ_0 kept")  # exact
 
 
 def test_ldm_buffers_names_shapes_and_semantics():
@@ -106,7 +106,7 @@ def test_ldm_buffers_names_shapes_and_semantics():
     check(buf["alphas_cumprod"], ac, 2e-6, "alphas_cumprod")
     check(buf["alphas_cumprod_prev"][1:], ac[:-1], 2e-6, "alphas_cumprod_prev")
     assert buf["alphas_cumprod_prev"][0].item() == 1.0
-    check(buf["sqrt_alphas_cumprod"], ac.sqrt(), 2e-6, "sqrt_alphas_cumprod")
+    check(buf["sqrt_alphas_cumprod"], ac.sqrt(), 1e-6, "sqrt_alphas_cumprod")  # measured 2.4e-7
     check(buf["sqrt_one_minus_alphas_cumprod"], (1 - ac).sqrt(), 2e-6, "sqrt_one_minus_alphas_cumprod")
     # 1 − ᾱ_0 = 0.00085 loses ~4 digits to cancellation in float32, hence the looser bound on its log.
     check(buf["log_one_minus_alphas_cumprod"], (1 - ac).log(), 1e-4, "log_one_minus_alphas_cumprod")

@@ -2,7 +2,7 @@
 
 Tier 1: tiny random diffusers UNets of each family (SD1, SD2, SDXL, LDM, block-removed) are converted
 with `unet_from_diffusers`, loaded strictly into ours built from `unet_config_from_diffusers(config)`,
-and compared on outputs and on gradients w.r.t. the latents and the text states (fp32, CPU, 1e-5 max-abs).
+and compared on outputs and on gradients w.r.t. the latents and the text states (fp32, CPU: bit-exact).
 Then the official layouts: our module tree on the meta device must equal, name by name and shape by
 shape, the UNet part of each official single-file manifest and (through the table) of each diffusers one.
 """
@@ -21,7 +21,9 @@ from minisd.formats.keys_unet import (diffusers_unet_config, unet_config_from_di
 from minisd.perf.checkpoint import set_gradient_checkpointing
 from minisd.unet import UNetModel, sdxl_vector_cond, timestep_embedding
 
-TOL = 1e-5
+# Measured max-abs difference vs diffusers, outputs and input gradients of every case: 0.0 (2-core x86 VM, torch
+# 2.13 CPU): the same torch ops in the same order. Kept bit-exact; a planted change of a norm eps or a scale shows.
+TOL = 0.0
 CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 BASE = dict(block_out_channels=[32, 64], norm_num_groups=8, cross_attention_dim=32, sample_size=8)
 POOLED, TIME_EMBED = 16, 8  # SDXL-style case: pooled text width and per-number sinusoid width
@@ -95,10 +97,10 @@ def test_matches_diffusers(name):
     (ref, ref_g), (got, got_g) = results
     assert got.shape == ref.shape == x.shape[:1] + (cfg.out_channels, H, W)
     d = max_diff(got, ref)
-    assert d < TOL, f"{name}: output max diff {d:.3g} (ref max |.| {ref.abs().max():.3g})"
+    assert d <= TOL, f"{name}: output max diff {d:.3g} (ref max |.| {ref.abs().max():.3g})"
     for label, a, b in zip(("x", "context", "pooled"), got_g, ref_g):
         d = max_diff(a, b)
-        assert d < TOL, f"{name}: grad w.r.t. {label} max diff {d:.3g} (ref max |.| {b.abs().max():.3g})"
+        assert d <= TOL, f"{name}: grad w.r.t. {label} max diff {d:.3g} (ref max |.| {b.abs().max():.3g})"
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -148,7 +150,7 @@ def test_gradient_checkpointing_same_gradients():
     # equal up to fp32 rounding, judged relative to each gradient's largest entry.
     rel = lambda a, b: max_diff(a, b) / b.abs().max().item()
     worst = max([rel(gx1, gx0)] + [rel(gp1[n], gp0[n]) for n in gp0])
-    assert worst < 1e-5, f"gradients differ by {worst:.3g} (relative) with checkpointing"
+    assert worst < 3e-6, f"gradients differ by {worst:.3g} (relative) with checkpointing"  # measured 7.8e-7
 
 
 @pytest.mark.parametrize("dim", [320, 7])
@@ -156,7 +158,7 @@ def test_timestep_embedding(dim):
     t = torch.tensor([0.0, 1.0, 17.5, 999.0])
     ref = get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
     d = max_diff(timestep_embedding(t, dim), ref)
-    assert d < 1e-6, f"timestep embedding max diff {d:.3g}"
+    assert d <= 0.0, f"timestep embedding max diff {d:.3g}"  # measured 0.0: bit-exact
 
 
 # ------------------------------------------------------------------------------------ official layouts

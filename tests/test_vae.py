@@ -2,7 +2,7 @@
 
 Tier 1: tiny random diffusers VAEs (block_out_channels=(32, 64), norm_num_groups=8), converted with
 `vae_from_diffusers`, loaded strictly; encoder moments, posterior samples, decoder output and input
-gradients must agree within 1e-5 (fp32, CPU), for both diffusers attention namings. Plus the full-size
+gradients must agree within 5e-6 (fp32, CPU), for both diffusers attention namings. Plus the full-size
 official layouts from the reference manifests, on the meta device (names and shapes only).
 """
 import json
@@ -20,7 +20,9 @@ from minisd.formats.keys_vae import vae_from_diffusers, vae_to_diffusers
 from minisd.perf.vae_memory import set_vae_memory, tiled
 from minisd.vae import AutoencoderKL
 
-TOL = 1e-5
+# Measured worst difference vs diffusers (relative to max(1, |ref|), as `check` judges): 1.8e-6 (decode), 1.3e-6
+# (gradients), 0.9e-6 (moments) on the 2-core x86 VM; bound 5e-6, a margin of ~3x.
+TOL = 5e-6
 NEW_TO_LEGACY = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
 
