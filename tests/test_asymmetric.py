@@ -28,7 +28,7 @@ from minisd.adapters.lycoris import LoHaLinear  # noqa: E402
 from minisd.lora import LoRALinear  # noqa: E402
 from minisd.train.config import parse_config  # noqa: E402
 from minisd.train.data import CaptionDataset, cover_crop  # noqa: E402
-from minisd.trainer import Trainer  # noqa: E402
+from minisd.train.loop import Trainer  # noqa: E402
 from conftest import save_tiny_sdxl  # noqa: E402
 
 torch.set_num_threads(1)
