@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from minisd.world.pretrain import main as pretrain
         except ImportError:
-            print("error: --from-scratch needs minisd/pretrain.py, which is not in this checkout", file=sys.stderr)
+            print("error: --from-scratch needs minisd/world/pretrain.py, which is not in this checkout", file=sys.stderr)
             return 2
         rest = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--from-scratch"]
         return pretrain(rest) or 0

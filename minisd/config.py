@@ -228,7 +228,7 @@ TINY = ModelConfig(
 PRESETS = {"sd15": SD15, "sd2_base": SD2_BASE, "sd2_v": SD2_V, "sdxl_base": SDXL_BASE,
            "ldm_256": LDM_256, "tiny": TINY}
 
-# minisd-tiny, the embedded model trained from scratch on the procedural world (`minisd/pretrain.py`).
+# minisd-tiny, the embedded model trained from scratch on the procedural world (`minisd/world/pretrain.py`).
 # Sized for a laptop CPU: a 64 px image is a 16x16x4 latent (VAE f = 4), the UNet has two levels of
 # 64 / 128 channels with attention at both, and the text encoder is 96 wide. Its CLIP token embedding
 # (49408 x 96) is a third of the weights; 28 MB in all as stored (fp16). scale_factor is a placeholder:

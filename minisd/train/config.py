@@ -52,7 +52,7 @@ class TrainConfig:
     flip: float = opt(0.0, "probability of a horizontal flip")
     caption_dropout: float = opt(0.0, "probability of training on the empty caption (keeps CFG working)")
     buckets: bool = opt(False, "aspect-ratio buckets: each image at the shape nearest its own, area <= "
-                               "resolution², one shape per batch (minisd/buckets.py)")
+                               "resolution², one shape per batch (minisd/train/buckets.py)")
     bucket_step: int = opt(0, "bucket side step in px, a multiple of VAE factor x UNet down-sampling "
                               "(0: auto, 64 for SD/SDXL; needs --buckets, as do the next two)")
     bucket_min: int = opt(0, "smallest bucket side in px (0: resolution / 2)")
@@ -97,7 +97,7 @@ class TrainConfig:
     ema_decay: float = opt(0.0, "EMA of the adapter weights, e.g. 0.999; the final files and after-grid use it, "
                                 "lora_raw.safetensors keeps the raw weights (0: off)")
     ema_warmup: bool = opt(True, "EMA decay warmup min(decay, (1+s)/(10+s)), so short runs forget the initial "
-                                 "adapter (minisd/ema.py; --no-ema-warmup needs --ema-decay)")
+                                 "adapter (minisd/train/ema.py; --no-ema-warmup needs --ema-decay)")
     # --- recipe
     prediction: str = opt("auto", "training target: auto (the model's) | epsilon | v_prediction")
     min_snr_gamma: float = opt(0.0, "Min-SNR-γ loss weighting (Hang et al. 2023; 5 is usual; 0: off)")
@@ -138,7 +138,7 @@ class TrainConfig:
     progress: bool = opt(True, "tqdm progress bar")
     profile: bool = opt(False, "time each stage of a step (data, VAE, text encoders, UNet, backward, optimizer); "
                                "table at the end and <run>/profile.json")
-    from_scratch: bool = opt(False, "pretrain a model from scratch instead (minisd/pretrain.py)")
+    from_scratch: bool = opt(False, "pretrain a model from scratch instead (minisd/world/pretrain.py)")
     config: Optional[str] = opt(None, "TOML file of options (flags win over it)")
 
     def to_dict(self) -> dict:
