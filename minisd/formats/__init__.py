@@ -21,7 +21,7 @@ from ..config import CLIPTextConfig, LDMBertConfig, ModelConfig, ScheduleConfig,
 from .keys_text import clip_from_hf, ldmbert_from_diffusers
 from .keys_unet import unet_config_from_diffusers, unet_from_diffusers
 from .keys_vae import vae_from_diffusers
-from ..model import ModelError, StableDiffusion, read_safetensors, text_encoder_file
+from ..model import ModelError, StableDiffusion, empty_weights, read_safetensors, text_encoder_file
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
                 "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
@@ -155,7 +155,7 @@ def load_diffusers_folder(path: str) -> StableDiffusion:
     for i in range(len(text_cfgs)):
         d = os.path.join(path, "tokenizer" if i == 0 else f"tokenizer_{i + 1}")
         tok_dirs.append(d if os.path.isdir(d) and os.listdir(d) else None)
-    with torch.device("meta"):
+    with empty_weights():
         model = StableDiffusion(cfg, tokenizer_dirs=tok_dirs)
 
     vae_sd = read_weights(vae_dir)
