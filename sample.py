@@ -46,6 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--out", default="sample.png", help="output PNG (with --batch N: OUT-0.png ... OUT-(N-1).png)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads. Default 1, not torch's one per core: minisd-tiny's ops are too small "
+                        "to gain much from more, a busy core stalls every op of the others at its join (2-core VM "
+                        "under load: 20 training steps took 24 s with 1 thread, 562 s with 2), and the image does "
+                        "not depend on the machine's load (the thread count can change the last bit). On an idle "
+                        "machine with a larger model, set it to the number of free cores")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="UNet / text-encoder precision (the VAE stays fp32 where it overflows)")
     p.add_argument("--cuda-graph", action="store_true",
@@ -62,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps must be at least 1")
     if a.batch < 1:
         p.error("--batch must be at least 1")
+    if a.threads < 1:
+        print(f"error: --threads must be at least 1, got {a.threads}", file=sys.stderr)
+        sys.exit(2)
     if not 0.0 < a.strength <= 1.0:
         p.error("--strength must be in (0, 1]")
     if a.karras and a.sampler not in ("euler", "dpmpp_2m"):
@@ -91,6 +100,7 @@ def parameters_text(a, width: int, height: int, seed: int, model_name: str) -> s
 def main(argv=None) -> int:
     a = parse_args(argv)
     import torch
+    torch.set_num_threads(a.threads)
     from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
     from minisd.formats import TINY_RANDOM, load_model
@@ -156,7 +166,6 @@ def main(argv=None) -> int:
 
 def grid(a, model_path: str) -> int:
     """No prompt, minisd-tiny: draw held-out world prompts (compositions it never saw) as a captioned grid."""
-    import torch
     from PIL import PngImagePlugin
 
     from minisd.formats import load_model
@@ -164,9 +173,6 @@ def grid(a, model_path: str) -> int:
     from minisd.pipeline import Pipeline
     from minisd.world.pretrain import caption_grid, grid_prompts
 
-    # One thread: this model's ops are too small to gain from a second, and on a shared CPU a busy second
-    # core stalls every op at its join (measured: 0.35 s per step with 1 thread, 5.7 s with 2 under load).
-    torch.set_num_threads(1)
     t0 = time.time()
     try:
         model = load_model(model_path)

@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from minisd.train.data import DataError
     from minisd.model import ModelError
     from minisd.trainer import Trainer, TrainError
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads)  # default 1, see --help
     try:
         run_dir = prepare(cfg, flags)
         print("train config:\n" + format_config(cfg), flush=True)
