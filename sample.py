@@ -1,6 +1,7 @@
 """Make images with minisd: text -> image, or image -> image with --init.
 
     python sample.py                                   # the embedded default model, a captioned grid
+    python sample.py "a small red star at the center on a blue background" --batch 4
     python sample.py "a red circle" --model weights/sd15 --steps 30 --sampler dpmpp_2m --karras
     python sample.py "a cat" --model weights/sd15 --lora style.safetensors:0.8 --lora detail.safetensors:-0.3
 
@@ -13,12 +14,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 
 SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler", "euler_a": "Euler a",
                  "dpmpp_2m": "DPM++ 2M"}
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "minisd-tiny")
-DEFAULT_PROMPT = "a red circle on a blue background"
+# minisd-tiny draws a prompt right when it names all five attributes of its world (size, colour, shape, position,
+# background; tools/check_prompts.py: 24 of 24 images each, 6 seeds x 4, DDIM 30, cfg 7.5). Leave some out and it
+# can swap the shape's and the background's colours ("a red circle on a blue background": a blue circle on red in
+# 8 of 8), so the examples are whole world captions.
+DEFAULT_PROMPT = "a small red star at the center on a blue background"
+EXAMPLES = """examples:
+  python sample.py                      # minisd-tiny: a captioned grid of 8 held-out world prompts
+  python sample.py "a small red star at the center on a blue background" --batch 4
+  python sample.py "a large yellow star at the top left on a purple background"
+  python sample.py "a small white heart at the bottom right on a green background" --seed 3
+minisd-tiny reads whole captions of its world: size, colour, shape, position, background (docs/WORLD.md).
+With words left out ("a red circle on a blue background") it may swap the shape's and the background's
+colours (weights/minisd-tiny/README.md, "Limits")."""
 # The grid of `python sample.py`: 8 held-out world prompts, DDIM 12 steps, guidance 3 (minisd-tiny scores 100 %
 # shape and colour by the probe there; at 7.5 a little less). --steps / --cfg override these when given.
 GRID_PROMPTS, GRID_STEPS, GRID_CFG = 8, 12, 3.0
@@ -38,8 +52,12 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class _HelpFormatter(_Help, argparse.RawDescriptionHelpFormatter):
+    """Flag defaults in the help (not None ones), and the epilog's lines as written."""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description="Generate images with minisd (text-to-image or img2img).", formatter_class=_Help)
+    p = _Parser(description="Generate images with minisd (text-to-image or img2img).", formatter_class=_HelpFormatter)
     p.add_argument("prompt", nargs="?", default=None,
                    help="what to draw (none, with minisd-tiny: a captioned grid of held-out world prompts; "
                         f"none, with another model: {DEFAULT_PROMPT!r})")
@@ -68,6 +86,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"DDIM eta, 0 = deterministic (default: {ETA}; --sampler ddim only)")
     p.add_argument("--out", default="sample.png", help="output PNG (with --batch N: OUT-0.png ... OUT-(N-1).png)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads. Default 1, not torch's one per core: minisd-tiny's ops are too small "
+                        "to gain much from more, a busy core stalls every op of the others at its join (2-core VM "
+                        "under load: 20 training steps took 24 s with 1 thread, 562 s with 2), and the image does "
+                        "not depend on the machine's load (the thread count can change the last bit). On an idle "
+                        "machine with a larger model, set it to the number of free cores")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help=f"UNet / text-encoder precision (default: {DTYPE}; the VAE stays fp32 where it overflows)")
     p.add_argument("--cuda-graph", action="store_true",
@@ -96,10 +120,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="one prompt per line (blank lines and lines starting with # skipped); line i is drawn with "
                         "seed --seed + i into OUT-i.png, and each PNG records the prompt and seed that reproduce it")
-    p.epilog = ("Prompts longer than CLIP's 77-token window are read as A1111 does: split into chunks of 75 tokens, "
-                "each encoded on its own (with start and end tokens) and the results concatenated, so every token "
-                "counts; a prompt up to 75 tokens is encoded exactly as diffusers does. LDM-256's BERT encoder has "
-                "one window: a longer prompt is cut there, with a warning naming the dropped words.")
+    p.epilog = EXAMPLES + "\n" + textwrap.fill(
+        "Prompts longer than CLIP's 77-token window are read as A1111 does: split into chunks of 75 tokens, each "
+        "encoded on its own (with start and end tokens) and the results concatenated, so every token counts; a "
+        "prompt up to 75 tokens is encoded exactly as diffusers does. LDM-256's BERT encoder has one window: a "
+        "longer prompt is cut there, with a warning naming the dropped words.", 100)
     a = p.parse_args(argv)
     if a.prompts and a.prompt is not None:
         p.error("give a prompt or --prompts FILE, not both")
@@ -120,6 +145,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.eta is not None and a.sampler != "ddim":
         p.error(f"--eta is DDIM's eta; --sampler {a.sampler} has none")
     a.strength, a.eta = STRENGTH if a.strength is None else a.strength, ETA if a.eta is None else a.eta
+    if a.threads < 1:
+        p.error(f"--threads must be at least 1, got {a.threads}")
     if not 0.0 < a.strength <= 1.0:
         p.error("--strength must be in (0, 1]")
     if a.karras and a.sampler not in ("euler", "dpmpp_2m"):
@@ -241,6 +268,7 @@ def parameters_text(a, width: int, height: int, seed: int, model_name: str, extr
 def main(argv=None) -> int:
     a = parse_args(argv)
     import torch
+    torch.set_num_threads(a.threads)
     from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
     from minisd.formats import TINY_RANDOM, load_model
@@ -328,15 +356,12 @@ def grid(a, model_path: str) -> int:
     from minisd.model import ModelError
     from minisd.world.pretrain import caption_grid, grid_prompts
 
-    # One thread: this model's ops are too small to gain from a second, and on a shared CPU a busy second
-    # core stalls every op at its join (measured: 0.35 s per step with 1 thread, 5.7 s with 2 under load).
     refused = [f for f, v in (("--batch", a.batch), ("--width", a.width), ("--height", a.height)) if v is not None]
     if refused:
         verb = "needs" if len(refused) == 1 else "need"
         print(f"error: {'/'.join(refused)} {verb} a prompt: the no-prompt grid draws one image per held-out prompt "
               "at the model's resolution", file=sys.stderr)
         return 2
-    torch.set_num_threads(1)
     t0 = time.time()
     try:
         model = load_model(model_path)

@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from minisd.model import ModelError
     from minisd.train.loop import Trainer, TrainError
     from minisd.world.validation import is_world_folder, sample_and_score, validation_prompts
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads)  # default 1, see --help
     try:
         run_dir = prepare(cfg, flags)
         print("train config:\n" + format_config(cfg), flush=True)

@@ -21,6 +21,7 @@ import tempfile
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .clip import CLIPTextModel, TextEncoderOutput
 from .config import CLIPTextConfig, ModelConfig
@@ -111,6 +112,29 @@ class StableDiffusion(nn.Module):
             load_strict(module, files[name], name)
 
 
+class _SkipMetaInit(TorchFunctionMode):
+    """Turns the in-place initialisers of torch.nn.init (normal_, kaiming_uniform_, zeros_, ...) into no-ops
+    on meta tensors; everything else runs as usual."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_"):
+            tensor = args[0] if args else kwargs["tensor"]
+            if tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def empty_weights():
+    """Build modules whose weights are about to be loaded: every parameter on the meta device (no memory) and no
+    initialiser run (a meta tensor has no values to fill). Skipping them is not only tidy: the first normal_ on
+    a meta tensor (nn.Embedding's init, i.e. every text encoder) runs through a torch._refs decomposition that
+    imports torch._dynamo, about 3 s on a 2-core CPU, most of `python sample.py`'s start-up before this."""
+    with torch.device("meta"), _SkipMetaInit():
+        yield
+
+
 def load_strict(module: nn.Module, sd: dict, what: str) -> None:
     """`load_state_dict(strict=True)` with a one-line error that names the first offending keys."""
     own = module.state_dict()
@@ -178,7 +202,7 @@ def load_minisd_folder(path: str) -> StableDiffusion:
         raise ModelError(f"{path}/{CONFIG_NAME}: not a valid minisd config ({e})") from None
     dirs = [os.path.join(path, tokenizer_dir(i)) for i in range(len(cfg.text_encoders))]
     dirs = [d if os.path.isdir(d) else None for d in dirs]
-    with torch.device("meta"):
+    with empty_weights():
         model = StableDiffusion(cfg, tokenizer_dirs=dirs)
     files = {}
     for name in model.component_state_dicts():

@@ -71,10 +71,26 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
-    """Min-SNR-γ weights per sample (Hang et al. 2023): the ε-loss weight min(SNR, γ)/SNR; for v-prediction
-    the v-loss equals (SNR + 1)·ε-loss, hence min(SNR, γ)/(SNR + 1)."""
-    clipped = snr.clamp(max=gamma)
-    return clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr
+    """Min-SNR-γ weights per sample (Hang et al. 2023, Sec. 3.4 and 4.2). The paper weights the x_0-loss by
+    min(SNR, γ); as ‖x_0 − x̂_0‖² = ‖ε − ε̂‖²/SNR = ‖v − v̂‖²/(SNR + 1), the loss the network has gets
+
+        ε-prediction:  min(SNR, γ)/SNR        (= 1 for SNR ≤ γ, γ/SNR above)
+        v-prediction:  min(SNR, γ)/(SNR + 1)
+
+    SNR = 0, the last timestep under zero terminal SNR (Lin et al. 2024, Sec. 3.1), makes the ε form 0/0. We
+    define it as its limit, 1 (the weight is 1 for every 0 < SNR ≤ γ, so 1 keeps it continuous in t; it is also
+    min(1, γ/SNR) with γ/0 = +inf). This is what the authors' code does (Min-SNR-Diffusion-Training,
+    gaussian_diffusion.py, `mse_loss_weight[snr == 0] = 1.0`), and kohya's first form min(γ/SNR, 1); diffusers'
+    train_text_to_image.py and kohya's current `apply_snr_weight` divide and get NaN. That step is an ordinary
+    unit-weight ε-loss, and a trivial one (x_T = ε: the target is the input), which is why Lin et al. (Sec. 3.2)
+    pair zero terminal SNR with v-prediction. The v form is defined at SNR = 0 and keeps its value 0: there
+    v = −x_0, so the v-loss is the x_0-loss, whose Min-SNR weight is min(0, γ) = 0, the limit of the steps
+    beside it. (The authors' code sets 1 at SNR = 0 for v too, a jump at one timestep that the paper's weighting
+    does not imply.) Where SNR > 0 the quotients are computed as written, so those weights keep their bits."""
+    if prediction == "v_prediction":
+        return snr.clamp(max=gamma) / (snr + 1)
+    # SNR = 0 (zero terminal SNR, t = T−1): the limit 1, not 0/0
+    return torch.where(snr > 0, snr.clamp(max=gamma) / snr, torch.ones_like(snr))
 
 
 # ----------------------------------------------------------------------------------------------- the step

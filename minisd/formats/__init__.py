@@ -25,8 +25,8 @@ from ..config import CLIPTextConfig, LDMBertConfig, ModelConfig, ScheduleConfig,
 from .keys_text import clip_from_hf, ldmbert_from_diffusers
 from .keys_unet import unet_config_from_diffusers, unet_from_diffusers
 from .keys_vae import vae_from_diffusers
-from ..model import (UNET_FILE, VAE_FILE, ModelError, StableDiffusion, read_safetensors, text_encoder_file,
-                     text_encoder_name)
+from ..model import (UNET_FILE, VAE_FILE, ModelError, StableDiffusion, empty_weights, read_safetensors,
+                     text_encoder_file, text_encoder_name)
 
 # The diffusers folder's weight file names, spelled here only: diffusers models (UNet, VAE) and transformers
 # models (text encoders), preferred in this order when a folder holds several variants.
@@ -175,7 +175,7 @@ def load_diffusers_folder(path: str, family: str | None = None) -> StableDiffusi
     for i in range(len(text_cfgs)):
         d = os.path.join(path, "tokenizer" if i == 0 else f"tokenizer_{i + 1}")
         tok_dirs.append(d if os.path.isdir(d) and os.listdir(d) else None)
-    with torch.device("meta"):
+    with empty_weights():
         model = StableDiffusion(cfg, tokenizer_dirs=tok_dirs)
 
     vae_sd = read_weights(vae_dir)

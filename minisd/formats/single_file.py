@@ -232,7 +232,7 @@ def join_checkpoint(components: dict, family: str, cfg: ModelConfig, extras: dic
 def load_single_file(path: str, family: str | None = None, prediction: str | None = None,
                      ema: bool | None = None):
     """(StableDiffusion, Split) from an official single file, converted in memory."""
-    from ..model import StableDiffusion
+    from ..model import StableDiffusion, empty_weights
     sd, info = read_checkpoint(path)
     fam = detect_family(sd)
     if fam is None:
@@ -244,7 +244,7 @@ def load_single_file(path: str, family: str | None = None, prediction: str | Non
     else:
         cfg = config_for(fam, sd, prediction)
     split = split_checkpoint(sd, fam, cfg, ema=ema)
-    with torch.device("meta"):
+    with empty_weights():
         model = StableDiffusion(cfg)
     files = {UNET_FILE: split.components["unet"], VAE_FILE: split.components["vae"]}
     for i in range(len(cfg.text_encoders)):
