@@ -15,7 +15,7 @@ The loss of B images (Ho et al. 2020, Eq. 14, plus the usual recipe), `training_
     target = ε (eps models) or v = √ᾱ_t·ε − √(1−ᾱ_t)·z_0 (v models)
     c = TextEncoders(caption)                                   context (B, T, D); SDXL: + pooled (B, P)
     L = mean_b w_b · ‖UNet(z_t, t, c) − target‖² / (C·h·w)
-    w_b = min(SNR_t, γ)/SNR_t (eps) or min(SNR_t, γ)/(SNR_t + 1) (v): Min-SNR-γ, Hang et al. 2023, Eq. 9-10
+    w_b = min(SNR_t, γ)/SNR_t (eps; 1 at SNR 0) or min(SNR_t, γ)/(SNR_t + 1) (v): Min-SNR-γ, Hang et al. 2023, Eq. 9-10
 
 An optimizer step backpropagates grad_accum such losses (each divided by grad_accum) into the adapters, clips the
 gradient norm and steps the optimizer; the loop around the step - data, caches, adapters, optimizers, EMA, checkpoints,
