@@ -153,20 +153,8 @@ H, W = 32, 48  # pixels; the tiny VAE's factor is 2: latents 16 x 24
 
 
 def test_sdxl_sampling_non_square_matches_diffusers(tmp_path):
-    from diffusers import StableDiffusionXLPipeline
-    from test_e2e import (PROMPT, assert_same_image, clip_tokenizer, make_scheduler, run_sample, scheduler_config,
-                          tiny_clip, tiny_unet, tiny_vae)
-    unet = tiny_unet(7, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
-                     attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=64,
-                     addition_embed_type="text_time", addition_time_embed_dim=8,
-                     projection_class_embeddings_input_dim=32 + 6 * 8)
-    pipe = StableDiffusionXLPipeline(vae=tiny_vae(8), text_encoder=tiny_clip(9),
-                                     text_encoder_2=tiny_clip(10, act="gelu", projection=True),
-                                     tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer("!"), unet=unet,
-                                     scheduler=make_scheduler("euler",
-                                                              scheduler_config("sdxl_base/scheduler_config.json")),
-                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    from test_e2e import PROMPT, assert_same_image, run_sample, tiny_sdxl_pipeline
+    pipe = tiny_sdxl_pipeline()
     pipe.save_pretrained(tmp_path / "xl")
     seen = []
     hook = pipe.unet.register_forward_pre_hook(  # a pre-hook must return None (list.append does)

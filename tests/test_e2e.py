@@ -167,19 +167,24 @@ def test_sd2_v_prediction_matches_diffusers(tmp_path):
     assert_same_image(out, ref)
 
 
-@pytest.mark.parametrize("negative", ["", "ugly"])
-def test_sdxl_matches_diffusers(tmp_path, negative):
+def tiny_sdxl_pipeline():
+    """The tiny SDXL pipeline (two text encoders, pooled + size conditioning, Euler) that every SDXL test shares."""
     unet = tiny_unet(7, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
                      attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=64,
                      addition_embed_type="text_time", addition_time_embed_dim=8,
                      projection_class_embeddings_input_dim=32 + 6 * 8)
-    pipe = StableDiffusionXLPipeline(vae=tiny_vae(8), text_encoder=tiny_clip(9),
-                                     text_encoder_2=tiny_clip(10, act="gelu", projection=True),
-                                     tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer("!"), unet=unet,
-                                     scheduler=make_scheduler("euler",
-                                                              scheduler_config("sdxl_base/scheduler_config.json")),
-                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    return StableDiffusionXLPipeline(vae=tiny_vae(8), text_encoder=tiny_clip(9),
+                                      text_encoder_2=tiny_clip(10, act="gelu", projection=True),
+                                      tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer("!"), unet=unet,
+                                      scheduler=make_scheduler("euler",
+                                                               scheduler_config("sdxl_base/scheduler_config.json")),
+                                      force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
+@pytest.mark.parametrize("negative", ["", "ugly"])
+def test_sdxl_matches_diffusers(tmp_path, negative):
+    pipe = tiny_sdxl_pipeline()
     pipe.save_pretrained(tmp_path / "xl")
     ref = pipe(PROMPT, negative_prompt=negative or None, num_inference_steps=4, height=32, width=32,
                guidance_scale=6.0, generator=torch.Generator().manual_seed(9)).images[0]

@@ -17,7 +17,7 @@ from minisd import adapters
 from minisd.formats import load_model
 from minisd.formats.lora_files import load_diffusers, save_diffusers, save_kohya
 from minisd.trainer import ATTN_MLP, TE_TARGETS
-from test_e2e import clip_tokenizer, make_scheduler, scheduler_config, tiny_clip, tiny_unet, tiny_vae
+from test_e2e import tiny_sdxl_pipeline
 
 torch.set_num_threads(1)
 # fused diffusers vs merged minisd, fp32 CPU: measured max-abs 0.0 in the UNet and both text encoders (2-core x86 VM),
@@ -30,17 +30,7 @@ PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": 
 @pytest.fixture(scope="module")
 def xl(tmp_path_factory):
     path = tmp_path_factory.mktemp("lora_sdxl")
-    unet = tiny_unet(7, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
-                     attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=64,
-                     addition_embed_type="text_time", addition_time_embed_dim=8,
-                     projection_class_embeddings_input_dim=32 + 6 * 8)
-    pipe = StableDiffusionXLPipeline(vae=tiny_vae(8), text_encoder=tiny_clip(9),
-                                     text_encoder_2=tiny_clip(10, act="gelu", projection=True),
-                                     tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer("!"), unet=unet,
-                                     scheduler=make_scheduler("euler",
-                                                              scheduler_config("sdxl_base/scheduler_config.json")),
-                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe = tiny_sdxl_pipeline()
     pipe.save_pretrained(path)
     return str(path)
 
