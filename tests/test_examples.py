@@ -43,7 +43,8 @@ def test_example_is_drawn_right(cmd, tiny_pipe):
     from minisd.world.probe import load_probe
     torch.set_num_threads(1)
     a = sample.parse_args(cmd)
-    images = tiny_pipe(a.prompt, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg, seed=a.seed, batch=1)
+    steps, cfg = a.steps or sample.STEPS, sample.CFG if a.cfg is None else a.cfg  # main() fills them so
+    images = tiny_pipe(a.prompt, steps=steps, sampler=a.sampler, cfg_scale=cfg, seed=a.seed, batch=1)
     got = load_probe(os.path.join(ROOT, "weights", "probe.safetensors")).predict(images)[0]
     want = world.parse_caption(a.prompt)
     assert {k: getattr(got, k) for k in FIDELITY} == {k: want[k] for k in FIDELITY}, a.prompt

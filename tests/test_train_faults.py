@@ -123,4 +123,4 @@ def test_broken_images_train_on_the_good_ones(tmp_path, capsys):
         os.remove(d / f)
     assert train.main(FAST + ["--data", str(d), "--out", str(tmp_path / "run2"), "--max-steps", "3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "no usable images (4 unreadable)" in err and "\n" not in err, err
+    assert err.startswith("error:") and "no usable images (4 unreadable" in err and "\n" not in err, err
