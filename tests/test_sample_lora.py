@@ -9,7 +9,6 @@
 - files written by other tools' code: PEFT + diffusers `save_lora_weights` with alpha != rank in the header;
 - `--lora-merge` draws the same image; bad files end with one `error:` line.
 """
-import copy
 
 import numpy as np
 import pytest
@@ -23,7 +22,8 @@ from conftest import save_tiny_sdxl
 from minisd import adapters
 from minisd.formats import load_model
 from minisd.formats.lora_files import save_diffusers, save_kohya
-from test_e2e import (clip_tokenizer, make_scheduler, run_cli, scheduler_config, tiny_clip, tiny_unet, tiny_vae)
+from test_e2e import (clip_tokenizer, make_scheduler, run_cli, scheduler_config, tiny_clip, tiny_sdxl_pipeline,
+                      tiny_unet, tiny_vae)
 
 torch.set_num_threads(1)
 UNET_TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
@@ -146,18 +146,7 @@ def test_sd2_kohya_file_matches_diffusers(tmp_path):
     assert_close(ours, reference(pipe), base)
 
 
-def sdxl_pipe():
-    unet = tiny_unet(7, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
-                     attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=64,
-                     addition_embed_type="text_time", addition_time_embed_dim=8,
-                     projection_class_embeddings_input_dim=32 + 6 * 8)
-    return StableDiffusionXLPipeline(vae=tiny_vae(8), text_encoder=tiny_clip(9),
-                                     text_encoder_2=tiny_clip(10, act="gelu", projection=True),
-                                     tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer("!"), unet=unet,
-                                     scheduler=make_scheduler("euler", scheduler_config(
-                                         "sdxl_base/scheduler_config.json")),
-                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+sdxl_pipe = tiny_sdxl_pipeline  # the shared tiny SDXL pipeline of test_e2e
 
 
 @pytest.mark.parametrize("naming", ["sgm", "diffusers"])
