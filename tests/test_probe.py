@@ -74,6 +74,41 @@ def test_score_semantics():
         P.score(torch.zeros(2, 3, 64, 64), prompts, Stub())
 
 
+def test_score_named_semantics():
+    """score_named() counts only the named attributes, and the swap rate catches a colour given to the wrong
+    object; a stub probe that always reads a blue circle on red."""
+    said = Attributes("circle", "blue", "small", "center", "red")
+
+    class Stub:
+        def predict(self, x):
+            return [said] * len(x)
+
+    prompts = [Attributes("circle", "red", "large", "top left", "blue"),   # colour and background swapped
+               Attributes("circle", "blue", "large", "top left", "green"),
+               Attributes("star", "green", "small", "center", "white")]
+    named = [("shape", "colour", "background"), ("shape", "colour", "size"), ("shape", "size", "position")]
+    res = P.score_named(torch.zeros(3, 3, 64, 64), prompts, named, Stub())
+    assert res["n"] == 3 and res["shape"] == 2 / 3 and res["colour"] == 0.5 and res["background"] == 0.0
+    assert res["size"] == 0.5 and res["position"] == 1.0     # unnamed: the third prompt's size/position only
+    assert res["all"] == 0.0 and res["swap"] == 0.5           # prompt 1 swapped; prompt 3 names no colour
+    res = P.score_named(torch.zeros(1, 3, 64, 64), prompts[2:], [("shape",)], Stub())
+    assert res["shape"] == 0.0 and res["colour"] is None and res["swap"] is None
+    with pytest.raises(ValueError):
+        P.score_named(torch.zeros(2, 3, 64, 64), prompts, named, Stub())
+
+
+def test_score_named_reads_rendered_partial_prompts(probe):
+    """The real probe on ground-truth renders of partial prompts: named attributes read right, no swaps; with
+    colour and background exchanged in the picture, every colour-naming prompt counts as a swap."""
+    rows = world.sample_partial(120, seed=5, split="heldout")
+    attrs, named = [a for a, _, _ in rows], [s for _, _, s in rows]
+    res = P.score_named(_images(attrs), attrs, named, probe)
+    assert res["all"] >= 0.95 and res["swap"] <= 0.02, res
+    swapped = [Attributes(a.shape, a.background, a.size, a.position, a.colour) for a in attrs]
+    res = P.score_named(_images(swapped), attrs, named, probe)
+    assert res["swap"] >= 0.97 and res["colour"] <= 0.03, res
+
+
 def test_augment():
     x = _images([a for a, _ in world.sample(8, seed=1, split="all")])
     a1 = P.augment(x, torch.Generator().manual_seed(5))

@@ -124,3 +124,58 @@ def test_cli(tmp_path, capsys):
     assert len(texts) == 3 and all(t.endswith(", dotted style") and ", " in t[:-15] for t in texts)
     world.main([str(tmp_path / "s"), "--n", "2", "--subject", "--token", "zwx"])
     assert all("zwx emblem" in json.loads(l)["text"] for l in open(tmp_path / "s" / "metadata.jsonl"))
+
+
+def test_partial_captions_by_hand():
+    a = Attributes("circle", "red", "small", "top left", "blue")
+    assert world.partial_caption(a, ("shape", "colour", "background")) == "a red circle on a blue background"
+    assert world.partial_caption(a, ("colour", "background"), 3) == "a blue background with a red shape"
+    assert world.partial_caption(a, ("position",), 1) == "a shape, top left"
+    assert world.partial_caption(a, ("shape", "colour", "background"), 4) == "red circle on blue"
+    assert world.partial_caption(a, ("background", "position"), 6) == "blue background, shape, top left"
+    assert world.partial_caption(a, ("size", "colour", "shape", "background", "position"), 7) == \
+        "a small red circle on a blue background at the top left"
+    o = Attributes("heart", "orange", "large", "center", "orange")
+    assert world.partial_caption(o, ("colour", "background"), 0) == "an orange shape on an orange background"
+    assert world.parse_named("a red circle on a blue background") == \
+        {"shape": "circle", "colour": "red", "background": "blue"}
+    assert world.parse_named("Red circle on blue") == {"shape": "circle", "colour": "red", "background": "blue"}
+    assert world.parse_named("a blue background with a shape at the top middle") == \
+        {"background": "blue", "position": "top middle"}
+    assert world.parse_named("a photo of a cat") == {}
+    with pytest.raises(ValueError):  # two shape colours
+        world.parse_named("a red circle and a green circle")
+    for bad in ((), ("shape", "texture")):
+        with pytest.raises(ValueError):
+            world.partial_caption(a, bad)
+    with pytest.raises(ValueError):
+        world.partial_caption(Attributes("circle", "red", "small", "center", "blue", style="striped"), ("shape",))
+
+
+def test_partial_captions_every_subset_and_phrasing():
+    assert len(world.SUBSETS) == 2 ** 5 - 1 == len(set(world.SUBSETS)) and all(world.SUBSETS)
+    rng = np.random.default_rng(1)
+    for subset in world.SUBSETS:
+        for k in range(len(world.PHRASINGS)):
+            a = world.sample_attributes(rng, "all")
+            text = world.partial_caption(a, subset, k)
+            # the keyword parser reads back exactly what is named, in every wording
+            assert world.parse_named(text) == {f: getattr(a, f) for f in subset}, (subset, k, text)
+            assert (" a o" not in text) and not text.startswith("a o"), text
+            if len(subset) == 5 and k < len(world.TEMPLATES):  # full + template wording = the world's caption
+                assert text == world.caption(a, k)
+    # the sampler: every kind and wording turns up; held-out triples never named in train captions
+    rows = world.sample_partial(3000, seed=0, split="train")
+    assert {s for _, _, s in rows} == set(world.SUBSETS)
+    for k in range(len(world.PHRASINGS)):  # every wording is drawn (some coincide for small subsets)
+        assert any(t == world.partial_caption(a, s, k) for a, t, s in rows[:500]), k
+    for attrs, text, subset in rows:
+        named = world.parse_named(text)
+        assert set(named) == set(subset)
+        assert not world.is_heldout(attrs.shape, attrs.colour, attrs.position)
+        if {"shape", "colour", "position"} <= set(named):
+            assert not world.is_heldout(named["shape"], named["colour"], named["position"]), text
+    held = world.sample_partial(50, seed=0, split="heldout", named=("shape", "colour", "position"))
+    assert all(world.is_heldout(*(world.parse_named(t)[k] for k in ("shape", "colour", "position")))
+               for _, t, _ in held)
+    assert world.sample_partial(5, seed=3) == world.sample_partial(5, seed=3)

@@ -21,6 +21,11 @@ Captions, four templates (`caption(attrs, template=k)`, `parse_caption` inverts 
     2  an image of a small red circle at the top left on a blue background
     3  a blue background with a small red circle at the top left
 
+Partial captions name any subset of shape, colour, size, position and background (`partial_caption(attrs,
+named, phrasing)`, `PHRASINGS`: the templates with parts left out, and four more natural wordings), e.g.
+"a red circle on a blue background", "a shape at the top left", "red shape on blue"; `parse_named` reads what
+any of them names.
+
 Fine-tuning material the base model never sees:
   * styles, appended to the caption as ", <style> style": outlined (an inner stroke 0.2·radius wide, background
     inside), striped (diagonal stripes), dotted (polka dots). Stripes and dots use a contrast colour: black on
@@ -258,6 +263,81 @@ def parse_caption(text: str) -> dict:
         return dict(shape=shape, colour=colour, size=m["size"], position=m["position"],
                     background=m["background"], style=m["style"] or "plain", subject=subject)
     raise ValueError(f"not a caption of this world: {text!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- partial captions
+
+# What a caption can name. A partial caption names a subset; the picture still has all five (unnamed ones free).
+NAMEABLE = ("shape", "colour", "size", "position", "background")
+SUBSETS = tuple(tuple(k for i, k in enumerate(NAMEABLE) if m >> i & 1) for m in range(1, 2 ** len(NAMEABLE)))
+# How a partial caption is worded: the four TEMPLATES with parts left out (0-3), then natural phrasings (4-7).
+# {thing} is "[size] [colour] shape-word", the word "shape" when no shape is named; [...] parts drop out with
+# their attribute. Phrasing k < 4 with every attribute named is exactly `caption(attrs, k)`.
+PHRASINGS = (
+    "a {thing}[ at the {position}][ on a {background} background]",
+    "a {thing}[, {position}][, {background} background]",
+    "an image of a {thing}[ at the {position}][ on a {background} background]",
+    "[a {background} background with ]a {thing}[ at the {position}]",
+    "{thing}[ in the {position}][ on {background}]",                 # "red circle on blue"
+    "a picture of a {thing}[ in the {position}][, {background} background]",
+    "[{background} background, ]{thing}[, {position}]",
+    "a {thing}[ on a {background} background][ at the {position}]",  # background before position
+)
+
+
+def partial_caption(attrs: Attributes, named, phrasing: int = 0) -> str:
+    """A caption of a plain shape that names only the attributes in `named` (a subset of NAMEABLE), worded by
+    PHRASINGS[phrasing]: partial_caption(a, ("shape", "colour", "background")) = "a red circle on a blue background"."""
+    named = set(named)
+    if not named or not named <= set(NAMEABLE):
+        raise ValueError(f"named must be a non-empty subset of {NAMEABLE}, got {sorted(named)}")
+    if attrs.subject or attrs.style != "plain":
+        raise ValueError("partial captions describe plain shapes (the base model's material) only")
+    words = [getattr(attrs, k) for k in ("size", "colour") if k in named]
+    values = {"thing": " ".join(words + [attrs.shape if "shape" in named else "shape"]),
+              "position": attrs.position, "background": attrs.background}
+    # keep an optional [...] part only when its attribute is named
+    text = re.sub(r"\[([^\]]*\{(\w+)\}[^\]]*)\]", lambda m: m[1] if m[2] in named else "",
+                  PHRASINGS[phrasing % len(PHRASINGS)])
+    text = text.format(**values)
+    return re.sub(r"\ba ([aeiou])", r"an \1", text)  # "a orange background" -> "an orange background"
+
+
+_POSITION_RX = re.compile(r"\b(" + "|".join(sorted(POSITIONS, key=len, reverse=True)) + r")\b")
+
+
+def parse_named(text: str) -> dict:
+    """What a caption of this world names, by keywords, whatever the wording: {attribute: value} for the
+    attributes it names. A colour is the background's when the next word is "background" or the word before is
+    "on" ("on blue"), otherwise the shape's. Names the same attribute twice with two values: ValueError."""
+    low = text.lower()
+    found = [("position", m[1]) for m in _POSITION_RX.finditer(low)]
+    words = re.findall(r"[a-z]+", _POSITION_RX.sub(" ", low))   # positions out, so "middle" etc. are gone
+    for i, w in enumerate(words):
+        nxt, prev = words[i + 1] if i + 1 < len(words) else "", words[i - 1] if i else ""
+        if w in SHAPES:
+            found.append(("shape", w))
+        elif w in SIZES:
+            found.append(("size", w))
+        elif w in COLOURS:
+            found.append(("background" if nxt == "background" or prev == "on" else "colour", w))
+    out = {}
+    for key, value in found:
+        if out.setdefault(key, value) != value:
+            raise ValueError(f"{text!r} names the {key} twice: {out[key]} and {value}")
+    return out
+
+
+def sample_partial(n: int, seed: int, split: str = "train", named=None) -> list[tuple[Attributes, str, tuple]]:
+    """n (attributes, partial caption, named attributes) triples: a subset drawn uniformly from SUBSETS (or the
+    given `named` for every one) and a phrasing uniformly from PHRASINGS, per image, from one rng."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        attrs = sample_attributes(rng, split)
+        subset = SUBSETS[rng.integers(len(SUBSETS))] if named is None else tuple(named)
+        out.append((attrs, partial_caption(attrs, subset, int(rng.integers(len(PHRASINGS)))), subset))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- folders

@@ -76,17 +76,29 @@ def make_pool(n: int, seed: int = 0, split: str = "train", workers: int = 1, chu
     return images, [a for p in parts for a in p[1]]
 
 
-def caption_ids(tokenizer, attrs: list) -> torch.Tensor:
-    """Token ids of every caption template for every image: (N, 4, T). Captions depend on the attributes
-    but not on the jitter, so only the few thousand distinct ones are tokenized."""
+def caption_ids(tokenizer, attrs: list, partial: int = 0, seed: int = 0) -> torch.Tensor:
+    """Token ids of each image's caption slots: (N, 4 + partial, T). Slots 0-3 are the four full templates;
+    slots 4.. are partial captions (`world.partial_caption`), each a subset drawn uniformly from world.SUBSETS
+    and a wording from world.PHRASINGS. Training picks a slot uniformly, so `partial` sets the mix: 12 gives
+    25 % full template captions and 75 % partial ones. Captions depend on the attributes but not on the jitter,
+    so the slots are drawn once per distinct (size, colour, shape, position, background) with one rng, and only
+    the distinct texts are tokenized."""
     keys = [(a.size, a.colour, a.shape, a.position, a.background) for a in attrs]
     uniq = {k: i for i, k in enumerate(dict.fromkeys(keys))}
     first = {}
     for a, k in zip(attrs, keys):
         first.setdefault(k, a)
-    texts = [world.caption(first[k], t) for k in uniq for t in range(len(world.TEMPLATES))]
-    ids = tokenizer(texts).view(len(uniq), len(world.TEMPLATES), -1)          # (U, 4, T)
-    return ids[torch.tensor([uniq[k] for k in keys])]                          # (N, 4, T)
+    rng = np.random.default_rng(seed)
+    texts = []
+    for k in uniq:
+        texts += [world.caption(first[k], t) for t in range(len(world.TEMPLATES))]
+        for _ in range(partial):
+            subset = world.SUBSETS[rng.integers(len(world.SUBSETS))]
+            texts.append(world.partial_caption(first[k], subset, int(rng.integers(len(world.PHRASINGS)))))
+    distinct = {t: i for i, t in enumerate(dict.fromkeys(texts))}
+    ids = tokenizer(list(distinct))                                             # (D, T)
+    ids = ids[torch.tensor([distinct[t] for t in texts])].view(len(uniq), len(world.TEMPLATES) + partial, -1)
+    return ids[torch.tensor([uniq[k] for k in keys])]                          # (N, 4 + partial, T)
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -235,10 +247,9 @@ def train_diffusion(model: StableDiffusion, moments: torch.Tensor, ids: torch.Te
         opt.step()
         budget.step += 1
         d = min(ema_decay, (1 + budget.step) / (10 + budget.step))              # short warm-up of the EMA
-        with torch.no_grad():
+        with torch.no_grad():  # one fused call per model instead of one kernel launch per tensor
             for e, live in zip(ema, (unet, te)):
-                for pe, pl in zip(e.parameters(), live.parameters()):
-                    pe.lerp_(pl, 1 - d)
+                torch._foreach_lerp_(list(e.parameters()), list(live.parameters()), 1 - d)
         losses.append(loss.item() if budget.step % 10 == 0 or budget.step < 10 else losses[-1])
         if budget.step % 200 == 0 or budget.step == 1:
             recent = losses[-200:]
@@ -277,6 +288,34 @@ def probe_fidelity(model: StableDiffusion, n: int = 64, steps: int = 20, cfg_sca
     images = generate(model, [c for _, c in pairs], steps, cfg_scale, seed, device)
     res = score(images, [a for a, _ in pairs], load_probe(device="cpu"))
     return {k: res[k] for k in ("n", "shape", "colour", "size", "position", "background", "all")}
+
+
+def partial_prompts(n: int, seed: int = 778) -> list:
+    """n (attributes, caption, named) per partial kind: every subset of world.NAMEABLE but the full one (30 kinds),
+    attributes from the held-out split, a wording per prompt from world.PHRASINGS."""
+    kinds = [s for s in world.SUBSETS if len(s) < len(world.NAMEABLE)]
+    return [row for i, subset in enumerate(kinds) for row in world.sample_partial(n, seed + i, "heldout", subset)]
+
+
+def probe_partial(model: StableDiffusion, n: int = 16, steps: int = 20, cfg_scale: float = 3.0, seed: int = 778,
+                  device="cpu") -> tuple[dict, dict]:
+    """Probe scores of images drawn from n partial held-out prompts of each kind (`partial_prompts`): the totals
+    over all kinds (`probe.score_named`: each attribute over the prompts that name it, all named right, swap
+    rate) and the same per kind, {named subset: scores}."""
+    from .probe import load_probe, score_named
+    rows = partial_prompts(n, seed)
+    images = generate(model, [c for _, c, _ in rows], steps, cfg_scale, seed, device)
+    probe = load_probe(device="cpu")
+    total = score_named(images, [a for a, _, _ in rows], [s for _, _, s in rows], probe)
+    kinds = {}
+    for i in range(0, len(rows), n):
+        part = rows[i:i + n]
+        kinds[part[0][2]] = score_named(images[i:i + n], [a for a, _, _ in part], [s for _, _, s in part], probe)
+    return total, kinds
+
+
+def _pct(res: dict, keys) -> str:
+    return "  ".join(f"{k} {'-' if res[k] is None else f'{100 * res[k]:.1f}%'}" for k in keys)
 
 
 def caption_grid(images: list, captions: list[str], cols: int = 4, scale: int = 2) -> Image.Image:
@@ -329,21 +368,37 @@ def pretrain(a: argparse.Namespace, log=print) -> dict:
     t0 = time.time()
     # Render first: the worker processes are forked before CUDA is initialised.
     images, attrs = make_pool(a.pool, a.seed, "train", workers=a.workers)
-    vae_extra = make_pool(a.vae_styled, a.seed, "train", workers=a.workers, styled=True)[0] if a.vae_styled else None
+    styled = a.vae_styled and not a.vae_from
+    vae_extra = make_pool(a.vae_styled, a.seed, "train", workers=a.workers, styled=True)[0] if styled else None
     cfg = ModelConfig.from_dict(WORLD_TINY.to_dict())                          # a private copy of the preset
-    model = StableDiffusion(cfg).to(device)
-    ids = caption_ids(model.tokenizers[0], attrs)
+    model = StableDiffusion(cfg)
+    if a.vae_from or a.init:
+        from ..formats import load_model
+    if a.init:  # warm start: phase 2 continues from these UNet + text encoder weights
+        donor = load_model(a.init).float()
+        model.unet.load_state_dict(donor.unet.state_dict())
+        model.text_encoders[0].load_state_dict(donor.text_encoders[0].state_dict())
+    model = model.to(device)
+    ids = caption_ids(model.tokenizers[0], attrs, a.partial, a.seed)
     log(f"pool: {len(images)} train-split images, {ids.shape} caption ids in {time.time() - t0:.0f}s")
     images = images.to(device)
-    vae_images = images if vae_extra is None else torch.cat([images, vae_extra.to(device)])
-    vae_stats = train_vae(model, vae_images, a.vae_steps, a.vae_batch, a.vae_lr, seconds=a.vae_minutes * 60 or None,
-                          device=device, log=log, seed=a.seed)
-    del vae_images
-    vae_stats["recon"] = reconstruction_scores(model, device=device)
-    log(f"VAE reconstructions read by the probe: {vae_stats['recon']}")
-    moments = encode_pool(model, images, device)  # the diffusion phase: plain images only
-    scale = set_scale_factor(model, moments)
-    log(f"latent std {1 / scale:.4f} -> scale_factor {scale:.5f}")
+    if a.vae_from:  # phase 1 skipped: this autoencoder and its scale factor, unchanged
+        donor = load_model(a.vae_from).float()
+        model.vae.load_state_dict(donor.vae.state_dict())
+        scale = model.cfg.vae.scale_factor = donor.cfg.vae.scale_factor
+        vae_stats = {"from": a.vae_from}
+        moments = encode_pool(model, images, device)
+        log(f"VAE and scale_factor {scale:.5f} from {a.vae_from}")
+    else:
+        vae_images = images if vae_extra is None else torch.cat([images, vae_extra.to(device)])
+        vae_stats = train_vae(model, vae_images, a.vae_steps, a.vae_batch, a.vae_lr,
+                              seconds=a.vae_minutes * 60 or None, device=device, log=log, seed=a.seed)
+        del vae_images
+        vae_stats["recon"] = reconstruction_scores(model, device=device)
+        log(f"VAE reconstructions read by the probe: {vae_stats['recon']}")
+        moments = encode_pool(model, images, device)  # the diffusion phase: plain images only
+        scale = set_scale_factor(model, moments)
+        log(f"latent std {1 / scale:.4f} -> scale_factor {scale:.5f}")
     ids = ids.to(device)
     ema, unet_stats = train_diffusion(model, moments, ids, a.steps, a.batch, a.lr, a.drop,
                                       seconds=a.minutes * 60 or None, device=device, log=log, seed=a.seed)
@@ -375,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-styled", type=int, default=20000,
                    help="extra styled / subject images for the VAE phase only (the UNet never sees them)")
     p.add_argument("--vae-minutes", type=float, default=0.0, help="also stop phase 1 after this long (0: no cap)")
+    p.add_argument("--vae-from", default=None, metavar="DIR",
+                   help="skip phase 1: take the autoencoder and its scale_factor from this minisd folder")
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="start phase 2 from this minisd folder's UNet and text encoder (default: from scratch)")
+    p.add_argument("--partial", type=int, default=12,
+                   help="partial-caption slots per image beside the 4 full templates (0: full captions only)")
     p.add_argument("--steps", type=int, default=20000, help="phase 2 steps")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -386,22 +447,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m minisd.world.pretrain eval",
-                                description="Probe fidelity of a model on held-out world prompts.",
+                                description="Probe fidelity of a model on held-out world prompts: full captions "
+                                            "(template 0) and, with --partial, prompts naming only some attributes.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_OUT)
-    p.add_argument("--n", type=int, default=64, help="held-out prompts")
+    p.add_argument("--n", type=int, default=64, help="held-out full-caption prompts (0: none)")
+    p.add_argument("--partial", type=int, default=0,
+                   help="held-out partial prompts of each of the 30 kinds (which attributes are named; 0: none); "
+                        "prints each kind, the totals and the swap rate (a colour given to the wrong object)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, nargs="+", default=[3.0], help="guidance scale(s) to compare")
-    p.add_argument("--seed", type=int, default=777)
+    p.add_argument("--seed", type=int, default=777, help="full prompts; partial prompts use seed + 1 onwards")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
+    if a.n < 0 or a.partial < 0 or a.n + a.partial == 0:
+        p.error("--n and --partial must be >= 0, and one of them > 0")
+    if a.steps < 1:
+        p.error("--steps must be at least 1")
     from ..formats import load_model
     model = load_model(a.model).float()
     for c in a.cfg:
         t0 = time.time()
-        res = probe_fidelity(model, a.n, a.steps, c, a.seed, a.device)
-        print(f"cfg {c}: " + "  ".join(f"{k} {v if k == 'n' else f'{100 * v:.1f}%'}" for k, v in res.items())
-              + f"  ({time.time() - t0:.0f}s)", flush=True)
+        if a.n:
+            res = probe_fidelity(model, a.n, a.steps, c, a.seed, a.device)
+            print(f"cfg {c} full: n {res['n']}  " + _pct(res, list(res)[1:]) + f"  ({time.time() - t0:.0f}s)",
+                  flush=True)
+        if a.partial:
+            t0 = time.time()
+            total, kinds = probe_partial(model, a.partial, a.steps, c, a.seed + 1, a.device)
+            for named, res in kinds.items():
+                print(f"cfg {c} partial {'+'.join(named):<32} " + _pct(res, [*named, "all", "swap"]), flush=True)
+            worst = min((res[k], k, "+".join(named)) for named, res in kinds.items() for k in named)
+            print(f"cfg {c} partial: n {total['n']}  " + _pct(total, list(total)[1:])
+                  + f"  worst cell {worst[2]}:{worst[1]} {100 * worst[0]:.1f}%  ({time.time() - t0:.0f}s)", flush=True)
     return 0
 
 

@@ -240,6 +240,20 @@ def load_probe(path: str = DEFAULT_WEIGHTS, device: str | torch.device = "cpu") 
 FIDELITY = ("shape", "colour", "size", "position", "background")
 
 
+def read(images, probe: Probe, batch_size: int = 256) -> list[Attributes]:
+    """The probe's reading of every image (PIL images or a (B, 3, 64, 64) tensor in [0, 1]), in batches."""
+    pred = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        pred += probe.predict(chunk if torch.is_tensor(chunk) else to_tensor(chunk))
+    return pred
+
+
+def frac(hits: list) -> float | None:
+    """The fraction of true items; None for an empty list (no image qualifies: `-` in the tables)."""
+    return sum(hits) / len(hits) if hits else None
+
+
 def score(images, attrs: list[Attributes], probe: Probe | None = None, batch_size: int = 256) -> dict:
     """Compare what the probe reads in `images` with the prompted `attrs`. Fractions in [0, 1], None when no image
     qualifies:
@@ -252,14 +266,9 @@ def score(images, attrs: list[Attributes], probe: Probe | None = None, batch_siz
     style_leak             prompts without a style that came out styled (a fine-tune leaking into the base)
     subject                subject prompts read as the subject
     subject_leak           ordinary prompts read as the subject"""
-    probe = probe or load_probe()
-    if len(images) != len(attrs):
+    pred = read(images, probe or load_probe(), batch_size)
+    if len(pred) != len(attrs):
         raise ValueError(f"{len(images)} images but {len(attrs)} attribute rows")
-    pred = []
-    for i in range(0, len(images), batch_size):
-        chunk = images[i:i + batch_size]
-        pred += probe.predict(chunk if torch.is_tensor(chunk) else to_tensor(chunk))
-    frac = lambda hits: sum(hits) / len(hits) if hits else None
     ordinary = [(p, a) for p, a in zip(pred, attrs) if not a.subject]
     res = {"n": len(attrs)}
     for k in FIDELITY:
@@ -271,6 +280,29 @@ def score(images, attrs: list[Attributes], probe: Probe | None = None, batch_siz
     res["style_leak"] = frac([p.style != "plain" for p, a in ordinary if a.style == "plain"])
     res["subject"] = frac([p.subject for p, a in zip(pred, attrs) if a.subject])
     res["subject_leak"] = frac([p.subject for p, a in ordinary])
+    return res
+
+
+def score_named(images, attrs: list[Attributes], named: list, probe: Probe | None = None,
+                batch_size: int = 256) -> dict:
+    """Score images drawn from partial prompts: prompt i names only the attributes in `named[i]` (a subset of
+    world.NAMEABLE; the others may come out as anything). Fractions in [0, 1], None when no prompt qualifies:
+
+    shape ... background   right, over the prompts that name it
+    all                    every named attribute right
+    swap                   a colour given to the wrong object, over prompts naming a colour or a background:
+                           the shape drawn in the named background colour, or the background drawn in the named
+                           shape colour ("a red circle on a blue background" -> a blue circle, or a red background)"""
+    pred = read(images, probe or load_probe(), batch_size)
+    if not len(pred) == len(attrs) == len(named):
+        raise ValueError(f"{len(pred)} images, {len(attrs)} attribute rows, {len(named)} subsets")
+    rows = list(zip(pred, attrs, [set(n) for n in named]))
+    res = {"n": len(rows)}
+    for k in FIDELITY:
+        res[k] = frac([getattr(p, k) == getattr(a, k) for p, a, n in rows if k in n])
+    res["all"] = frac([all(getattr(p, k) == getattr(a, k) for k in n) for p, a, n in rows])
+    res["swap"] = frac([("background" in n and p.colour == a.background) or ("colour" in n and p.background == a.colour)
+                        for p, a, n in rows if n & {"colour", "background"}])
     return res
 
 
