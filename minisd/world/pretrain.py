@@ -1,4 +1,4 @@
-"""From-scratch pretraining of minisd-tiny on the procedural world (`minisd/world.py`), and its evaluation.
+"""From-scratch pretraining of minisd-tiny on the procedural world (`minisd/world/__init__.py`), and its evaluation.
 
 Two phases, as Stable Diffusion itself was made (Rombach et al. 2022, Sec. 3):
 
@@ -11,7 +11,7 @@ Two phases, as Stable Diffusion itself was made (Rombach et al. 2022, Sec. 3):
 
 Data: images are drawn from `world.sample(split="train")` with fixed seeds into a pool (rendered in worker
 processes), so held-out (shape, colour, position) triples are never seen; evaluation samples held-out prompts
-and reads the images with the probe (`minisd/probe.py`).
+and reads the images with the probe (`minisd/world/probe.py`).
 
     python -m minisd.world.pretrain --out weights/minisd-tiny --device cuda --minutes 8      # train
     python -m minisd.world.pretrain eval --model weights/minisd-tiny --n 64                  # probe fidelity

@@ -1,4 +1,4 @@
-"""The probe: a small CNN that reads a 64×64 image of the world (minisd/world.py) and names its attributes.
+"""The probe: a small CNN that reads a 64×64 image of the world (minisd/world/__init__.py) and names its attributes.
 
 It scores generated images against the prompt they were made from: prompt fidelity (shape, colour, size, position,
 background), style adoption after a style fine-tune, and subject adoption after DreamBooth / textual inversion.
