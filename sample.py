@@ -21,18 +21,17 @@ SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler", "euler_a": "E
                  "dpmpp_2m": "DPM++ 2M"}
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "minisd-tiny")
 # minisd-tiny draws a prompt right when it names all five attributes of its world (size, colour, shape, position,
-# background; tools/check_prompts.py: 24 of 24 images each, 6 seeds x 4, DDIM 30, cfg 7.5). Leave some out and it
-# can swap the shape's and the background's colours ("a red circle on a blue background": a blue circle on red in
-# 8 of 8), so the examples are whole world captions.
+# background; tools/check_prompts.py: 24 of 24 images each, 6 seeds x 4, DDIM 30, cfg 7.5), and reads prompts that
+# leave some out (each named attribute 98-100 %, a colour on the wrong object in about 1 %: the model card).
 DEFAULT_PROMPT = "a small red star at the center on a blue background"
 EXAMPLES = """examples:
   python sample.py                      # minisd-tiny: a captioned grid of 8 held-out world prompts
   python sample.py "a small red star at the center on a blue background" --batch 4
   python sample.py "a large yellow star at the top left on a purple background"
   python sample.py "a small white heart at the bottom right on a green background" --seed 3
-minisd-tiny reads whole captions of its world: size, colour, shape, position, background (docs/WORLD.md).
-With words left out ("a red circle on a blue background") it may swap the shape's and the background's
-colours (weights/minisd-tiny/README.md, "Limits")."""
+minisd-tiny reads captions of its world: size, colour, shape, position, background (docs/WORLD.md), whole or
+with words left out ("a red circle on a blue background"; a colour lands on the wrong object in about 1 %:
+weights/minisd-tiny/README.md)."""
 # The grid of `python sample.py`: 8 held-out world prompts, DDIM 12 steps, guidance 3 (minisd-tiny scores 100 %
 # shape and colour by the probe there; at 7.5 a little less). --steps / --cfg override these when given.
 GRID_PROMPTS, GRID_STEPS, GRID_CFG = 8, 12, 3.0

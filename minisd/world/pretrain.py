@@ -10,11 +10,14 @@ Two phases, as Stable Diffusion itself was made (Rombach et al. 2022, Sec. 3):
      10 % of captions are replaced by "" so the model also learns p(z) and classifier-free guidance works.
 
 Data: images are drawn from `world.sample(split="train")` with fixed seeds into a pool (rendered in worker
-processes), so held-out (shape, colour, position) triples are never seen; evaluation samples held-out prompts
+processes), so held-out (shape, colour, position) triples are never seen. Each image has 4 full captions and
+`--partial` partial ones (`world.partial_caption`: any subset of the attributes named, 8 wordings), so the model
+binds each word to its object whatever a prompt leaves out. Evaluation samples held-out prompts, full and partial,
 and reads the images with the probe (`minisd/world/probe.py`).
 
     python -m minisd.world.pretrain --out weights/minisd-tiny --device cuda --minutes 8      # train
-    python -m minisd.world.pretrain eval --model weights/minisd-tiny --n 64                  # probe fidelity
+    python -m minisd.world.pretrain --vae-from DIR --init DIR --minutes 5                    # continue phase 2
+    python -m minisd.world.pretrain eval --model weights/minisd-tiny --n 64 --partial 16     # probe fidelity
 
 Shapes: B=batch, T=77 tokens, N=pool size, z = latent (B, 4, 16, 16) for a 64 px image at f = 4.
 """
@@ -489,7 +492,17 @@ def main(argv: list[str] | None = None) -> int:
         return eval_main(argv[1:])
     if argv[:1] == ["train"]:
         argv = argv[1:]
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.partial < 0:
+        p.error("--partial must be >= 0")
+    for flag, path in (("--vae-from", a.vae_from), ("--init", a.init)):
+        if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
+            p.error(f"{flag} {path}: not a minisd model folder (no config.json)")
+    phase1 = [k for k in ("vae_steps", "vae_batch", "vae_lr", "vae_styled", "vae_minutes")
+              if getattr(a, k) != p.get_default(k)]
+    if a.vae_from and phase1:  # phase 1 is skipped: these would do nothing
+        p.error(f"--vae-from skips phase 1, so {', '.join('--' + k.replace('_', '-') for k in phase1)} cannot apply")
     print("pretrain settings: " + ", ".join(f"{k}={v}" for k, v in vars(a).items()), flush=True)
     res = pretrain(a, log=lambda s: print(s, flush=True))
     if a.eval:
