@@ -1,66 +1,60 @@
-"""CPU threads: sample.py and train.py default to 1 (torch's one per core made training 11-26x slower on a busy
-2-core machine, with the same losses), say so in --help, and refuse 0 or a negative count with one `error:` line."""
-import json
+"""minisd.perf.threads: the thread count sample.py picks from how busy the machine was while it started.
 
+The expected counts are worked out by hand from the docstring's rule,
+threads = clamp(floor(cores - busy_elsewhere + 1/4), 1, cores), with fake kernel counters, so each term
+(the machine's CPU seconds, this process's own, the window's wall time, the quarter-core margin) can fail."""
 import pytest
-import torch
 
-import sample
-import train
-from minisd.train.config import TrainConfig, build_parser, parse_config
+from minisd.perf import threads as th
 
 
-@pytest.fixture
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+def window(monkeypatch, machine0, own0, wall0, machine1, own1, wall1, n_cores=2):
+    clock = {"machine": machine0, "own": own0, "wall": wall0}
+    monkeypatch.setattr(th, "_machine_busy_seconds", lambda: clock["machine"])
+    monkeypatch.setattr(th, "_own_seconds", lambda: clock["own"])
+    monkeypatch.setattr(th.time, "monotonic", lambda: clock["wall"])
+    monkeypatch.setattr(th, "cores", lambda: n_cores)
+    w = th.LoadWindow()
+    clock.update(machine=machine1, own=own1, wall=wall1)
+    return w
 
 
-def test_sample_default_is_one_thread_and_help_says_why(capsys):
-    assert sample.parse_args(["x"]).threads == 1
-    with pytest.raises(SystemExit):
-        sample.parse_args(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    assert "--threads THREADS torch CPU threads. Default 1" in text and "(default: 1)" in text
+@pytest.mark.parametrize("machine1, own1, expect_other, expect_threads", [
+    # 1.5 s window; this process ran 1.4 CPU s of the machine's 1.5: others 0.1 / 1.5 = 0.067 cores -> 2
+    (101.5, 11.4, 0.1 / 1.5, 2),
+    # others 0.3 / 1.5 = 0.2 cores: 2 - 0.2 + 0.25 = 2.05 -> 2
+    (101.7, 11.4, 0.3 / 1.5, 2),
+    # others 0.45 / 1.5 = 0.3 cores: 1.95 -> 1 (a core 30 % taken is not free)
+    (101.85, 11.4, 0.45 / 1.5, 1),
+    # another process on a full core: 1.5 + 1.4 machine s -> others 1.0 -> 1
+    (102.9, 11.4, 1.0, 1),
+    # both cores busy elsewhere (and this process squeezed): never below 1
+    (103.6, 11.1, 2.5 / 1.5, 1),
+])
+def test_threads_from_counters(monkeypatch, machine1, own1, expect_other, expect_threads):
+    w = window(monkeypatch, 100.0, 10.0, 50.0, machine1, own1, 51.5)
+    assert w.busy_elsewhere() == pytest.approx(expect_other, abs=1e-12)
+    assert w.threads() == expect_threads
 
 
-@pytest.mark.parametrize("bad", ["0", "-2"])
-def test_sample_rejects_bad_threads_in_one_line(bad, capsys):
-    with pytest.raises(SystemExit) as e:
-        sample.parse_args(["x", "--threads", bad])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err == f"error: --threads must be at least 1, got {bad}\n"
+def test_more_cores_and_unknown(monkeypatch):
+    # 8 cores, others 2.4 / 1.2 = 2 cores busy: 8 - 2 + 0.25 -> 6
+    w = window(monkeypatch, 0.0, 0.0, 0.0, 3.6, 1.2, 1.2, n_cores=8)
+    assert w.threads() == 6
+    # a window too short to read (ticks are 10 ms) or no /proc/stat: one thread, the safe answer
+    w = window(monkeypatch, 0.0, 0.0, 0.0, 0.05, 0.05, 0.1)
+    assert w.busy_elsewhere() is None and w.threads() == 1
+    w = window(monkeypatch, None, 0.0, 0.0, None, 1.0, 1.5)
+    assert w.threads() == 1
 
 
-def test_sample_sets_the_thread_count(restore_threads, tmp_path):
-    # a missing model ends main() with its one-line error, after the thread count is set
-    assert sample.main(["x", "--model", str(tmp_path / "none"), "--threads", "3", "--device", "cpu"]) == 2
-    assert torch.get_num_threads() == 3
-
-
-def test_train_default_is_one_thread_and_help_says_why():
-    assert TrainConfig().threads == 1
-    cfg, _ = parse_config([])
-    assert cfg.threads == 1
-    text = " ".join(build_parser().format_help().split())
-    assert "--threads THREADS torch CPU threads. Default 1" in text
-
-
-@pytest.mark.parametrize("bad", ["0", "-1"])
-def test_train_rejects_bad_threads_in_one_line(bad, capsys):
-    with pytest.raises(ValueError):  # first, so that a missing check fails here instead of starting a run
-        parse_config(["--threads", bad])
-    assert train.main(["--threads", bad]) == 2
-    assert capsys.readouterr().err == "error: --threads must be >= 1\n"
-
-
-def test_resume_of_a_run_saved_with_threads_0(tmp_path):
-    """Runs written before the default was 1 saved threads = 0 (then: torch's default); they still resume."""
-    with open(tmp_path / "config.json", "w") as f:
-        json.dump({"threads": 0, "max_steps": 7}, f)
-    cfg, _ = parse_config(["--resume", str(tmp_path)])
-    assert (cfg.threads, cfg.max_steps) == (1, 7)
-    cfg, _ = parse_config(["--resume", str(tmp_path), "--threads", "2"])
-    assert cfg.threads == 2
+def test_proc_stat_parse(monkeypatch, tmp_path):
+    """The `cpu` line: busy = all ticks but idle and iowait, over the clock tick rate."""
+    import builtins
+    stat = tmp_path / "stat"
+    #              user nice system idle  iowait irq softirq steal guest guest_nice
+    stat.write_text("cpu  700 30 200 5000 70 10 20 40 99 9\ncpu0 1 2 3 4\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(stat if p == "/proc/stat" else p, *a, **k))
+    monkeypatch.setattr(th.os, "sysconf", lambda name: 100)
+    assert th._machine_busy_seconds() == pytest.approx((700 + 30 + 200 + 10 + 20 + 40) / 100)
