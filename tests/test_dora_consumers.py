@@ -41,6 +41,32 @@ def measure(seed=0):
     return out
 
 
+def strength(w, delta, m, s, how):
+    """DoRA at strength s: PEFT / diffusers / minisd put s inside the norm; ComfyUI and A1111 blend with W."""
+    if how == "peft":
+        return trained(w, s * delta, m)
+    return w + s * (trained(w, delta, m) - w)
+
+
+def test_strength_definitions_differ():
+    """The README's numbers for "DoRA at strength m": relative difference of the updates (blend vs PEFT) per layer."""
+    g = torch.Generator().manual_seed(0)
+    for s in (0.3, 1.7):
+        errs = []
+        for o, i in SHAPES:
+            w = torch.randn(o, i, generator=g, dtype=torch.float64) / i ** 0.5
+            b, a = torch.randn(o, 16, generator=g, dtype=torch.float64), torch.randn(16, i, generator=g,
+                                                                                    dtype=torch.float64)
+            delta = b @ a
+            delta *= 0.05 * w.norm() / delta.norm()
+            m = (w + delta).norm(dim=1, keepdim=True) * (1 + 0.03 * torch.randn(o, 1, generator=g, dtype=torch.float64))
+            peft = strength(w, delta, m, s, "peft") - w
+            blend = strength(w, delta, m, s, "blend") - w
+            errs.append(((blend - peft).norm() / peft.norm()).item())
+        print(f"strength {s}: blend vs PEFT, relative difference of the update {min(errs):.1%} - {max(errs):.1%}")
+        assert min(errs) > 0.005
+
+
 def test_consumer_formulas_differ_from_the_trained_dora():
     res = measure()
     for name, errs in res.items():
