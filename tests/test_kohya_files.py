@@ -15,6 +15,8 @@ the generator walked (each kohya name is built from a real module of
 the diffusers / transformers model), so the expected weight sits at a known diffusers path, and through `sgm_tree`
 (checked here against diffusers' single-file converter) at a known Stability path = minisd's module path.
 """
+import os
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -22,7 +24,8 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from kohya_lora import sgm_tree, transformers4_tree, write_kohya_lora
+from conftest import ROOT
+from kohya_lora import lora_module_tensors, network_modules, sgm_tree, transformers4_tree, write_kohya_lora
 from minisd.adapters.mix import apply_adapters
 from minisd.formats import load_model
 from minisd.formats.lora_read import read_adapter_file
@@ -80,24 +83,31 @@ def expected(lora, tensors, scale):
     return out
 
 
-def generate(folder, pipe_cls, path, transformers4=True, **kw):
-    """Write the kohya file for the pipeline in `folder`; returns ({lora_name: (module, dim, alpha)},
-    {lora_name: diffusers path}, {lora_name: minisd path}, tensors). transformers4: the text-encoder names of
-    kohya's pinned transformers 4.54.1 (`text_model.` inside), else those kohya writes under transformers 5."""
-    pipe = pipe_cls.from_pretrained(folder)
-    sdxl = pipe_cls is StableDiffusionXLPipeline
+def trees_and_paths(pipe, transformers4=True):
+    """(text-encoder trees, UNet tree) kohya walks for this pipeline, and {id(module): diffusers path},
+    {id(module): minisd path}. transformers4: the text-encoder names of kohya's pinned transformers 4.54.1
+    (`text_model.` inside), else those kohya writes under transformers 5."""
+    sdxl = isinstance(pipe, StableDiffusionXLPipeline)
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
     trees = [transformers4_tree(te) if transformers4 else te for te in encoders]
     tree = sgm_tree(pipe.unet)
-    # SD1: kohya's original_unet has diffusers' names, so the diffusers UNet is the tree; SDXL: Stability's names
-    lora = write_kohya_lora(path, trees, tree if sdxl else pipe.unet, sdxl=sdxl, **kw)
     diff = {id(m): "unet." + p for p, m in pipe.unet.named_modules()}
-    ours = {id(m): "unet." + p for p, m in tree.named_modules()}
+    ours = {id(m): "unet." + p for p, m in tree.named_modules()}  # minisd's UNet has Stability's names
     comps = ["text_encoder", "text_encoder_2"]
     for i, te in enumerate(encoders):
         diff.update({id(m): f"{comps[i]}.{p}" for p, m in te.named_modules()})
         # minisd's CLIP keeps transformers 4's `text_model.` (the official key names)
         ours.update({id(m): f"text_encoders.{i}.{p}" for p, m in transformers4_tree(te).named_modules()})
+    # SD1: kohya's original_unet has diffusers' names, so the diffusers UNet is the tree; SDXL: Stability's names
+    return trees, (tree if sdxl else pipe.unet), diff, ours
+
+
+def generate(folder, pipe_cls, path, transformers4=True, **kw):
+    """Write the kohya file for the pipeline in `folder`; returns ({lora_name: (module, dim, alpha)},
+    {lora_name: diffusers path}, {lora_name: minisd path}, tensors)."""
+    pipe = pipe_cls.from_pretrained(folder)
+    trees, unet, diff, ours = trees_and_paths(pipe, transformers4)
+    lora = write_kohya_lora(path, trees, unet, sdxl=pipe_cls is StableDiffusionXLPipeline, **kw)
     return (lora, {n: diff[id(m)] for n, (m, *_) in lora.items()}, {n: ours[id(m)] for n, (m, *_) in lora.items()},
             load_file(path))
 
@@ -203,5 +213,30 @@ def test_sdxl_kohya_file_both_text_encoders(sdxl, tmp_path):
     d_ours = check_minisd(sdxl, path, lora, ours_path, tensors, scale)
     d_diff = check_diffusers(sdxl, StableDiffusionXLPipeline, path, lora, diff_path, tensors, scale)
     print(f"max |W' - hand|: minisd {d_ours:.1e}, diffusers {d_diff:.1e}")
+    assert d_ours <= TOL and d_diff <= TOL, (d_ours, d_diff)
+    assert effect(lora, tensors, scale) > 1000 * TOL
+
+
+@pytest.mark.parametrize("which,scale", [("sd1", 0.6), ("sdxl", 1.2)])
+def test_files_written_by_kohyas_own_code(request, which, scale):
+    """tests/golden/kohya_{sd1_locon,sdxl}.safetensors were written by kohya's own LoRANetwork + save_weights (fp16,
+    dim 4 alpha 2, conv_dim 2 conv_alpha 1; tools/check_kohya_fixture.py) for these tiny pipelines' configs. Their keys
+    and shapes are the generator's, and minisd and diffusers merge them to the hand-computed weights."""
+    folder = request.getfixturevalue(which)
+    path = os.path.join(ROOT, "tests", "golden", f"kohya_{'sd1_locon' if which == 'sd1' else 'sdxl'}.safetensors")
+    tensors = load_file(path)
+    assert all(t.dtype == torch.float16 for t in tensors.values())
+    pipe_cls = StableDiffusionXLPipeline if which == "sdxl" else StableDiffusionPipeline
+    trees, unet, diff, ours = trees_and_paths(pipe_cls.from_pretrained(folder))
+    mods = network_modules(trees, unet, 4, 2.0, 2, 1.0)
+    gen = torch.Generator().manual_seed(0)
+    shapes = {f"{n}.{k}": tuple(v.shape) for n, m, d, a in mods for k, v in lora_module_tensors(m, d, a, gen).items()}
+    assert shapes == {k: tuple(v.shape) for k, v in tensors.items()}, sorted(set(shapes) ^ set(tensors))[:6]
+    lora = {n: (m, d, float(a)) for n, m, d, a in mods}
+    d_ours = check_minisd(folder, path, lora, {n: ours[id(m)] for n, (m, *_) in lora.items()}, tensors, scale)
+    d_diff = check_diffusers(folder, pipe_cls, path, lora, {n: diff[id(m)] for n, (m, *_) in lora.items()}, tensors,
+                             scale)
+    print(f"{which}: kohya's own file, {len(lora)} modules; max |W' - hand|: minisd {d_ours:.1e}, "
+          f"diffusers {d_diff:.1e}")
     assert d_ours <= TOL and d_diff <= TOL, (d_ours, d_diff)
     assert effect(lora, tensors, scale) > 1000 * TOL
