@@ -6,7 +6,7 @@ DoRA (Liu et al. 2024, Eq. 5):  W' = g ⊙ (W + m (α/r) B A),  g = dora_scale /
 m is the user multiplier (`set_scale`, "LoRA strength"); α/r is the training scale (kohya and PEFT, `use_rslora` off).
 DoRA's strength is PEFT's (and so diffusers' `fuse_lora(lora_scale=m)` / `set_adapters`): m scales the direction update
 B A inside the norm and the magnitude stays whole, so m = 0 gives dora_scale ⊙ W / ‖W‖, not W. ComfyUI and A1111 blend
-instead, W + m (W'(1) − W); the two agree at m = 1 only (README, "DoRA at strength m").
+instead, W + m (W'(1) − W); the two agree at m = 1 only (README, "DoRA at strength λ").
 
 An adapted layer *is* the base layer: `LoRALinear` subclasses nn.Linear and holds the very same `weight`/`bias`
 Parameters, so the module path and the base keys do not change and the adapter tensors sit beside them, named in the

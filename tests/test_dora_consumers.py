@@ -49,7 +49,7 @@ def strength(w, delta, m, s, how):
 
 
 def test_strength_definitions_differ():
-    """The README's numbers for "DoRA at strength m": relative difference of the updates (blend vs PEFT) per layer."""
+    """The README's numbers for "DoRA at strength λ": relative difference of the updates (blend vs PEFT) per layer."""
     g = torch.Generator().manual_seed(0)
     for s in (0.3, 1.7):
         errs = []

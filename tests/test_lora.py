@@ -196,7 +196,7 @@ def _peft_scale(pm, m):
 def test_dora_strength_is_peft(m):
     """DoRA at strength m equals PEFT's DoRA with its scaling multiplied by m - W' = g ⊙ (W + m ΔW),
     g = magnitude / ‖W + m ΔW‖ - in the forward (adapter beside W) and merged, Linear and conv layers alike. The blend
-    ComfyUI and A1111 use, W + m (W'(1) − W), is measurably another thing (printed; README "DoRA at strength m")."""
+    ComfyUI and A1111 use, W + m (W'(1) − W), is measurably another thing (printed; README "DoRA at strength λ")."""
     pm, ours = peft_pair(4, 8.0, dora=True)
     pm.eval()
     ours.eval()

@@ -124,7 +124,7 @@ def test_two_files_mixed_match_diffusers_set_adapters(sd1, tmp_path):
 def test_dora_diffusers_file_matches_diffusers(sd1, tmp_path, scale):
     """UNet-only: diffusers 0.42 + transformers 5 do not load text-encoder DoRA magnitudes (test_lora_formats).
     At strength != 1 minisd's DoRA is PEFT's (m scales ΔW inside the norm), so the image equals diffusers' fuse_lora
-    at every strength; ComfyUI / A1111 blend instead (README, "DoRA at strength m")."""
+    at every strength; ComfyUI / A1111 blend instead (README, "DoRA at strength λ")."""
     path = str(tmp_path / "dora.safetensors")
     save_diffusers(adapted(sd1, "dora", te=False), path)
     pipe = StableDiffusionPipeline.from_pretrained(sd1)
