@@ -1,12 +1,12 @@
 """LoRA and DoRA adapter layers for nn.Linear and nn.Conv2d, plus the base class of every adapter.
 
 LoRA (Hu et al. 2021, Eq. 3):   y = W x + b + m · (α/r) · B A x          A = lora_down [r, in], B = lora_up [out, r]
-DoRA (Liu et al. 2024, Eq. 5):  W' = g ⊙ (W + m (α/r) B A),  g = dora_scale / ‖W + m (α/r) B A‖_row   (per output channel)
+DoRA (Liu et al. 2024, Eq. 5):  W' = g ⊙ (W + m (α/r) B A),  g = dora_scale / ‖W + m (α/r) B A‖_row  (per out channel)
 
 m is the user multiplier (`set_scale`, "LoRA strength"); α/r is the training scale (kohya and PEFT, `use_rslora` off).
-DoRA's strength is PEFT's (and so diffusers' `fuse_lora(lora_scale=m)` / `set_adapters`): m scales the direction update
-B A inside the norm and the magnitude stays whole, so m = 0 gives dora_scale ⊙ W / ‖W‖, not W. ComfyUI and A1111 blend
-instead, W + m (W'(1) − W); the two agree at m = 1 only (README, "DoRA at strength λ").
+DoRA's strength is PEFT's (and so diffusers' `fuse_lora(lora_scale=m)` / `set_adapters`): m scales the direction
+update B A inside the norm and the magnitude stays whole, so m = 0 gives dora_scale ⊙ W / ‖W‖, not W. ComfyUI and
+A1111 blend instead, W + m (W'(1) − W); the two agree at m = 1 only (README, "DoRA at strength λ").
 
 An adapted layer *is* the base layer: `LoRALinear` subclasses nn.Linear and holds the very same `weight`/`bias`
 Parameters, so the module path and the base keys do not change and the adapter tensors sit beside them, named in the
@@ -91,7 +91,7 @@ class AdapterLayer:
         raise NotImplementedError
 
     def strength_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The adapter's contribution at the current multiplier m: m · Δ(x) (DoRA overrides: m acts inside the norm)."""
+        """The adapter's contribution at the current multiplier m: m · Δ(x) (DoRA overrides: m acts inside its norm)."""
         delta = self.delta_forward(x, y)
         return delta if self.multiplier == 1.0 else delta * self.multiplier
 
@@ -207,7 +207,7 @@ class LoRAMixin(AdapterLayer):
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
-        """‖W + s·B A‖ per output row (s = m·α/r, m the multiplier), fp32, detached, without forming B A [out, in]:
+        """‖W + s·B A‖ per output row (s = m·α/r, m the multiplier), fp32, detached, without forming B A:
 
             ‖W_i + s (BA)_i‖² = ‖W_i‖² + 2s ⟨B_i, (W Aᵀ)_i⟩ + s² ⟨B_i, (B A Aᵀ)_i⟩,   i = output channel.
         Cost: one W Aᵀ product ([out, in] x [in, r]) and r x r terms; no gradient is needed since DoRA detaches it.

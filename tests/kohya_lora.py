@@ -185,7 +185,8 @@ def lora_module_tensors(org_module, lora_dim, alpha, gen):
 
 
 def precalculate_safetensors_hashes(tensors, metadata):
-    """train_util.precalculate_safetensors_hashes: (addnet hash over the tensor bytes, legacy hash of 64 KiB at 1 MiB)."""
+    """train_util.precalculate_safetensors_hashes: (addnet hash over the tensor bytes, legacy hash of 64 KiB
+    at 1 MiB)."""
     metadata = {k: v for k, v in metadata.items() if k.startswith("ss_")}
     b = BytesIO(safetensors.torch.save(tensors, metadata))
     n = int.from_bytes(b.read(8), "little")
@@ -201,7 +202,8 @@ def write_kohya_lora(path, text_encoders, unet, *, sdxl, lora_dim=4, alpha=2.0, 
     """Write what `train_network.py --network_module networks.lora --network_dim D --network_alpha A
     [--network_args conv_dim=C conv_alpha=CA]` saves (fp32, --save_precision float). `unet` is the tree kohya's own UNet
     has (SD1: the diffusers UNet; SDXL: `sgm_tree`), `text_encoders` the trees kohya walks (`transformers4_tree` for
-    the names of kohya's pinned transformers; the bare transformers-5 model for what kohya writes under it). Returns {lora_name: (module, dim, alpha)} for the oracle."""
+    the names of kohya's pinned transformers; the bare transformers-5 model for what kohya writes under it).
+    Returns {lora_name: (module, dim, alpha)} for the oracle."""
     gen = torch.Generator().manual_seed(seed)
     loras = network_modules(text_encoders, unet, lora_dim, alpha, conv_dim, conv_alpha)
     sd, out = {}, {}

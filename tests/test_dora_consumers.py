@@ -26,15 +26,21 @@ CONSUMERS = {
 }
 
 
-def measure(seed=0):
+def layers(seed=0):
+    """(W, ΔW = sBA, magnitude) for each SD1.5 shape, in the regime the module docstring describes."""
     g = torch.Generator().manual_seed(seed)
-    out = {k: [] for k in CONSUMERS}
     for o, i in SHAPES:
         w = torch.randn(o, i, generator=g, dtype=torch.float64) / i ** 0.5
         b, a = torch.randn(o, 16, generator=g, dtype=torch.float64), torch.randn(16, i, generator=g, dtype=torch.float64)
         delta = b @ a
         delta *= 0.05 * w.norm() / delta.norm()
         m = (w + delta).norm(dim=1, keepdim=True) * (1 + 0.03 * torch.randn(o, 1, generator=g, dtype=torch.float64))
+        yield w, delta, m
+
+
+def measure(seed=0):
+    out = {k: [] for k in CONSUMERS}
+    for w, delta, m in layers(seed):
         ref = trained(w, delta, m) - w
         for name, f in CONSUMERS.items():
             out[name].append(((f(w, delta, m) - w - ref).norm() / ref.norm()).item())
@@ -50,16 +56,9 @@ def strength(w, delta, m, s, how):
 
 def test_strength_definitions_differ():
     """The README's numbers for "DoRA at strength λ": relative difference of the updates (blend vs PEFT) per layer."""
-    g = torch.Generator().manual_seed(0)
     for s in (0.3, 1.7):
         errs = []
-        for o, i in SHAPES:
-            w = torch.randn(o, i, generator=g, dtype=torch.float64) / i ** 0.5
-            b, a = torch.randn(o, 16, generator=g, dtype=torch.float64), torch.randn(16, i, generator=g,
-                                                                                    dtype=torch.float64)
-            delta = b @ a
-            delta *= 0.05 * w.norm() / delta.norm()
-            m = (w + delta).norm(dim=1, keepdim=True) * (1 + 0.03 * torch.randn(o, 1, generator=g, dtype=torch.float64))
+        for w, delta, m in layers():
             peft = strength(w, delta, m, s, "peft") - w
             blend = strength(w, delta, m, s, "blend") - w
             errs.append(((blend - peft).norm() / peft.norm()).item())

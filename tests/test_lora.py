@@ -169,7 +169,7 @@ def test_multiplier(dora):
     adapters.set_scale(ours, 0.0)
     if not dora:
         assert torch.equal(ours(x), base(x))  # strength 0 is the base
-    else:  # DoRA at strength 0 keeps its magnitude: dora_scale ⊙ W / ‖W‖ (PEFT's strength; test_dora_strength_is_peft)
+    else:  # DoRA at strength 0 keeps its magnitude, dora_scale ⊙ W / ‖W‖ (PEFT's; test_dora_strength_is_peft)
         assert maxdiff(ours(x), base(x)) > 1e-2
     if not dora:  # LoRA: strength m scales the delta of every layer; one layer alone makes this exact
         layer = ours.to_out[0]
@@ -195,7 +195,8 @@ def _peft_scale(pm, m):
 @pytest.mark.parametrize("m", [0.3, 1.7, -0.6, 0.0])
 def test_dora_strength_is_peft(m):
     """DoRA at strength m equals PEFT's DoRA with its scaling multiplied by m - W' = g ⊙ (W + m ΔW),
-    g = magnitude / ‖W + m ΔW‖ - in the forward (adapter beside W) and merged, Linear and conv layers alike. The blend
+    g = magnitude / ‖W + m ΔW‖ - in the forward (adapter beside W) and merged, Linear and conv layers alike.
+    The blend
     ComfyUI and A1111 use, W + m (W'(1) − W), is measurably another thing (printed; README "DoRA at strength λ")."""
     pm, ours = peft_pair(4, 8.0, dora=True)
     pm.eval()
