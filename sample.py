@@ -108,7 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="apply an adapter file at strength SCALE (default 1; negative allowed), repeatable to mix "
                         "several: LoRA / DoRA / LoHa / LoKr / LoCon in minisd, kohya / A1111 (SD1, SD2, SDXL, both "
                         "UNet namings, text-encoder parts included) or diffusers / PEFT layout. Applied beside the "
-                        "base weights, which stay as stored; a key naming no module of the model is an error")
+                        "base weights, which stay as stored; a key naming no module of the model is an error. "
+                        "DoRA at SCALE s is PEFT's / diffusers' (s scales the update inside the norm; ComfyUI "
+                        "and A1111 blend instead, README)")
     p.add_argument("--lora-merge", action="store_true",
                    help="fold the --lora adapters into the weights once (W + sum of scale x dW, in fp32): the base "
                         "model's speed, same image up to rounding")

@@ -1,9 +1,12 @@
 """LoRA and DoRA adapter layers for nn.Linear and nn.Conv2d, plus the base class of every adapter.
 
 LoRA (Hu et al. 2021, Eq. 3):   y = W x + b + m · (α/r) · B A x          A = lora_down [r, in], B = lora_up [out, r]
-DoRA (Liu et al. 2024, Eq. 5):  W' = g ⊙ (W + (α/r) B A),  g = dora_scale / ‖W + (α/r) B A‖_row   (norm per output channel)
+DoRA (Liu et al. 2024, Eq. 5):  W' = g ⊙ (W + m (α/r) B A),  g = dora_scale / ‖W + m (α/r) B A‖_row  (per out channel)
 
 m is the user multiplier (`set_scale`, "LoRA strength"); α/r is the training scale (kohya and PEFT, `use_rslora` off).
+DoRA's strength is PEFT's (and so diffusers' `fuse_lora(lora_scale=m)` / `set_adapters`): m scales the direction
+update B A inside the norm and the magnitude stays whole, so m = 0 gives dora_scale ⊙ W / ‖W‖, not W. ComfyUI and
+A1111 blend instead, W + m (W'(1) − W); the two agree at m = 1 only (README, "DoRA at strength λ").
 
 An adapted layer *is* the base layer: `LoRALinear` subclasses nn.Linear and holds the very same `weight`/`bias`
 Parameters, so the module path and the base keys do not change and the adapter tensors sit beside them, named in the
@@ -70,20 +73,27 @@ class AdapterLayer:
         return base
 
     # --- forward ----------------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        """Whether the adapter changes the output at the current multiplier (DoRA overrides: it does even at 0)."""
+        return self.multiplier != 0.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)  # the untouched base layer: W x + b
-        if self.merged or self.multiplier == 0.0:
+        if self.merged or not self.active:
             return y
         # module dropout: skip the adapter for this whole call (kohya / LyCORIS regulariser)
         if self.training and self.module_dropout > 0.0 and torch.rand(()).item() < self.module_dropout:
             return y
-        delta = self.delta_forward(x, y)
-        if self.multiplier != 1.0:
-            delta = delta * self.multiplier
-        return y + delta.to(y.dtype)
+        return y + self.strength_forward(x, y).to(y.dtype)
 
     def delta_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def strength_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution at the current multiplier m: m · Δ(x) (DoRA overrides: m acts inside its norm)."""
+        delta = self.delta_forward(x, y)
+        return delta if self.multiplier == 1.0 else delta * self.multiplier
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW with the training scale (α/r) applied and the multiplier not, shaped like `weight`."""
@@ -174,21 +184,30 @@ class LoRAMixin(AdapterLayer):
             scale = scale / (1.0 - self.rank_dropout)  # keep the expected output: as if the rank were smaller
         return self.lora_up(h) * scale
 
+    @property
+    def active(self) -> bool:
+        return self.dora or self.multiplier != 0.0
+
+    def strength_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.delta_forward(x, y) if self.dora else super().strength_forward(x, y)
+
     def delta_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """LoRA: (α/r) B A x at strength 1. DoRA: W'x − Wx at the current multiplier m (PEFT's strength)."""
         xd = self.dropout(x)
         if not self.dora:
             return self.lora_path(xd)
-        # DoRA: W'x + b - (Wx + b) = (g - 1) W x + g (α/r) B A x, with the norm inside g detached (paper §4.3, PEFT)
+        # DoRA: W'x + b - (Wx + b) = (g - 1) W x + g m (α/r) B A x, the norm inside g detached (paper §4.3, PEFT)
         g = self.channel_view(self.dora_scale.flatten() / self.weight_norm())
         if self.training and isinstance(self.dropout, nn.Dropout):  # PEFT: the rescaled base term sees dropout too
             base = self.apply_weight(xd, self.weight)
         else:  # reuse the base output instead of a second W x
             base = y if self.bias is None else y - self.channel_view(self.bias)
-        return (g - 1) * base + g * self.lora_path(xd)
+        lora = self.lora_path(xd)
+        return (g - 1) * base + g * (lora if self.multiplier == 1.0 else lora * self.multiplier)
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
-        """‖W + s·B A‖ per output row (s = α/r), fp32, detached, without forming the [out, in] matrix B A:
+        """‖W + s·B A‖ per output row (s = m·α/r, m the multiplier), fp32, detached, without forming B A:
 
             ‖W_i + s (BA)_i‖² = ‖W_i‖² + 2s ⟨B_i, (W Aᵀ)_i⟩ + s² ⟨B_i, (B A Aᵀ)_i⟩,   i = output channel.
         Cost: one W Aᵀ product ([out, in] x [in, r]) and r x r terms; no gradient is needed since DoRA detaches it.
@@ -196,14 +215,14 @@ class LoRAMixin(AdapterLayer):
         bump; writes through `.data` do not, hence no cache in training), so eval-mode DoRA costs about what LoRA does.
         """
         key = tuple((t.data_ptr(), t._version) for t in (self.weight, self.lora_down.weight, self.lora_up.weight,
-                                                        self.alpha))
+                                                        self.alpha)) + (self.multiplier,)
         cached = getattr(self, "_norm_cache", None)
         if not self.training and cached is not None and cached[0] == key:
             return cached[1]
         w = self.weight.flatten(1).float()
         a = self.lora_down.weight.flatten(1).float()  # [r, in·kh·kw]
         b = self.lora_up.weight.flatten(1).float()    # [out, r]
-        s = self.scale.float()
+        s = self.scale.float() * self.multiplier
         cross = (b * (w @ a.T)).sum(1)
         quad = (b * (b @ (a @ a.T))).sum(1)
         sq = w.pow(2).sum(1) + 2 * s * cross + s * s * quad
@@ -219,10 +238,10 @@ class LoRAMixin(AdapterLayer):
     def weight_delta(self) -> torch.Tensor:
         if not self.dora:
             return self.multiplier * self.delta_weight()
-        # DoRA merged weight g ⊙ (W + ΔW), blended with W by the multiplier (m = 0 base, m = 1 full DoRA)
+        # DoRA merged weight g ⊙ (W + m ΔW), g = dora_scale / ‖W + m ΔW‖ (PEFT's strength, see the module docstring)
         w = self.weight.float()
         g = self.dora_scale.float() / self.weight_norm().reshape(self.dora_scale.shape)
-        return self.multiplier * (g * (w + self.delta_weight().float()) - w)
+        return g * (w + self.multiplier * self.delta_weight().float()) - w
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -235,9 +254,9 @@ class LoRAMixin(AdapterLayer):
     def unmerge(self) -> None:
         if not (self.dora and self.merged):
             return super().unmerge()
-        # W' = W (1 - m + m g) + m g ΔW  =>  W = (W' - m g ΔW) / (1 - m + m g)
+        # W' = g (W + m ΔW)  =>  W = W' / g - m ΔW
         m, g = self.multiplier, self._merged_g
-        w = (self.weight.float() - m * g * self.delta_weight().float()) / (1 - m + m * g)
+        w = self.weight.float() / g - m * self.delta_weight().float()
         self.weight.copy_(w.to(self.weight.dtype))
         self.merged = False
 

@@ -26,19 +26,44 @@ CONSUMERS = {
 }
 
 
-def measure(seed=0):
+def layers(seed=0):
+    """(W, ΔW = sBA, magnitude) for each SD1.5 shape, in the regime the module docstring describes."""
     g = torch.Generator().manual_seed(seed)
-    out = {k: [] for k in CONSUMERS}
     for o, i in SHAPES:
         w = torch.randn(o, i, generator=g, dtype=torch.float64) / i ** 0.5
         b, a = torch.randn(o, 16, generator=g, dtype=torch.float64), torch.randn(16, i, generator=g, dtype=torch.float64)
         delta = b @ a
         delta *= 0.05 * w.norm() / delta.norm()
         m = (w + delta).norm(dim=1, keepdim=True) * (1 + 0.03 * torch.randn(o, 1, generator=g, dtype=torch.float64))
+        yield w, delta, m
+
+
+def measure(seed=0):
+    out = {k: [] for k in CONSUMERS}
+    for w, delta, m in layers(seed):
         ref = trained(w, delta, m) - w
         for name, f in CONSUMERS.items():
             out[name].append(((f(w, delta, m) - w - ref).norm() / ref.norm()).item())
     return out
+
+
+def strength(w, delta, m, s, how):
+    """DoRA at strength s: PEFT / diffusers / minisd put s inside the norm; ComfyUI and A1111 blend with W."""
+    if how == "peft":
+        return trained(w, s * delta, m)
+    return w + s * (trained(w, delta, m) - w)
+
+
+def test_strength_definitions_differ():
+    """The README's numbers for "DoRA at strength λ": relative difference of the updates (blend vs PEFT) per layer."""
+    for s in (0.3, 1.7):
+        errs = []
+        for w, delta, m in layers():
+            peft = strength(w, delta, m, s, "peft") - w
+            blend = strength(w, delta, m, s, "blend") - w
+            errs.append(((blend - peft).norm() / peft.norm()).item())
+        print(f"strength {s}: blend vs PEFT, relative difference of the update {min(errs):.1%} - {max(errs):.1%}")
+        assert min(errs) > 0.005
 
 
 def test_consumer_formulas_differ_from_the_trained_dora():

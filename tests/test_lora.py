@@ -167,7 +167,10 @@ def test_multiplier(dora):
     x = torch.randn(2, 4, 6, 6)
     full = ours(x)
     adapters.set_scale(ours, 0.0)
-    assert torch.equal(ours(x), base(x))  # strength 0 is the base (DoRA blends W' with W)
+    if not dora:
+        assert torch.equal(ours(x), base(x))  # strength 0 is the base
+    else:  # DoRA at strength 0 keeps its magnitude, dora_scale ⊙ W / ‖W‖ (PEFT's; test_dora_strength_is_peft)
+        assert maxdiff(ours(x), base(x)) > 1e-2
     if not dora:  # LoRA: strength m scales the delta of every layer; one layer alone makes this exact
         layer = ours.to_out[0]
         t = torch.randn(3, 12)
@@ -179,6 +182,50 @@ def test_multiplier(dora):
     adapters.merge(ours)
     adapters.set_scale(ours, 1.0)  # re-merge path
     assert maxdiff(ours(x), full) < 8e-6  # measured 2.6e-6
+
+
+def _peft_scale(pm, m):
+    """PEFT's strength m on every LoRA layer (`scale_layer`, what diffusers' fuse_lora(lora_scale=m) calls)."""
+    from peft.tuners.lora import LoraLayer
+    for mod in pm.modules():
+        if isinstance(mod, LoraLayer):
+            mod.scale_layer(m)
+
+
+@pytest.mark.parametrize("m", [0.3, 1.7, -0.6, 0.0])
+def test_dora_strength_is_peft(m):
+    """DoRA at strength m equals PEFT's DoRA with its scaling multiplied by m - W' = g ⊙ (W + m ΔW),
+    g = magnitude / ‖W + m ΔW‖ - in the forward (adapter beside W) and merged, Linear and conv layers alike.
+    The blend
+    ComfyUI and A1111 use, W + m (W'(1) − W), is measurably another thing (printed; README "DoRA at strength λ")."""
+    pm, ours = peft_pair(4, 8.0, dora=True)
+    pm.eval()
+    ours.eval()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        base = pm.get_base_model()
+        _peft_scale(pm, m)
+        ref = pm(x)
+        adapters.set_scale(ours, m)
+        got = ours(x)
+        assert maxdiff(got, ref) < 4e-6, maxdiff(got, ref)  # measured 4.5e-7 - 1.3e-6
+        print(f"m={m}: output vs PEFT {maxdiff(got, ref):.1e}")
+        layers = dict(adapters.adapter_layers(ours))
+        w_ours = {p: layers[p].weight.detach().clone() + layers[p].weight_delta() for p in TARGETS}
+        w_blend = {p: layers[p].weight + m * (layers[p].dora_scale * (layers[p].weight + layers[p].delta_weight())
+                                              / (layers[p].weight + layers[p].delta_weight()).flatten(1).norm(dim=1)
+                                              .reshape(layers[p].dora_scale.shape) - layers[p].weight)
+                   for p in TARGETS}
+        pm.merge_adapter()
+        for p in TARGETS:
+            w_ref = base.get_submodule(p).get_base_layer().weight if hasattr(base.get_submodule(p), "get_base_layer") \
+                else base.get_submodule(p).weight
+            d = maxdiff(w_ours[p], w_ref)
+            assert d < 1e-6, (p, d)  # measured <= 3.6e-7
+            rel = ((w_blend[p] - w_ref).norm() / (w_ref - layers[p].weight).norm()).item()
+            print(f"  {p}: merged weight vs PEFT {d:.1e}; blend's update off PEFT's by {rel:.1%}")
+            if m not in (0.0, 1.0):
+                assert rel > 1e-3, (p, rel)
 
 
 def test_rank_and_module_dropout():

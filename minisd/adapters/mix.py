@@ -41,8 +41,8 @@ class AdapterStack(AdapterLayer):
         # each child sees the base output y (DoRA needs W x): the deltas add, none sees another's
         out = 0
         for layer in self.children_:
-            if layer.multiplier != 0.0:
-                out = out + layer.multiplier * layer.delta_forward(x, y)
+            if layer.active:
+                out = out + layer.strength_forward(x, y)
         return out
 
     def weight_delta(self) -> torch.Tensor:
