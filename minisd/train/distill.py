@@ -26,6 +26,9 @@ f^l the output of the l-th matched block (`features`): each down level's and eac
 hooks `down_blocks.i` / `up_blocks.i`; after a removed level the new deepest down level has no Downsample, so its
 match is the attention's `proj_out` of the last kept ResBlock (BK-SDM's `down_blocks.2.attentions.{1,0}.proj_out`).
 BK-SDM's and Segmind's code default to weights 1 / 1 (Segmind's SD-Small run used 0.5 / 0.5).
+
+    python -m minisd.train.distill weights/minisd-tiny small      # which teacher block fills which student block
+    python -m minisd.train.distill sd15 tiny                      # SD1.5's shape on meta tensors (no weights)
 """
 from __future__ import annotations
 
@@ -250,3 +253,32 @@ def distill_loss(model, teacher: UNetModel, noise, batch: MicroBatch, draw: Draw
     terms["feature"] = feat
     loss = terms["task"] + weights.output_weight * terms["output"] + weights.feature_weight * terms["feature"]
     return loss, terms
+
+
+def main(argv: list | None = None) -> int:
+    """Print a recipe's plan for a model (a path load_model reads, or a preset name: built on meta, no weights)."""
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(prog="python -m minisd.train.distill",
+                                description="Which teacher block fills which student block of a distillation recipe.")
+    p.add_argument("model", help="minisd / diffusers folder or single file, or a preset name (sd15: no weights read)")
+    p.add_argument("recipe", choices=RECIPES)
+    a = p.parse_args(argv)
+    from ..config import PRESETS
+    from ..model import ModelError, empty_weights
+    try:
+        if a.model in PRESETS:
+            with empty_weights():
+                teacher = UNetModel(PRESETS[a.model].unet)
+        else:
+            from ..formats import load_model
+            teacher = load_model(a.model).unet
+        print(explain(teacher, plan_student(teacher.cfg, a.recipe)))
+    except (ValueError, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

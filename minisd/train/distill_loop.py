@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from ..formats import load_model
 from ..formats.export import export_diffusers, export_single_file
 from ..model import save_model
 from ..perf.checkpoint import set_gradient_checkpointing
@@ -37,7 +38,11 @@ class DistillTrainer(Trainer):
         super().build_model()
         m, cfg = self.model, self.cfg
         self.teacher = m.unet.eval()                     # frozen (build_model froze it), in the autocast dtype
-        student, self.plan = build_student(self.teacher, cfg.distill)
+        # the student starts from the stored weights, not from a bf16 / fp16 copy of them: with autocast the teacher
+        # was cast already, so its tensors are read once more from the file
+        source = load_model(cfg.model).unet if self.amp_dtype is not None else self.teacher
+        student, self.plan = build_student(source, cfg.distill)
+        del source
         self.log(explain(self.teacher, self.plan))
         m.unet = student                                 # sampling, EMA, checkpoints and exports see the student
         m.cfg = dataclasses.replace(m.cfg, unet=self.plan.cfg)
@@ -56,6 +61,11 @@ class DistillTrainer(Trainer):
             p.requires_grad_(True)
         self.params = self.unet_params
         # the matched blocks' outputs; none needed when the feature term is off
+        if cfg.gradient_checkpointing and cfg.feature_weight and any(s.count(".") > 1 for _, s in self.plan.features):
+            # a module inside a recomputed block runs without grad in the forward: its output would train nothing
+            inner = next(s for _, s in self.plan.features if s.count(".") > 1)
+            raise ValueError(f"--gradient-checkpointing cannot be used with this recipe's feature loss (it reads "
+                             f"{inner}, inside a recomputed block); use --feature-weight 0 or no checkpointing")
         self.hooks = FeatureHooks(self.teacher, m.unet, self.plan.features) if cfg.feature_weight else None
 
     def micro_loss(self, batch: dict) -> torch.Tensor:
