@@ -40,6 +40,18 @@ def prepare(cfg, flags: dict) -> str:
     run_dir = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(run_dir, exist_ok=True)
     cfg.out = run_dir
+    if cfg.data is None and cfg.distill:
+        # distillation on the embedded world (docs/DISTILL.md): the teacher's own plain world, captions dropped 10 %
+        # of the time as in its pretraining (so guidance keeps working), every image encoded once
+        for name, value in (("style", "plain"), ("lr", 5e-4), ("max_steps", 300), ("batch_size", 16),
+                            ("caption_dropout", 0.1), ("cache_latents", True), ("cache_text", True),
+                            ("n_images", 2000)):
+            if name not in flags:
+                setattr(cfg, name, value)
+        cfg.data = os.path.join(run_dir, "data")
+        cfg.validate()
+        print(f"data: writing {cfg.n_images} plain images of the embedded world to {cfg.data}")
+        world.write_folder(cfg.data, cfg.n_images, seed=cfg.seed, split="train")
     if cfg.data is None:
         # the world style run. A style changes how a shape is drawn, not only what the words mean, so the ResBlock
         # convs train too ("full"), with a high LR decayed by a cosine. Chosen from a sweep of 36 runs on the
@@ -74,12 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     from minisd.train.data import DataError
     from minisd.model import ModelError
     from minisd.train.loop import Trainer, TrainError
+    from minisd.train.distill_loop import DistillTrainer  # --distill: a frozen teacher and a block-removed student
     from minisd.world.validation import is_world_folder, sample_and_score, validation_prompts
     torch.set_num_threads(cfg.threads)  # default 1, see --help
     try:
         run_dir = prepare(cfg, flags)
         print("train config:\n" + format_config(cfg), flush=True)
-        trainer = Trainer(cfg, run_dir, prompts=validation_prompts)  # world runs: held-out prompts by default
+        kind = DistillTrainer if cfg.distill else Trainer
+        trainer = kind(cfg, run_dir, prompts=validation_prompts)  # world runs: held-out prompts by default
         if cfg.resume:
             trainer.load_checkpoint()
             print(f"resumed {run_dir} at step {trainer.step}")
@@ -94,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{sum(result['losses'][-10:]) / len(result['losses'][-10:]):.4f} (mean of the last 10)")
         if world_run:
             sample_and_score(trainer, "after")
+        if cfg.distill:
+            print(f"wrote the student: {result['student']} (minisd), {result['single_file']} (official single file), "
+                  f"{result['diffusers']} (diffusers), {os.path.join(run_dir, 'loss.png')}, config.json, "
+                  "checkpoint.pt")
+            return 0
         print(f"wrote {result['lora']} (minisd), {result['kohya']} (kohya: A1111 / ComfyUI), "
               + (f"{result['diffusers']} (diffusers / PEFT), " if "diffusers" in result else "")
               + (f"both with EMA weights, {result['lora_raw']} (raw weights), " if "lora_raw" in result else "")

@@ -26,6 +26,7 @@ CHOICES = {
     "prediction": ("auto", "epsilon", "v_prediction"),
     "init": ("kaiming", "gaussian"),
     "vae_dtype": ("auto", "fp32", "fp16", "bf16"),
+    "distill": (None, "small", "tiny"),  # knowledge distillation recipes (minisd/train/distill.py)
 }
 
 
@@ -105,6 +106,15 @@ class TrainConfig:
     zero_terminal_snr: bool = opt(False, "rescale the schedule to zero terminal SNR (Lin et al. 2023)")
     input_perturbation: float = opt(0.0, "input perturbation γ: noisy input from ε + γ·ξ, target ε (Ning et al. "
                                          "2023; 0.1 is theirs; 0: off)")
+    # --- knowledge distillation (minisd/train/distill.py, distill_loop.py)
+    distill: Optional[str] = opt(None, "distil the model's UNet (the teacher, frozen) into a block-removed student "
+                                       "that trains in full: small | tiny (BK-SDM / Segmind SD-Small, SD-Tiny; "
+                                       "default: off, adapter training). Writes student/, student.safetensors, "
+                                       "student-diffusers/")
+    output_weight: float = opt(1.0, "weight of MSE(student output, teacher output) (needs --distill; BK-SDM's "
+                                    "and Segmind's code: 1)")
+    feature_weight: float = opt(1.0, "weight of the summed MSE of the matched block outputs (needs --distill; "
+                                     "BK-SDM's and Segmind's code: 1)")
     # --- precision / memory
     mixed_precision: str = opt("no", "autocast dtype: " + "|".join(CHOICES["mixed_precision"]))
     gradient_checkpointing: bool = opt(False, "recompute UNet blocks in backward (less memory, ~30%% slower)")
@@ -172,8 +182,8 @@ class TrainConfig:
         """Raise ValueError with a one-line message on a bad combination."""
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                                 f"got {getattr(self, name)!r}")
+                raise ValueError(f"--{name.replace('_', '-')} must be one of "
+                                 f"{', '.join(a for a in allowed if a is not None)}, got {getattr(self, name)!r}")
         for name in ("rank", "max_steps", "batch_size", "grad_accum", "repeats", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -222,6 +232,21 @@ class TrainConfig:
             if given and (gate == "targets" or not getattr(self, gate)):
                 names = ", ".join("--" + ("no-" if n == "ema_warmup" else "") + n.replace("_", "-") for n in given)
                 raise ValueError(f"{names} would be ignored without {flag}")
+        if self.distill is None and changed("output_weight", "feature_weight"):
+            raise ValueError(f"{', '.join('--' + n.replace('_', '-') for n in changed('output_weight', 'feature_weight'))}"
+                             " would be ignored without --distill small|tiny")
+        if self.distill is not None:  # the student trains in full: adapter options and what the step cannot do
+            if self.output_weight < 0 or self.feature_weight < 0:
+                raise ValueError("--output-weight and --feature-weight must be >= 0")
+            adapter = changed("network", "rank", "alpha", "targets", "init", "init_adapter", "dropout", "rank_dropout",
+                              "module_dropout", "conv_rank", "conv_alpha", "train_text_encoder", "te_lr", "te1_lr",
+                              "te2_lr")
+            if adapter:
+                raise ValueError(f"--{adapter[0].replace('_', '-')} is an adapter option: --distill trains the whole "
+                                 "student, no adapters")
+            for name in ("cuda_graph", "compile"):
+                if getattr(self, name):
+                    raise ValueError(f"--{name.replace('_', '-')} is not supported with --distill")
         if self.cuda_graph:  # what a recorded step cannot do (minisd/perf/graphs.py); the device is checked by Trainer
             if self.buckets:
                 raise ValueError("--cuda-graph needs one image shape: drop --buckets (a graph replays fixed shapes)")
@@ -254,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             conv = {"int": int, "float": float}.get(kind.replace("Optional[", "").rstrip("]"), str)
             p.add_argument(flag, type=conv, metavar=f.name.upper(), help=f.metadata["help"],
-                           choices=CHOICES.get(f.name))
+                           choices=[c for c in CHOICES[f.name] if c is not None] if f.name in CHOICES else None)
     return p
 
 

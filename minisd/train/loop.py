@@ -277,9 +277,21 @@ class Trainer:
     def ckpt_path(self) -> str:
         return os.path.join(self.run_dir, "checkpoint.pt")
 
+    def trainable_summary(self, n_train: int) -> str:
+        cfg = self.cfg
+        return (f"adapters: {cfg.network} rank {cfg.rank} alpha {cfg.alpha} on {len(self.unet_layers)} UNet layers"
+                f" ({cfg.targets}) + {len(self.te_layers)} text-encoder layers, {n_train:,} trainable parameters")
+
+    def trainable_state(self) -> dict:
+        """The trained tensors a checkpoint holds: the adapters (a distillation run's student: train/distill_loop.py)."""
+        return adapters.adapter_state_dict(self.model)
+
+    def load_trainable_state(self, sd: dict) -> None:
+        adapters.load_adapter_state_dict(self.model, sd, inject=False)  # in place: optimizer refs hold
+
     def save_checkpoint(self) -> None:
         """Everything needed to continue exactly, written to a temporary file and renamed (atomic)."""
-        state = {"step": self.step, "losses": self.losses, "adapter": adapters.adapter_state_dict(self.model),
+        state = {"step": self.step, "losses": self.losses, "adapter": self.trainable_state(),
                  "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                  "scaler": self.scaler.state_dict(), "loader": self.loader.state_dict(), "rng": rng_state(self.gen)}
         if self.ema:
@@ -305,7 +317,7 @@ class Trainer:
         if not os.path.isfile(self.ckpt_path):
             raise TrainError(f"{self.run_dir}: no checkpoint.pt to resume from")
         s = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-        adapters.load_adapter_state_dict(self.model, s["adapter"], inject=False)  # in place: optimizer refs hold
+        self.load_trainable_state(s["adapter"])
         self.opt.load_state_dict(s["optimizer"])
         self.sched.load_state_dict(s["scheduler"])
         # the LR of the next step from *this* config's schedule (a resume may extend --max-steps)
@@ -325,8 +337,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         n_train = sum(p.numel() for p in self.params)
-        self.log(f"adapters: {cfg.network} rank {cfg.rank} alpha {cfg.alpha} on {len(self.unet_layers)} UNet layers"
-                 f" ({cfg.targets}) + {len(self.te_layers)} text-encoder layers, {n_train:,} trainable parameters")
+        self.log(self.trainable_summary(n_train))
         self.log(self.data.summary())
         offload_cached(self)  # cached VAE / text encoders leave the GPU for the loop
         from tqdm import tqdm

@@ -1,0 +1,125 @@
+"""The distillation run (`train.py --distill small|tiny`): the fine-tuning loop of loop.py with a frozen teacher
+beside a trainable student (minisd/train/distill.py has the recipes and the loss).
+
+What changes against an adapter run, method by method of `Trainer`:
+
+    build_model      the loaded model's UNet becomes the teacher (frozen, in the autocast dtype: bf16 on a GPU);
+                     `self.model.unet` is the student built from its kept blocks, so sampling, validation grids
+                     and the exported files all see the student; VAE and text encoders stay shared and frozen
+    build_adapters   every student weight trains, in fp32 (no adapters); gradient checkpointing applies to it
+    micro_loss       `distill_loss`: task + output_weight · output + feature_weight · features (forward hooks)
+    checkpoints      the student's state dict instead of the adapters' (exact resume as before)
+    write_outputs    student/ (minisd folder), student.safetensors (official single file), student-diffusers/
+                     (diffusers folder, as segmind/small-sd is laid out), loss.png, loss.jsonl (+ the three terms)
+
+Everything else - data, caches (the teacher's text states are the student's: --cache-text), 8-bit AdamW, EMA of the
+student weights, LR schedule, grad scaler, RNG state - is the loop's own code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from ..formats import load_model
+from ..formats.export import export_diffusers, export_single_file
+from ..model import save_model
+from ..perf.checkpoint import set_gradient_checkpointing
+from ..trainer import Draws
+from .distill import DistillWeights, FeatureHooks, build_student, distill_loss, explain
+from .loop import Trainer, draw_loss_curve
+
+
+class DistillTrainer(Trainer):
+    """Trainer whose trainable tensors are a block-removed student of the model's UNet (`cfg.distill` recipe)."""
+
+    def build_model(self) -> None:
+        super().build_model()
+        m, cfg = self.model, self.cfg
+        self.teacher = m.unet.eval()                     # frozen (build_model froze it), in the autocast dtype
+        # the student starts from the stored weights, not from a bf16 / fp16 copy of them: with autocast the teacher
+        # was cast already, so its tensors are read once more from the file
+        source = load_model(cfg.model).unet if self.amp_dtype is not None else self.teacher
+        student, self.plan = build_student(source, cfg.distill)
+        del source
+        self.log(explain(self.teacher, self.plan))
+        m.unet = student                                 # sampling, EMA, checkpoints and exports see the student
+        m.cfg = dataclasses.replace(m.cfg, unet=self.plan.cfg)
+        self.weights = DistillWeights(cfg.output_weight, cfg.feature_weight)
+        self.terms = []                                  # per optimizer step: the mean of each loss term
+
+    def build_adapters(self) -> None:
+        cfg, m = self.cfg, self.model
+        self.unet_layers, self.te_layers = [], []
+        m.to(self.device)
+        self.teacher.to(self.device)
+        set_gradient_checkpointing(m.unet, cfg.gradient_checkpointing)
+        self.unet_params = list(m.unet.parameters())
+        for p in self.unet_params:                       # trainable tensors in fp32 whatever the autocast dtype
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        self.params = self.unet_params
+        # the matched blocks' outputs; none needed when the feature term is off
+        if cfg.gradient_checkpointing and cfg.feature_weight and any(s.count(".") > 1 for _, s in self.plan.features):
+            # a module inside a recomputed block runs without grad in the forward: its output would train nothing
+            inner = next(s for _, s in self.plan.features if s.count(".") > 1)
+            raise ValueError(f"--gradient-checkpointing cannot be used with this recipe's feature loss (it reads "
+                             f"{inner}, inside a recomputed block); use --feature-weight 0 or no checkpointing")
+        self.hooks = FeatureHooks(self.teacher, m.unet, self.plan.features) if cfg.feature_weight else None
+
+    def micro_loss(self, batch: dict) -> torch.Tensor:
+        loss, terms = distill_loss(self.model, self.teacher, self.noise, self.micro_batch(batch),
+                                   Draws(self.gen, self.device), self.hooks, self.weights,
+                                   noise_offset=self.cfg.noise_offset, input_perturbation=self.cfg.input_perturbation,
+                                   min_snr_gamma=self.cfg.min_snr_gamma, amp_dtype=self.amp_dtype)
+        self._step_terms.append({k: v.item() for k, v in terms.items()})
+        return loss
+
+    def train_step(self) -> float:
+        self._step_terms = []
+        loss = super().train_step()
+        n = len(self._step_terms)
+        self.terms.append({k: sum(t[k] for t in self._step_terms) / n for k in self._step_terms[0]})
+        return loss
+
+    def append_loss(self, record: dict) -> None:
+        # the loss.jsonl line gets the step's three terms (a resumed run rewrites the file from self.losses)
+        record.update(self.terms[-1])
+        super().append_loss(record)
+
+    def trainable_summary(self, n_train: int) -> str:
+        n_teacher = sum(p.numel() for p in self.teacher.parameters())
+        return (f"distill {self.cfg.distill}: student {n_train:,} parameters (all trainable), teacher {n_teacher:,} "
+                f"(frozen); output_weight {self.weights.output_weight}, feature_weight {self.weights.feature_weight}")
+
+    # -------------------------------------------------------------------------------------- checkpoints, outputs
+    def trainable_state(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.model.unet.state_dict().items()}
+
+    def load_trainable_state(self, sd: dict) -> None:
+        with torch.no_grad():  # in place: the optimizer and EMA hold these very tensors
+            for k, v in self.model.unet.state_dict().items():
+                v.copy_(sd[k])
+
+    def write_outputs(self) -> dict:
+        """The student three ways (module docstring), with the EMA weights if on; loss.jsonl, loss.png."""
+        self.write_loss_log()
+        draw_loss_curve([r["loss"] for r in self.losses], os.path.join(self.run_dir, "loss.png"))
+        out = {"losses": [r["loss"] for r in self.losses], "student": os.path.join(self.run_dir, "student"),
+               "single_file": os.path.join(self.run_dir, "student.safetensors"),
+               "diffusers": os.path.join(self.run_dir, "student-diffusers")}
+        meta = {"minisd.distill": self.cfg.distill, "minisd.steps": str(self.step)}
+        with self.eval_weights():
+            # the frozen parts back to fp32 for the files (they may run in the autocast dtype)
+            dtypes = [p.dtype for p in (next(te.parameters()) for te in self.model.text_encoders)]
+            for te in self.model.text_encoders:
+                te.float()
+            try:
+                save_model(self.model, out["student"], metadata=meta)
+                export_single_file(self.model, None, out["single_file"])
+                export_diffusers(self.model, out["diffusers"])
+            finally:
+                for te, dt in zip(self.model.text_encoders, dtypes):
+                    te.to(dt)
+        return out

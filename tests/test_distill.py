@@ -1,0 +1,362 @@
+"""Knowledge distillation by block removal (minisd/train/distill.py, distill_loop.py, train.py --distill):
+
+  * the SD1.5 recipes give Segmind's configs and parameter counts (meta tensors), and every tensor name and shape of
+    diffusers' SD-Small / SD-Tiny UNets;
+  * construction keeps exactly the teacher tensors it should (names and values, against a block map written out by
+    hand), and a diffusers UNet of the tiny-ified Segmind config loads the student strictly, with equal outputs;
+  * the loss terms equal their formulas computed by hand on one batch, and the hooks read the block outputs the
+    recipe names (checked against a forward written out block by block);
+  * a train.py run writes the student three ways; diffusers loads the folder with equal outputs, sample.py draws with
+    it; stop + --resume repeats the uninterrupted run bitwise (8-bit AdamW, EMA, cached text states on);
+  * bad flags: one error line.
+"""
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REFERENCE, ROOT, kill_at, randomize
+
+sys.path.insert(0, ROOT)
+import train  # noqa: E402
+from minisd import world  # noqa: E402
+from minisd.config import SD15, TINY, ModelConfig, UNetConfig  # noqa: E402
+from minisd.formats.keys_unet import unet_config_from_diffusers, unet_to_diffusers  # noqa: E402
+from minisd.model import StableDiffusion, empty_weights, save_model  # noqa: E402
+from minisd.schedule import NoiseSchedule  # noqa: E402
+from minisd.train.distill import (DistillWeights, FeatureHooks, build_student, distill_loss, explain,  # noqa: E402
+                                  plan_student)
+from minisd.trainer import Draws, MicroBatch  # noqa: E402
+from minisd.unet import UNetModel, timestep_embedding  # noqa: E402
+
+torch.set_num_threads(1)
+SEGMIND = os.path.join(REFERENCE, "configs", "segmind")
+# a teacher shaped like SD1.5 (4 levels, the last as wide as the third and without attention), tiny widths
+SD15_LIKE = UNetConfig(model_channels=16, channel_mult=(1, 2, 3, 3), num_res_blocks=(2, 2, 2, 2),
+                       transformer_depth=(1, 1, 1, 0), num_heads=2, context_dim=24, norm_num_groups=8)
+# minisd-tiny's shape (2 levels, the second wider), tiny widths
+MINISD_LIKE = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=(2, 2), transformer_depth=(1, 1),
+                         num_head_channels=8, context_dim=32, norm_num_groups=8)
+
+
+def segmind(name: str) -> dict:
+    return json.load(open(os.path.join(SEGMIND, f"{name}_unet_config.json")))
+
+
+# ------------------------------------------------------------------------------------------- SD1.5 recipes
+@pytest.mark.parametrize("recipe,name,count", [("small", "small-sd", 579_384_964), ("tiny", "tiny-sd", 323_384_964)])
+def test_sd15_recipes_are_segmind_models(recipe, name, count):
+    from diffusers import UNet2DConditionModel
+    plan = plan_student(SD15.unet, recipe)
+    assert plan.cfg == unet_config_from_diffusers(segmind(name))
+    with empty_weights():
+        ours = UNetModel(plan.cfg)
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**{k: v for k, v in segmind(name).items() if not k.startswith("_")})
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) == count
+    mapped = {k: tuple(v.shape) for k, v in unet_to_diffusers(ours.state_dict(), plan.cfg).items()}
+    assert mapped == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+
+
+def test_sd15_block_maps_are_bk_sdm():
+    """BK-SDM's copy_weight_from_teacher in official names: up levels keep their first and last block."""
+    small, tiny = plan_student(SD15.unet, "small"), plan_student(SD15.unet, "tiny")
+    assert dict(small.blocks) == {
+        "input_blocks.0": "input_blocks.0", "input_blocks.1": "input_blocks.1", "input_blocks.2": "input_blocks.3",
+        "input_blocks.3": "input_blocks.4", "input_blocks.4": "input_blocks.6", "input_blocks.5": "input_blocks.7",
+        "input_blocks.6": "input_blocks.9", "input_blocks.7": "input_blocks.10", "middle_block": "middle_block",
+        "output_blocks.0": "output_blocks.0", "output_blocks.1": "output_blocks.2", "output_blocks.2": "output_blocks.3",
+        "output_blocks.3": "output_blocks.5", "output_blocks.4": "output_blocks.6", "output_blocks.5": "output_blocks.8",
+        "output_blocks.6": "output_blocks.9", "output_blocks.7": "output_blocks.11"}
+    assert dict(tiny.blocks) == {
+        "input_blocks.0": "input_blocks.0", "input_blocks.1": "input_blocks.1", "input_blocks.2": "input_blocks.3",
+        "input_blocks.3": "input_blocks.4", "input_blocks.4": "input_blocks.6", "input_blocks.5": "input_blocks.7",
+        "output_blocks.0": "output_blocks.3", "output_blocks.1": "output_blocks.5", "output_blocks.2": "output_blocks.6",
+        "output_blocks.3": "output_blocks.8", "output_blocks.4": "output_blocks.9", "output_blocks.5": "output_blocks.11"}
+    # BK-SDM's hooks: down_blocks.i / up_blocks.i outputs; tiny: down_blocks.2.attentions.{1,0}.proj_out
+    assert tiny.features[2] == ("input_blocks.8.1.proj_out", "input_blocks.5.1.proj_out")
+    assert [t for t, _ in small.features] == ["input_blocks.3", "input_blocks.6", "input_blocks.9", "input_blocks.11",
+                                              "output_blocks.2", "output_blocks.5", "output_blocks.8",
+                                              "output_blocks.11"]
+
+
+# ------------------------------------------------------------------------------------------- construction
+def teacher_of(cfg: UNetConfig, seed: int = 0) -> UNetModel:
+    torch.manual_seed(seed)
+    return randomize(UNetModel(cfg), seed=seed)
+
+
+@pytest.mark.parametrize("cfg,recipe,by_hand,dropped", [
+    # minisd-tiny's shape: tiny keeps both levels (the second is wider) and drops the middle block
+    (MINISD_LIKE, "small", {"input_blocks.1": "input_blocks.1", "input_blocks.2": "input_blocks.3",
+                            "input_blocks.3": "input_blocks.4", "middle_block": "middle_block",
+                            "output_blocks.0": "output_blocks.0", "output_blocks.1": "output_blocks.2",
+                            "output_blocks.2": "output_blocks.3", "output_blocks.3": "output_blocks.5"},
+     ["input_blocks.2", "input_blocks.5", "output_blocks.1", "output_blocks.4"]),
+    (MINISD_LIKE, "tiny", {"input_blocks.1": "input_blocks.1", "input_blocks.2": "input_blocks.3",
+                           "input_blocks.3": "input_blocks.4", "output_blocks.0": "output_blocks.0",
+                           "output_blocks.1": "output_blocks.2", "output_blocks.2": "output_blocks.3",
+                           "output_blocks.3": "output_blocks.5"},
+     ["input_blocks.2", "input_blocks.5", "middle_block", "output_blocks.1", "output_blocks.4"]),
+    (SD15_LIKE, "tiny", {"input_blocks.1": "input_blocks.1", "input_blocks.2": "input_blocks.3",
+                         "input_blocks.3": "input_blocks.4", "input_blocks.4": "input_blocks.6",
+                         "input_blocks.5": "input_blocks.7", "output_blocks.0": "output_blocks.3",
+                         "output_blocks.1": "output_blocks.5", "output_blocks.2": "output_blocks.6",
+                         "output_blocks.3": "output_blocks.8", "output_blocks.4": "output_blocks.9",
+                         "output_blocks.5": "output_blocks.11"},
+     ["input_blocks.2", "input_blocks.5", "input_blocks.8", "input_blocks.9", "input_blocks.10", "input_blocks.11",
+      "middle_block", "output_blocks.0", "output_blocks.1", "output_blocks.2", "output_blocks.4", "output_blocks.7",
+      "output_blocks.10"]),
+])
+def test_construction_keeps_exactly_the_teacher_tensors(cfg, recipe, by_hand, dropped):
+    teacher = teacher_of(cfg)
+    student, plan = build_student(teacher, recipe)
+    assert sorted(plan.dropped) == sorted(dropped)
+    by_hand = {"input_blocks.0": "input_blocks.0", "time_embed": "time_embed", "out": "out", **by_hand}
+    t_sd, used = teacher.state_dict(), set()
+    for key, value in student.state_dict().items():
+        block = next(b for b in by_hand if key.startswith(b + "."))
+        source = by_hand[block] + key[len(block):]
+        assert torch.equal(value, t_sd[source]), (key, source)
+        used.add(source)
+    # every teacher tensor not taken belongs to a dropped block, and every tensor of a dropped block is left out
+    left = set(t_sd) - used
+    assert left == {k for k in t_sd if any(k.startswith(d + ".") for d in dropped)}
+    assert "<- teacher" in explain(teacher, plan) and "dropped" in explain(teacher, plan)
+
+
+@pytest.mark.parametrize("recipe,name", [("small", "small-sd"), ("tiny", "tiny-sd")])
+def test_diffusers_loads_the_student_strictly(recipe, name):
+    """Segmind's config with tiny widths (SD15_LIKE's) builds a diffusers UNet that takes the student strictly and
+    computes the same output."""
+    from diffusers import UNet2DConditionModel
+    teacher = teacher_of(SD15_LIKE, seed=3)
+    student, plan = build_student(teacher, recipe)
+    config = {k: v for k, v in segmind(name).items() if not k.startswith("_")}
+    config.update(block_out_channels=[16 * m for m in plan.cfg.channel_mult], attention_head_dim=2,
+                  cross_attention_dim=24, norm_num_groups=8)
+    theirs = UNet2DConditionModel(**config).eval()
+    theirs.load_state_dict(unet_to_diffusers(student.state_dict(), plan.cfg), strict=True)
+    g = torch.Generator().manual_seed(1)
+    x, ctx, t = torch.randn(2, 4, 16, 12, generator=g), torch.randn(2, 5, 24, generator=g), torch.tensor([999., 31.])
+    with torch.no_grad():
+        a, b = student.eval()(x, t, ctx), theirs(x, t, encoder_hidden_states=ctx).sample
+    diff = (a - b).abs().max().item()
+    print(f"{recipe}: max |minisd - diffusers| = {diff:.2e}")
+    assert diff == 0  # measured: bit-exact (the same operations in the same order)
+
+
+def test_recipe_errors():
+    with pytest.raises(ValueError, match="unknown distillation recipe"):
+        plan_student(SD15.unet, "base")
+    no_mid = plan_student(SD15.unet, "tiny").cfg
+    with pytest.raises(ValueError, match="no middle block"):
+        plan_student(no_mid, "small")
+
+
+# ------------------------------------------------------------------------------------------- loss and hooks
+def manual_forward(unet: UNetModel, x, t, ctx) -> tuple[torch.Tensor, dict]:
+    """UNetModel.forward written out again, recording every block's output by its official name."""
+    emb = unet.time_embed(timestep_embedding(t, unet.cfg.model_channels))
+    outs, hs, h = {}, [], x
+    for i, block in enumerate(unet.input_blocks):
+        h = block(h, emb, ctx)
+        outs[f"input_blocks.{i}"] = h
+        hs.append(h)
+    if unet.middle_block is not None:
+        h = unet.middle_block(h, emb, ctx)
+    for j, block in enumerate(unet.output_blocks):
+        h = torch.cat([h, hs.pop()], 1)
+        h = block(h, emb, ctx, hs[-1].shape[-2:] if hs else None)
+        outs[f"output_blocks.{j}"] = h
+    return unet.out(h), outs
+
+
+@pytest.mark.parametrize("cfg,recipe", [(MINISD_LIKE, "small"), (MINISD_LIKE, "tiny"), (SD15_LIKE, "tiny")])
+def test_loss_terms_by_hand(cfg, recipe):
+    teacher = teacher_of(cfg, seed=5).requires_grad_(False)
+    student, plan = build_student(teacher, recipe)
+    randomize(student, seed=6)  # a student that differs from its teacher everywhere
+    model = StableDiffusion(ModelConfig(unet=cfg, vae=TINY.vae, text_encoders=TINY.text_encoders))
+    model.unet = student
+    noise = NoiseSchedule(model.cfg.schedule)
+    g = torch.Generator().manual_seed(2)
+    B, h, w = 3, 8, 12
+    mb = MicroBatch(moments=torch.randn(B, 8, h, w, generator=g), context=torch.randn(B, 7, cfg.context_dim, generator=g))
+    weights = DistillWeights(output_weight=0.3, feature_weight=0.7)
+    hooks = FeatureHooks(teacher, student, plan.features)
+    loss, terms = distill_loss(model, teacher, noise, mb, Draws(torch.Generator().manual_seed(9)), hooks, weights)
+
+    # by hand: the draws in the trainer's order, then the equations of the module docstring
+    d = torch.Generator().manual_seed(9)
+    mean, logvar = mb.moments[:, :4], mb.moments[:, 4:].clamp(-30, 20)
+    z0 = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=d)) * model.cfg.vae.scale_factor
+    t = torch.randint(0, 1000, (B,), generator=d)
+    eps = torch.randn(z0.shape, generator=d)
+    ab = noise.alphas_cumprod[t].float()[:, None, None, None]
+    zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+    with torch.no_grad():
+        pred_t, feats_t = manual_forward(teacher, zt, t, mb.context)
+        pred_s, feats_s = manual_forward(student, zt, t, mb.context)
+    # the hooks hold the blocks the recipe names (proj_out: read inside the block, compared to a direct call)
+    for tn, sn in plan.features:
+        for name, store, feats in ((tn, hooks.teacher, feats_t), (sn, hooks.student, feats_s)):
+            if name in feats:
+                torch.testing.assert_close(store[name], feats[name], rtol=0, atol=1e-6)
+            else:
+                assert name.endswith(".1.proj_out") and store[name].shape[1] == feats[name[:-len(".1.proj_out")]].shape[1]
+    feature = sum(((hooks.student[sn] - hooks.teacher[tn]) ** 2).mean() for tn, sn in plan.features)
+    task = ((pred_s - eps) ** 2).mean()
+    output = ((pred_s - pred_t) ** 2).mean()
+    for name, want in (("task", task), ("output", output), ("feature", feature)):
+        assert abs(terms[name].item() - want.item()) <= 1e-6 * want.item(), (name, terms[name].item(), want.item())
+    total = task + 0.3 * output + 0.7 * feature
+    assert abs(loss.item() - total.item()) <= 1e-6 * total.item()
+    assert loss.requires_grad and feature.item() > 0 and output.item() > 0
+
+
+def test_weights_zero_skip_the_teacher():
+    teacher = teacher_of(MINISD_LIKE, seed=5)
+    student, plan = build_student(teacher, "tiny")
+    model = StableDiffusion(ModelConfig(unet=MINISD_LIKE, vae=TINY.vae, text_encoders=TINY.text_encoders))
+    model.unet = student
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    mb = MicroBatch(moments=torch.randn(2, 8, 8, 8), context=torch.randn(2, 7, 32))
+    loss, terms = distill_loss(model, teacher, NoiseSchedule(model.cfg.schedule), mb,
+                               Draws(torch.Generator().manual_seed(0)), None, DistillWeights(0.0, 0.0))
+    assert not calls and terms["output"].item() == terms["feature"].item() == 0 and loss.item() == terms["task"].item()
+
+
+# ------------------------------------------------------------------------------------------- train.py end to end
+FAST = ["--threads", "1", "--no-progress", "--batch-size", "2", "--no-samples", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A tiny random SD1 model shaped like minisd-tiny (2 ResBlocks a level) as a minisd folder."""
+    cfg = ModelConfig(unet=MINISD_LIKE, vae=TINY.vae, text_encoders=TINY.text_encoders, resolution=32)
+    torch.manual_seed(0)
+    m = StableDiffusion(cfg)
+    randomize(m.unet, seed=1, std=0.05)
+    path = str(tmp_path_factory.mktemp("teacher") / "teacher")
+    save_model(m, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return world.write_folder(str(tmp_path_factory.mktemp("world")), 6, seed=0)
+
+
+@pytest.fixture(scope="module")
+def run(teacher_dir, data_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run") / "run")
+    assert train.main(FAST + ["--distill", "tiny", "--model", teacher_dir, "--data", data_dir, "--out", out,
+                              "--max-steps", "2"]) == 0
+    return out
+
+
+def test_outputs_load_in_diffusers_with_equal_outputs(run):
+    from diffusers import StableDiffusionPipeline
+    from minisd.formats import load_model
+    ours = load_model(os.path.join(run, "student"))
+    assert ours.cfg.unet.mid_block is False and ours.cfg.unet.num_res_blocks == (1, 1)
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(run, "student-diffusers"), safety_checker=None)
+    single = load_model(os.path.join(run, "student.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    x, ctx, t = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([900., 7.])
+    with torch.no_grad():
+        a = ours.unet.float()(x, t, ctx)
+        b = pipe.unet(x, t, encoder_hidden_states=ctx).sample
+        c = single.unet.float()(x, t, ctx)
+    diff = (a - b).abs().max().item()
+    print(f"student: max |minisd - diffusers| = {diff:.2e}")
+    assert diff == 0  # measured: bit-exact
+    assert torch.equal(a, c)  # the single file holds the same tensors
+    rows = [json.loads(line) for line in open(os.path.join(run, "loss.jsonl"))]
+    assert all(r["loss"] == pytest.approx(r["task"] + r["output"] + r["feature"], rel=1e-6) for r in rows)
+
+
+def test_sample_py_draws_with_the_student(run, tmp_path):
+    import sample
+    png = str(tmp_path / "s.png")
+    assert sample.main(["a red circle", "--model", os.path.join(run, "student"), "--steps", "2", "--width", "32",
+                        "--height", "32", "--out", png, "--threads", "1"]) == 0
+    assert os.path.isfile(png)
+
+
+def test_resume_is_exact(teacher_dir, data_dir, tmp_path):
+    from minisd.train.config import parse_config
+    from minisd.train.distill_loop import DistillTrainer
+    flags = FAST + ["--distill", "small", "--model", teacher_dir, "--data", data_dir, "--max-steps", "5",
+                    "--optimizer", "adamw8bit", "--ema-decay", "0.9", "--cache-text", "--caption-dropout", "0.3",
+                    "--output-weight", "0.5", "--feature-weight", "0.25", "--seed", "3"]
+    cfg, _ = parse_config(flags + ["--out", str(tmp_path / "full")])
+    full = DistillTrainer(cfg, str(tmp_path / "full"), log=lambda s: None)
+    want = full.run()["losses"]
+    part = str(tmp_path / "part")
+    cfg, _ = parse_config(flags + ["--out", part, "--save-every", "2"])
+    killed = DistillTrainer(cfg, part, log=lambda s: None)
+    json.dump(cfg.to_dict(), open(os.path.join(part, "config.json"), "w"))
+    kill_at(killed, 3)
+    assert train.main(["--resume", part, "--threads", "1"]) == 0
+    got = [json.loads(line)["loss"] for line in open(os.path.join(part, "loss.jsonl"))]
+    assert got == want  # bitwise on the CPU
+    a = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=True)
+    b = torch.load(os.path.join(tmp_path / "full", "checkpoint.pt"), weights_only=True)
+    for k in b["adapter"]:
+        assert torch.equal(a["adapter"][k], b["adapter"][k]), k
+    for x, y in zip(a["ema"]["shadow"], b["ema"]["shadow"]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--output-weight", "0.5"], "would be ignored without --distill"),
+    (["--distill", "base"], "invalid choice"),
+    (["--distill", "small", "--rank", "4"], "--rank is an adapter option"),
+    (["--distill", "small", "--feature-weight", "-1"], "must be >= 0"),
+    (["--distill", "small", "--compile"], "not supported with --distill"),
+])
+def test_bad_flags_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) if "invalid choice" in message else _nothing():
+        rc = train.main(flags + ["--threads", "1"])
+        assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and message in err, err
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_mixed_precision_and_checkpointing(teacher_dir, data_dir, tmp_path):
+    """bf16 autocast: the teacher runs in bf16, the student starts from the stored fp32 weights (not a bf16 copy)
+    and trains in fp32. Gradient checkpointing of the student: the same losses up to rounding order."""
+    from minisd.formats import load_model
+    from minisd.train.config import parse_config
+    from minisd.train.distill_loop import DistillTrainer
+    flags = FAST + ["--distill", "small", "--model", teacher_dir, "--data", data_dir, "--max-steps", "2",
+                    "--save-every", "0"]
+    cfg, _ = parse_config(flags + ["--mixed-precision", "bf16", "--out", str(tmp_path / "bf16")])
+    t = DistillTrainer(cfg, str(tmp_path / "bf16"), log=lambda s: None)
+    stored = load_model(teacher_dir).unet.state_dict()
+    assert next(t.teacher.parameters()).dtype == torch.bfloat16
+    for s_name, t_name in t.plan.blocks:
+        for k, v in t.model.unet.state_dict().items():
+            if k.startswith(s_name + "."):
+                assert v.dtype == torch.float32 and torch.equal(v, stored[t_name + k[len(s_name):]].float()), k
+    assert all(torch.isfinite(torch.tensor(x)) for x in t.run()["losses"])
+    losses = []
+    for ckpt in ("--no-gradient-checkpointing", "--gradient-checkpointing"):
+        cfg, _ = parse_config(flags + [ckpt, "--out", str(tmp_path / ckpt)])
+        losses.append(DistillTrainer(cfg, str(tmp_path / ckpt), log=lambda s: None).run()["losses"])
+    assert losses[0][0] == losses[1][0]                       # the forward is the same
+    assert losses[1][1] == pytest.approx(losses[0][1], rel=1e-5)  # gradients differ in summation order only
