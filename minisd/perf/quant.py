@@ -114,7 +114,12 @@ def quantized_class(cls: type) -> type:
         # class QLinear(QuantizedBase, nn.Linear); then class Q<cls>(cls, QLinear): Python's method order puts
         # QLinear after every class of cls that derives from nn.Linear, i.e. under the adapter mixin
         q_plain = type(f"Quantized{plain.__name__}", (QuantizedBase, plain), {})
-        _CLASSES[cls] = q_plain if cls is plain else type(f"Quantized{cls.__name__}", (cls, q_plain), {})
+        if cls is plain:
+            _CLASSES[cls] = q_plain
+        else:  # an adapter layer: its adapter tensors are its state minus the base's, codes and scales included
+            def adapter_state_dict(self) -> dict:
+                return {k: v for k, v in cls.adapter_state_dict(self).items() if k not in ("weight_q", "weight_scale")}
+            _CLASSES[cls] = type(f"Quantized{cls.__name__}", (cls, q_plain), {"adapter_state_dict": adapter_state_dict})
     return _CLASSES[cls]
 
 
