@@ -77,6 +77,10 @@ def test_quantized_layer_forward_and_input_gradient_use_the_dequantised_weight()
         # what autograd keeps for the backward: the 8-bit codes and the scales, never a float weight
         assert {t.dtype for t in saved} == {torch.int8, torch.float32} and all(t.ndim <= 1 or t.dtype == torch.int8
                                                                                for t in saved)
+        # a pipeline's `.to(dtype)` changes what Ŵ is dequantised to, never the codes or the scales
+        layer.to(torch.bfloat16)
+        assert layer.weight_q.dtype == torch.int8 and layer.weight_scale.dtype == torch.float32
+        assert layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
 
 
 def _unet_pair(kind: str, network: str = "lora"):

@@ -103,6 +103,18 @@ class QuantizedBase:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _QuantOp.apply(x, self.weight_q, self.weight_scale, self.bias, self)
 
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` moves the codes and scales; `.to(dtype)` / `.half()` (a pipeline casting the UNet) must not
+        turn fp8 codes or fp32 scales into that dtype: it sets the dtype Ŵ is dequantised to instead."""
+        codes = {k: self._buffers.pop(k) for k in ("weight_q", "weight_scale")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            probe = fn(torch.zeros((), dtype=self.dequant_dtype, device=codes["weight_q"].device))
+            self.dequant_dtype = probe.dtype
+            self._buffers.update({k: v.to(probe.device) for k, v in codes.items()})
+        return self
+
 
 _CLASSES: dict[type, type] = {}
 
