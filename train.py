@@ -4,6 +4,7 @@
     python train.py --data DIR --model weights/sd15 --rank 16 --max-steps 2000 --mixed-precision bf16
     python train.py --config run.toml --lr 5e-4        # TOML file, flags win
     python train.py --resume runs/20260101-120000      # continue exactly where the checkpoint left off
+    torchrun --nproc_per_node 4 train.py --data DIR ... # data-parallel on 4 GPUs (README "More than one GPU")
 
 Options: `python train.py --help`, or minisd/train/config.py. The step is minisd/trainer.py, the loop around it
 minisd/train/loop.py, what world runs add minisd/world/validation.py.
@@ -87,27 +88,36 @@ def main(argv: list[str] | None = None) -> int:
     from minisd.model import ModelError
     from minisd.train.loop import Trainer, TrainError
     from minisd.train.distill_loop import DistillTrainer  # --distill: a frozen teacher and a block-removed student
+    from minisd.train import distributed
     from minisd.world.validation import is_world_folder, sample_and_score, validation_prompts
     torch.set_num_threads(cfg.threads)  # default 1, see --help
     try:
-        run_dir = prepare(cfg, flags)
+        # torchrun: join the process group; rank 0 prepares the run folder (and the world data), the others get its
+        # folder and config; only rank 0 prints (minisd/train/distributed.py)
+        dist = distributed.init_from_env(cfg.device)
+        if cfg.distill and dist.world > 1:
+            raise ValueError("--distill runs in one process for now: start it without torchrun")
+        run_dir, cfg = dist.on_main(lambda: (prepare(cfg, flags), cfg))
+        if not dist.is_main:
+            sys.stdout = open(os.devnull, "w")
         print("train config:\n" + format_config(cfg), flush=True)
         kind = DistillTrainer if cfg.distill else Trainer
         trainer = kind(cfg, run_dir, prompts=validation_prompts)  # world runs: held-out prompts by default
         if cfg.resume:
             trainer.load_checkpoint()
             print(f"resumed {run_dir} at step {trainer.step}")
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+        if dist.is_main:
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=2)
         world_run = cfg.samples and is_world_folder(cfg.data)
         if world_run and trainer.step == 0:
-            sample_and_score(trainer, "before")
+            dist.on_main(sample_and_score, trainer, "before")
         t0 = time.time()
         result = trainer.run()
         print(f"trained {cfg.max_steps} steps in {time.time() - t0:.1f} s; loss {result['losses'][0]:.4f} -> "
               f"{sum(result['losses'][-10:]) / len(result['losses'][-10:]):.4f} (mean of the last 10)")
         if world_run:
-            sample_and_score(trainer, "after")
+            dist.on_main(sample_and_score, trainer, "after")
         if cfg.distill:
             print(f"wrote the student: {result['student']} (minisd), {result['single_file']} (official single file), "
                   f"{result['diffusers']} (diffusers), {os.path.join(run_dir, 'loss.png')}, config.json, "
@@ -120,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DataError, ModelError, TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -27,6 +27,8 @@ CHOICES = {
     "init": ("kaiming", "gaussian"),
     "vae_dtype": ("auto", "fp32", "fp16", "bf16"),
     "distill": (None, "small", "tiny"),  # knowledge distillation recipes (minisd/train/distill.py)
+    "base_dtype": ("auto", "int8", "fp8"),  # more than one GPU / small GPU (issue 19)
+    "noise_streams": ("auto", "batch", "sample"),
 }
 
 
@@ -134,6 +136,18 @@ class TrainConfig:
     vae_dtype: str = opt("fp32", "VAE dtype while encoding: " + "|".join(CHOICES["vae_dtype"]) + " (auto: bf16 "
                          "under --mixed-precision bf16, else fp32. bf16 is safe - it cannot overflow as fp16 does - "
                          "and much faster on a GPU; fp16 only with an fp16-safe VAE)")
+    # --- more than one GPU / small GPU (issue 19): minisd/perf/quant.py, minisd/train/fused.py, distributed.py
+    base_dtype: str = opt("auto", "storage of the frozen UNet / text-encoder Linear and Conv weights: auto (the "
+                                  "--mixed-precision dtype, else fp32) | int8 (per-channel absmax) | fp8 (e4m3, "
+                                  "per-channel scale); 8-bit halves them against bf16, dequantised in each forward "
+                                  "(minisd/perf/quant.py); the adapters stay fp32 and the adapter file is the same")
+    fused_backward: bool = opt(False, "step each trainable tensor inside the backward as soon as its gradient is "
+                                      "complete and free the gradient (adamw / adamw8bit; needs --grad-accum 1, "
+                                      "--max-grad-norm 0, no fp16; minisd/train/fused.py)")
+    noise_streams: str = opt("auto", "where a step's noise and timesteps come from: batch (one stream for the whole "
+                                     "batch) | sample (one per sample, keyed by its data position: N processes of "
+                                     "batch B draw what one of batch N*B does) | auto (sample under torchrun with "
+                                     "more than one process, else batch)")
     vae_slicing: bool = opt(False, "encode one image at a time (less VAE memory, same latents)")
     vae_tiling: bool = opt(False, "encode in overlapping tiles (large images; latents close, not equal)")
     # --- bookkeeping
@@ -247,6 +261,21 @@ class TrainConfig:
             for name in ("cuda_graph", "compile"):
                 if getattr(self, name):
                     raise ValueError(f"--{name.replace('_', '-')} is not supported with --distill")
+        # more than one GPU / small GPU (issue 19)
+        if self.fused_backward:
+            for bad, why in ((self.grad_accum > 1, "--grad-accum > 1 (the update needs the sum of several backwards)"),
+                             (self.max_grad_norm > 0, "--max-grad-norm > 0 (clipping needs every gradient before the "
+                                                      "first update; add --max-grad-norm 0)"),
+                             (self.mixed_precision == "fp16", "--mixed-precision fp16 (the grad scaler checks every "
+                                                              "gradient first; use bf16)"),
+                             (self.optimizer == "prodigy", "--optimizer prodigy (its step size sums over every "
+                                                           "tensor; use adamw or adamw8bit)"),
+                             (self.cuda_graph, "--cuda-graph")):
+                if bad:
+                    raise ValueError(f"--fused-backward cannot be used with {why}")
+        if self.cuda_graph and self.noise_streams == "sample":
+            raise ValueError("--cuda-graph cannot be used with --noise-streams sample (a recording draws from one "
+                             "stream)")
         if self.cuda_graph:  # what a recorded step cannot do (minisd/perf/graphs.py); the device is checked by Trainer
             if self.buckets:
                 raise ValueError("--cuda-graph needs one image shape: drop --buckets (a graph replays fixed shapes)")

@@ -21,6 +21,7 @@ wraps the same `training_loss`); --profile times the stages of every step (minis
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import nullcontext
 
@@ -37,11 +38,14 @@ from ..schedule import NoiseSchedule
 from ..perf.checkpoint import set_gradient_checkpointing
 from ..perf.compile import compile_for_training
 from ..perf.vae_memory import set_vae_memory
+from ..perf.quant import quantize_frozen
 from ..trainer import TARGETS, TE_TARGETS, Draws, MicroBatch, lr_lambda, noised, training_loss
 from .adamw8bit import AdamW8bit
 from .buckets import BucketLoader, assign_buckets, buckets_for
 from .cache import build_caches, offload_cached
 from .config import TrainConfig
+from . import distributed
+from .fused import FusedBackward
 from .data import CaptionDataset, Loader
 from .ema import EMA
 from .prodigy import Prodigy
@@ -69,6 +73,12 @@ class Trainer:
                                    else cfg.device)
         if cfg.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"--cuda-graph needs a CUDA device, not {self.device.type}")
+        # torchrun: this rank's place and GPU (minisd/train/distributed.py); a plain process is rank 0 of 1
+        self.dist = distributed.current()
+        self.device = self.dist.device(self.device)
+        if self.dist.world > 1 and (cfg.cuda_graph or cfg.fused_backward):
+            raise ValueError("--cuda-graph and --fused-backward need one process (the gradient is all-reduced "
+                             "after the backward)")
         os.makedirs(run_dir, exist_ok=True)
         if self.device.type == "cpu":
             # Adam's second moments of tiny LoRA gradients can become subnormal floats, which x86 CPUs compute
@@ -79,6 +89,7 @@ class Trainer:
         self.build_optimizer()
         self.build_data()
         self.build_caches()
+        self.dist.seed_dropout(cfg.seed)  # torchrun: adapter dropout masks differ per rank
         self.gen = torch.Generator().manual_seed(cfg.seed)  # every draw of a step (`Draws`)
         self.step, self.losses = 0, []
         self.prof = StageTimer(cfg.profile, self.device)  # --profile; no-op contexts otherwise
@@ -139,6 +150,9 @@ class Trainer:
             n = load_into_adapters(m, read_adapter_file(m, cfg.init_adapter).modules, cfg.init_adapter)
             self.log(f"init-adapter: {n} of {len(self.unet_layers) + len(self.te_layers)} layers from "
                      f"{cfg.init_adapter}")
+        if cfg.base_dtype != "auto":  # the frozen base in 8 bits, dequantised per forward (minisd/perf/quant.py)
+            n = sum(len(quantize_frozen(part, cfg.base_dtype)) for part in [m.unet, *m.text_encoders])
+            self.log(f"base-dtype: {n} frozen Linear / Conv layers stored as {cfg.base_dtype}")
         m.to(self.device)
         set_gradient_checkpointing(m.unet, cfg.gradient_checkpointing)
         if cfg.compile:  # compiled lazily, at the first call of each block and shape
@@ -170,6 +184,9 @@ class Trainer:
             self.opt = Prodigy(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
+        # --fused-backward: each tensor stepped inside the backward, its gradient freed (fused.py); the loop's
+        # opt.step() then finds no gradient left
+        self.fused = FusedBackward(self.opt, self.params) if cfg.fused_backward else None
 
     def build_data(self) -> None:
         """The noise schedule (--prediction, --zero-terminal-snr), the dataset and its loader."""
@@ -187,10 +204,14 @@ class Trainer:
             self.loader = BucketLoader(self.data, cfg.batch_size)
         else:
             self.loader = Loader(self.data, cfg.batch_size)
+        # torchrun / --noise-streams sample: this rank's slice of the global batch, noise keyed per sample
+        self.loader = distributed.shard(self.loader, self.dist, cfg.noise_streams)
 
     def build_caches(self) -> None:
         """--cache-latents / --cache-text (cache.py): the frozen VAE / text encoders run once, here, not every step."""
-        self.latent_cache, self.text_cache = build_caches(self)
+        # torchrun with --cache-dir: rank 0 computes and writes the files, then the others read them
+        run = self.dist.main_first if self.cfg.cache_dir else (lambda f, *a: f(*a))
+        self.latent_cache, self.text_cache = run(build_caches, self)
 
     def eval_weights(self):
         """Context in which the adapters hold the weights to judge and ship: the EMA ones if on, else the raw."""
@@ -225,7 +246,8 @@ class Trainer:
 
     def micro_loss(self, batch: dict) -> torch.Tensor:
         """The loss of one loader batch (no backward), every draw from self.gen; --profile times its stages."""
-        return training_loss(self.model, self.noise, self.micro_batch(batch), Draws(self.gen, self.device),
+        draw = distributed.draws_for(batch, self.gen, self.cfg.seed, self.device)  # one stream, or one per sample
+        return training_loss(self.model, self.noise, self.micro_batch(batch), draw,
                              stage=self.prof.stage, **self.step_options)
 
     def forward_backward(self, draw, mb: MicroBatch) -> torch.Tensor:
@@ -246,19 +268,26 @@ class Trainer:
         for _ in range(self.cfg.grad_accum):
             with self.prof.stage("data"):
                 batch = self.loader.next_batch()
+            if not batch["indices"]:  # torchrun: this rank's slice of a small last bucket batch is empty
+                continue
             if self.graph is not None:  # forward and backward replayed from the recording
                 mb = self.micro_batch(batch)
                 with self.prof.stage("forward_backward_graph"):
                     loss = self.graph(mb)
             else:
                 loss = self.micro_loss(batch)
-            if not torch.isfinite(loss):
+            if not torch.isfinite(loss) and self.dist.world == 1:  # torchrun: checked on the summed loss below
                 raise TrainError(f"loss is {loss.item()} at step {self.step + 1}: lower --lr, use --mixed-precision "
                                  "bf16 or no instead of fp16, or check the data (run stopped, no step taken)")
             if self.graph is None:
                 with self.prof.stage("backward"):
-                    self.scaler.scale(loss / self.cfg.grad_accum).backward()
-            total += loss.item() / self.cfg.grad_accum
+                    share = self.dist.share(batch)  # torchrun: B_rank / B_global, so the ranks sum to the mean
+                    self.scaler.scale((loss * share if share != 1 else loss) / self.cfg.grad_accum).backward()
+            total += loss.item() * self.dist.share(batch) / self.cfg.grad_accum
+        total = self.dist.reduce_step(self.params, total)  # torchrun: gradients and loss summed over the ranks
+        if not math.isfinite(total):
+            raise TrainError(f"loss is {total} at step {self.step + 1}: lower --lr, use --mixed-precision bf16 or "
+                             "no instead of fp16, or check the data (run stopped, no step taken)")
         with self.prof.stage("optimizer"):  # clipping, the update, EMA, zeroing, the LR schedule
             if self.cfg.max_grad_norm > 0:
                 self.scaler.unscale_(self.opt)
@@ -296,9 +325,9 @@ class Trainer:
                  "scaler": self.scaler.state_dict(), "loader": self.loader.state_dict(), "rng": rng_state(self.gen)}
         if self.ema:
             state["ema"] = self.ema.state_dict()
-        tmp = self.ckpt_path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt_path)  # a kill mid-write leaves the previous checkpoint intact
+        if self.dist.world > 1:  # torchrun: the world size, and every rank's RNGs (dropout differs per rank)
+            state["world_size"], state["rng_ranks"] = self.dist.world, self.dist.gather(rng_state(self.gen))
+        self.dist.on_main(write_atomic, state, self.ckpt_path)  # rank 0 writes, the others wait for it
 
     def write_loss_log(self) -> None:
         """loss.jsonl rewritten from self.losses: at the start of `run` (a resumed run's file is cut back to its
@@ -317,6 +346,7 @@ class Trainer:
         if not os.path.isfile(self.ckpt_path):
             raise TrainError(f"{self.run_dir}: no checkpoint.pt to resume from")
         s = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        self.dist.check_resume(s, self.ckpt_path)  # only at the world size that wrote it
         self.load_trainable_state(s["adapter"])
         self.opt.load_state_dict(s["optimizer"])
         self.sched.load_state_dict(s["scheduler"])
@@ -326,7 +356,7 @@ class Trainer:
             group["lr"] = base * lam(self.sched.last_epoch)
         self.scaler.load_state_dict(s["scaler"])
         self.loader.load_state_dict(s["loader"])
-        set_rng_state(self.gen, s["rng"])
+        set_rng_state(self.gen, s["rng"] if "rng_ranks" not in s else s["rng_ranks"][self.dist.rank])
         self.step, self.losses = int(s["step"]), list(s["losses"])
         if self.ema and "ema" in s:
             self.ema.load_state_dict(s["ema"])
@@ -341,16 +371,18 @@ class Trainer:
         self.log(self.data.summary())
         offload_cached(self)  # cached VAE / text encoders leave the GPU for the loop
         from tqdm import tqdm
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress)
-        self.write_loss_log()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
+                   disable=not cfg.progress or not self.dist.is_main)
+        self.dist.on_main(self.write_loss_log)
         try:
             while self.step < cfg.max_steps:
                 with self.prof.step():
                     loss = self.train_step()
                 self.losses.append({"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0]})
-                self.append_loss(self.losses[-1])
+                if self.dist.is_main:  # torchrun: rank 0 alone writes
+                    self.append_loss(self.losses[-1])
                 if cfg.validate_every and self.step % cfg.validate_every == 0:
-                    validate(self, self.val_prompts)
+                    self.dist.on_main(validate, self, self.val_prompts)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 bar.update(1)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
@@ -359,11 +391,11 @@ class Trainer:
             raise TrainError(MEMORY_HINT) from None
         finally:
             bar.close()
-        if cfg.profile:  # this process's steps only (a resumed run profiles what it trained)
+        if cfg.profile and self.dist.is_main:  # this process's steps only (a resumed run profiles what it trained)
             self.log(self.prof.table())
             self.prof.save(os.path.join(self.run_dir, "profile.json"))
         self.save_checkpoint()
-        return self.write_outputs()
+        return self.dist.on_main(self.write_outputs)
 
     def write_outputs(self) -> dict:
         """loss.jsonl, loss.png, the adapter file (minisd) and its kohya export."""
@@ -391,6 +423,13 @@ class Trainer:
                 self.log(f"warning: {warning}")
         self.log(self.data.summary() if self.data.skipped else "data: no image was skipped")
         return out
+
+
+def write_atomic(state: dict, path: str) -> None:
+    """torch.save to a temporary file, then a rename: a kill mid-write leaves the previous file intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def draw_loss_curve(losses: list[float], path: str, size=(640, 360)) -> None:
