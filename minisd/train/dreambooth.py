@@ -85,7 +85,8 @@ def ensure_class_images(trainer, resolution: int) -> int:
     missing = [i for i in range(n) if not os.path.isfile(os.path.join(folder, f"class_{i:05d}.png"))]
     trainer.log(f"class images: {have} in {folder}, drawing {len(missing)} more with the base model "
                 f"('{cfg.class_prompt}', DDIM {cfg.sample_steps} steps, guidance {cfg.sample_cfg})")
-    saved = rng_state(trainer.gen)  # drawing changes no random stream of the run
+    own = torch.Generator()  # (the run's generator does not exist yet; the pipeline draws from its own)
+    saved = rng_state(own)  # drawing changes no global random stream of the run
     from tqdm import tqdm
     try:
         pipe = Pipeline(trainer.model, device=trainer.device, dtype=trainer.amp_dtype or torch.float32, cast=False)
@@ -99,7 +100,7 @@ def ensure_class_images(trainer, resolution: int) -> int:
             os.replace(name + ".png.tmp", name + ".png")  # the image last: a whole image means a whole pair
     finally:
         trainer.model.train()
-        set_rng_state(trainer.gen, saved)
+        set_rng_state(own, saved)
     return len(missing)
 
 

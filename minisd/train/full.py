@@ -133,7 +133,7 @@ def activation_bytes(module: nn.Module, inputs: tuple, dtype: torch.dtype, block
     inside = {b: 0 for b in blocks}
     outside = 0
     for name, n in per_leaf:
-        owner = next((b for b in blocks if name.startswith(b + ".")), None)
+        owner = next((b for b in blocks if name == b or name.startswith(b + ".")), None)
         if owner is None:
             outside += n
         else:

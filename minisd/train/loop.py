@@ -95,7 +95,7 @@ class Trainer:
         # the step's settings besides the model, the noise schedule, the batch and the draws
         self.step_options = dict(noise_offset=cfg.noise_offset, input_perturbation=cfg.input_perturbation,
                                  min_snr_gamma=cfg.min_snr_gamma, amp_dtype=self.amp_dtype,
-                                 train_text_encoder=bool(self.te_layers))
+                                 train_text_encoder=cfg.train_text_encoder)  # adapters or full
         # --cuda-graph: forward + backward of a micro-batch replayed from one recording
         self.graph = StepGraph(self.forward_backward, self.gen, self.device, warmup=2) if cfg.cuda_graph else None
 
@@ -213,7 +213,7 @@ class Trainer:
     def encode_text(self, captions: list[str]):
         """Captions -> (context (B, T, D), pooled (B, P) or None); with grad only if the TE has adapters."""
         m = self.model
-        with torch.set_grad_enabled(bool(self.te_layers)):
+        with torch.set_grad_enabled(self.cfg.train_text_encoder):
             return m.encode_text([ids.to(self.device) for ids in m.tokenize(captions)])
 
     def micro_batch(self, batch: dict) -> MicroBatch:
