@@ -38,7 +38,7 @@ import os
 import torch
 import torch.nn as nn
 
-from ..model import StableDiffusion, empty_weights, save_model
+from ..model import StableDiffusion, empty_weights, read_extras, save_model
 from ..perf.checkpoint import set_gradient_checkpointing
 from ..perf.compile import compile_for_training
 from ..unet import UNetModel
@@ -82,11 +82,10 @@ def trained_state_dict(trainer) -> dict:
 @torch.no_grad()
 def load_trained_state_dict(trainer, sd: dict) -> None:
     """Copy checkpointed weights into the parameters in place (the optimizer keeps its references)."""
-    from .loop import TrainError
     own = {f"{k}.{n}": p for k, mod in trained_modules(trainer).items() for n, p in mod.named_parameters()}
     if set(own) != set(sd):
         diff = sorted(set(own) ^ set(sd))
-        raise TrainError(f"{trainer.run_dir}: the checkpoint's weights do not match this model ({diff[0]}; "
+        raise ValueError(f"{trainer.run_dir}: the checkpoint's weights do not match this model ({diff[0]}; "
                          "--train-text-encoder changed?)")
     for k, p in own.items():
         p.copy_(sd[k])
@@ -205,17 +204,16 @@ def format_budget(b: dict, cfg) -> str:
 def write_full_outputs(trainer) -> dict:
     """model/ (minisd folder) and model.safetensors (official single file), with the EMA weights if on."""
     from ..formats.export import export_single_file
-    from .loop import draw_loss_curve
-    trainer.write_loss_log()
-    draw_loss_curve([r["loss"] for r in trainer.losses], os.path.join(trainer.run_dir, "loss.png"),
-                    val=[(i, r["val_loss"]) for i, r in enumerate(trainer.losses) if "val_loss" in r])
     folder = os.path.join(trainer.run_dir, "model")
     single = os.path.join(trainer.run_dir, "model.safetensors")
     meta = {"minisd.train_config": json.dumps(trainer.cfg.public_dict(trainer.run_dir)),
             "minisd.steps": str(trainer.step),
             "minisd.weights": f"ema {trainer.cfg.ema_decay}" if trainer.ema else "raw"}
+    # tensors the base model's folder kept from its source file (schedule buffers, ...) go on into the exports
+    extras, source = read_extras(trainer.cfg.model) if os.path.isdir(trainer.cfg.model) else ({}, {})
     with trainer.eval_weights():
-        save_model(trainer.model, folder, dtype=torch.float32, metadata=meta)
+        save_model(trainer.model, folder, dtype=torch.float32, metadata=meta, extras=extras or None,
+                   source=source or None)
         export_single_file(trainer.model, folder, single)
     trainer.log(trainer.data.summary() if trainer.data.skipped else "data: no image was skipped")
     return {"model": folder, "single_file": single, "losses": [r["loss"] for r in trainer.losses]}

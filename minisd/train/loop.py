@@ -50,7 +50,7 @@ from .targets import convs_targeted, unet_targets
 # issue 17: full fine-tune, DreamBooth, held-out validation loss
 from .dreambooth import PriorPreservation, apply_instance_prompt
 from .full import build_full, format_budget, memory_budget, write_full_outputs
-from .methods import extend_record, load_trainable_state, trainable_state
+from .method_state import extend_record, load_trainable_state, trainable_state
 from .val_loss import build_val_loss
 from .validation import validate, validation_prompts
 
@@ -378,11 +378,11 @@ class Trainer:
     def write_outputs(self) -> dict:
         """loss.jsonl, loss.png, the adapter file (minisd) and its kohya export (--method full: full.py)."""
         from ..formats.lora_files import dora_warning, save_diffusers, save_kohya
-        if self.cfg.method == "full":
-            return write_full_outputs(self)
         self.write_loss_log()
         draw_loss_curve([r["loss"] for r in self.losses], os.path.join(self.run_dir, "loss.png"),
                         val=[(i, r["val_loss"]) for i, r in enumerate(self.losses) if "val_loss" in r])
+        if self.cfg.method == "full":
+            return write_full_outputs(self)
         meta = {"minisd.train_config": json.dumps(self.cfg.public_dict(self.run_dir)), "minisd.steps": str(self.step)}
         lora = os.path.join(self.run_dir, "lora.safetensors")
         kohya = os.path.join(self.run_dir, "lora_kohya.safetensors")

@@ -1,6 +1,5 @@
-"""What the fine-tuning methods of issue 17 add to the loop, kept apart from it: their option checks
-(`validate_methods`, called by TrainConfig.validate), what a checkpoint holds besides optimizer and RNGs
-(`trainable_state` / `load_trainable_state`) and the extra numbers of a loss.jsonl line (`extend_record`).
+"""The option checks of the fine-tuning methods of issue 17 (`validate_methods`, called by TrainConfig.validate);
+what they add to checkpoints and loss.jsonl is method_state.py.
 
     adapter (default)   LoRA / DoRA / LoHa / LoKr beside a frozen base (minisd/trainer.py, minisd/adapters/)
     --method full       every UNet weight trains (minisd/train/full.py)
@@ -70,42 +69,3 @@ def validate_methods(cfg) -> None:
             raise ValueError("--val-loss-every needs exactly one of --val-data DIR and --val-fraction F")
         if not 0.0 <= cfg.val_fraction < 1.0:
             raise ValueError("--val-fraction must be within (0, 1)")
-
-
-def trainable_state(trainer) -> dict:
-    """What a checkpoint holds of the trained tensors and the methods' own data positions."""
-    from .. import adapters
-    if trainer.cfg.method == "full":
-        from .full import trained_state_dict
-        state = {"weights": trained_state_dict(trainer)}
-    else:
-        state = {"adapter": adapters.adapter_state_dict(trainer.model)}
-    if trainer.prior is not None:
-        state["prior_loader"] = trainer.prior.loader.state_dict()
-    return state
-
-
-def load_trainable_state(trainer, s: dict) -> None:
-    """The inverse of `trainable_state`, in place (the optimizer holds references to the tensors)."""
-    from .. import adapters
-    from .loop import TrainError
-    if trainer.cfg.method == "full":
-        if "weights" not in s:
-            raise TrainError(f"{trainer.run_dir}: the checkpoint holds no full fine-tune weights (another --method)")
-        from .full import load_trained_state_dict
-        load_trained_state_dict(trainer, s["weights"])
-    else:
-        if "adapter" not in s:
-            raise TrainError(f"{trainer.run_dir}: the checkpoint holds no adapter (another --method)")
-        adapters.load_adapter_state_dict(trainer.model, s["adapter"], inject=False)
-    if trainer.prior is not None:
-        trainer.prior.loader.load_state_dict(s["prior_loader"])
-
-
-def extend_record(trainer, record: dict) -> None:
-    """Add the methods' numbers to a step's loss.jsonl line: the prior term (DreamBooth) and the validation loss on
-    its steps (computed here: it changes no random stream)."""
-    if trainer.prior is not None:
-        record["prior_loss"] = trainer.prior.step_mean()
-    if trainer.val_loss is not None and trainer.step % trainer.cfg.val_loss_every == 0:
-        record["val_loss"] = trainer.val_loss()
