@@ -58,7 +58,7 @@ def prepare(cfg, flags: dict) -> str:
         # convs train too ("full"), with a high LR decayed by a cosine. Chosen from a sweep of 36 runs on the
         # embedded model (docs/WORLD.md): 300 steps fit the 3-minute CPU budget and reach the probe's targets.
         for name, value in (("targets", "full"), ("lr", 3e-3), ("max_steps", 300), ("lr_scheduler", "cosine")):
-            if name not in flags:
+            if name not in flags and not (name == "targets" and cfg.method != "adapter"):  # adapters only
                 setattr(cfg, name, value)
         cfg.data = os.path.join(run_dir, "data")
         cfg.validate()  # again, now that the world's defaults are in (e.g. --conv-rank needs --targets full)
@@ -123,10 +123,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result['diffusers']} (diffusers), {os.path.join(run_dir, 'loss.png')}, config.json, "
                   "checkpoint.pt")
             return 0
-        print(f"wrote {result['lora']} (minisd), {result['kohya']} (kohya: A1111 / ComfyUI), "
-              + (f"{result['diffusers']} (diffusers / PEFT), " if "diffusers" in result else "")
-              + (f"both with EMA weights, {result['lora_raw']} (raw weights), " if "lora_raw" in result else "")
-              + f"{os.path.join(run_dir, 'loss.png')}, config.json, checkpoint.pt")
+        if "model" in result:  # --method full
+            print(f"wrote {result['model']} (minisd folder), {result['single_file']} (official single file: "
+                  f"A1111 / ComfyUI), {os.path.join(run_dir, 'loss.png')}, config.json, checkpoint.pt")
+        else:
+            print(f"wrote {result['lora']} (minisd), {result['kohya']} (kohya: A1111 / ComfyUI), "
+                  + (f"{result['diffusers']} (diffusers / PEFT), " if "diffusers" in result else "")
+                  + (f"both with EMA weights, {result['lora_raw']} (raw weights), " if "lora_raw" in result else "")
+                  + f"{os.path.join(run_dir, 'loss.png')}, config.json, checkpoint.pt")
     except (ValueError, DataError, ModelError, TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -50,7 +50,9 @@ ATTN = [r".*attn[12]\.to_(q|k|v)", r".*attn[12]\.to_out\.0"]
 ATTN_MLP = ATTN + [r".*ff\.net\.0\.proj", r".*ff\.net\.2", r".*\.proj_in", r".*\.proj_out"]
 FULL = ATTN_MLP + [r".*\.(in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection)",  # ResBlock layers
                    r"input_blocks\.\d+\.0\.op", r"output_blocks\.\d+\.\d+\.conv"]       # down / up-sampling convs
-TARGETS = {"attn": ATTN, "attn-mlp": ATTN_MLP, "full": FULL}
+ATTN1 = [r".*attn1\.to_(q|k|v)", r".*attn1\.to_out\.0"]  # self-attention only (image tokens attend to each other)
+ATTN2 = [r".*attn2\.to_(q|k|v)", r".*attn2\.to_out\.0"]  # cross-attention only (image tokens attend to the text)
+TARGETS = {"attn1": ATTN1, "attn2": ATTN2, "attn": ATTN, "attn-mlp": ATTN_MLP, "full": FULL}
 # text encoder: every linear layer of the transformer (kohya's default): CLIP's, then LDMBert's (not to_logits: unused)
 TE_TARGETS = [r".*self_attn\.(q|k|v|out)_proj", r".*mlp\.fc(1|2)",
               r".*attn_layers\.layers\.\d+\.1\.(to_(q|k|v|out)|net\.0\.0|net\.2)"]

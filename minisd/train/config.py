@@ -17,9 +17,10 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .methods import validate_methods
+
 CHOICES = {
     "network": ("lora", "dora", "loha", "lokr"),
-    "targets": ("attn", "attn-mlp", "full"),
     "optimizer": ("adamw", "adamw8bit", "prodigy"),
     "lr_scheduler": ("constant", "cosine", "linear"),
     "mixed_precision": ("no", "bf16", "fp16"),
@@ -29,6 +30,7 @@ CHOICES = {
     "distill": (None, "small", "tiny"),  # knowledge distillation recipes (minisd/train/distill.py)
     "base_dtype": ("auto", "int8", "fp8"),  # more than one GPU / small GPU (issue 19)
     "noise_streams": ("auto", "batch", "sample"),
+    "method": ("adapter", "full"),  # issue 17: what trains (minisd/train/full.py)
 }
 
 
@@ -69,7 +71,12 @@ class TrainConfig:
     network: str = opt("lora", "adapter kind: " + "|".join(CHOICES["network"]))
     rank: int = opt(8, "adapter rank (LoRA dim)")
     alpha: float = opt(8.0, "adapter alpha; the update is scaled by alpha/rank")
-    targets: str = opt("attn-mlp", "UNet layers to adapt: " + "|".join(CHOICES["targets"]))
+    targets: str = opt("attn-mlp", "UNet layers to adapt: attn1 (self-attention q,k,v,out) | attn2 (cross-attention) "
+                                   "| attn (both) | attn-mlp (+ ff, proj_in/out) | full (+ ResBlock and resampling "
+                                   "convs) | re:REGEX (every Linear/Conv2d whose module path the expression matches, "
+                                   "re.search; minisd/train/targets.py)")
+    exclude: Optional[str] = opt(None, "REGEX: leave out the module paths it matches (re.search), after --targets; "
+                                       "a target set left empty is an error")
     train_text_encoder: bool = opt(False, "also put adapters into the text encoder(s)")
     init: str = opt("kaiming", "LoRA/DoRA down-matrix init: kaiming (kohya, PEFT default) | gaussian (N(0, 1/rank))")
     init_adapter: Optional[str] = opt(None, "start from this adapter file (any layout sample.py --lora reads); "
@@ -150,6 +157,24 @@ class TrainConfig:
                                      "more than one process, else batch)")
     vae_slicing: bool = opt(False, "encode one image at a time (less VAE memory, same latents)")
     vae_tiling: bool = opt(False, "encode in overlapping tiles (large images; latents close, not equal)")
+    # --- methods (issue 17): full fine-tune, DreamBooth, held-out validation loss
+    method: str = opt("adapter", "what trains: adapter (the --network kind, frozen base) | full (every UNet weight, "
+                                 "with --train-text-encoder the text encoder(s) too; writes model/ and "
+                                 "model.safetensors; minisd/train/full.py)")
+    instance_prompt: Optional[str] = opt(None, "DreamBooth: every image of --data trains on this prompt (e.g. 'a sks "
+                                               "emblem') instead of its caption (minisd/train/dreambooth.py)")
+    class_prompt: Optional[str] = opt(None, "DreamBooth prior preservation: the class prompt (e.g. 'an emblem'); "
+                                            "class images are read from --class-data or drawn by the base model")
+    class_data: Optional[str] = opt(None, "folder of class images (needs --class-prompt): used as they are, or filled "
+                                          "up to --num-class-images by the base model (cached, resumable)")
+    num_class_images: int = opt(50, "class images for prior preservation (needs --class-prompt)")
+    prior_loss_weight: float = opt(1.0, "λ of the prior-preservation term: loss = L_instance + λ·L_prior (needs "
+                                        "--class-prompt)")
+    val_loss_every: int = opt(0, "held-out validation loss every N steps, fixed noise and timesteps, in loss.jsonl "
+                                 "and loss.png (0: off; minisd/train/val_loss.py)")
+    val_data: Optional[str] = opt(None, "held-out image folder of the validation loss (needs --val-loss-every)")
+    val_fraction: float = opt(0.0, "hold this fraction of --data out of training for the validation loss instead "
+                                   "of --val-data (needs --val-loss-every)")
     # --- bookkeeping
     seed: int = opt(0, "seed of data order, noise, timesteps and adapter init")
     save_every: int = opt(100, "checkpoint every N steps (0: only at the end)")
@@ -178,7 +203,7 @@ class TrainConfig:
         (--resume needs them)."""
         d = self.to_dict()
         run = os.path.abspath(run_dir or self.out or ".")
-        paths = ["data", "model", "vae", "cache_dir", "config"]
+        paths = ["data", "model", "vae", "cache_dir", "config", "class_data", "val_data"]
         if d["validation_prompts"] and (d["validation_prompts"].endswith(".txt")
                                         or os.path.isfile(d["validation_prompts"])):  # a file, not 'a|b'
             paths.append("validation_prompts")
@@ -215,6 +240,7 @@ class TrainConfig:
         for name in ("conv_rank", "input_perturbation", "validate_every"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+        validate_methods(self)  # issue 17: full fine-tune, DreamBooth, targets, validation loss (methods.py)
         if self.validation_steps < 1:
             raise ValueError("--validation-steps must be >= 1")
         # caches would freeze what must change per step (cache.py)
@@ -240,7 +266,7 @@ class TrainConfig:
                  ("validate_every", "--validate-every N", changed("validation_prompts", "validation_steps"))]
         # 3x3 conv adapters exist only with --targets full (a run on the embedded world without --data picks
         # full itself, and train.py validates again once it has)
-        if self.data is not None and self.targets != "full":
+        if self.data is not None and self.targets != "full" and not self.targets.startswith("re:"):
             needs.append(("targets", "--targets full", changed("conv_rank", "conv_alpha")))
         for gate, flag, given in needs:
             if given and (gate == "targets" or not getattr(self, gate)):
@@ -250,6 +276,9 @@ class TrainConfig:
             raise ValueError(f"{', '.join('--' + n.replace('_', '-') for n in changed('output_weight', 'feature_weight'))}"
                              " would be ignored without --distill small|tiny")
         if self.distill is not None:  # the student trains in full: adapter options and what the step cannot do
+            if self.method != "adapter" or self.class_prompt or self.val_loss_every:
+                raise ValueError("--distill trains a student on its own: not with --method, --class-prompt or "
+                                 "--val-loss-every")
             if self.output_weight < 0 or self.feature_weight < 0:
                 raise ValueError("--output-weight and --feature-weight must be >= 0")
             adapter = changed("network", "rank", "alpha", "targets", "init", "init_adapter", "dropout", "rank_dropout",

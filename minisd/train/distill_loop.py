@@ -28,7 +28,7 @@ from ..model import save_model
 from ..perf.checkpoint import set_gradient_checkpointing
 from ..trainer import Draws
 from .distill import DistillWeights, FeatureHooks, build_student, distill_loss, explain
-from .loop import Trainer, draw_loss_curve
+from .loop import Trainer, TrainError, draw_loss_curve
 
 
 class DistillTrainer(Trainer):
@@ -95,9 +95,12 @@ class DistillTrainer(Trainer):
 
     # -------------------------------------------------------------------------------------- checkpoints, outputs
     def trainable_state(self) -> dict:
-        return {k: v.detach().clone() for k, v in self.model.unet.state_dict().items()}
+        return {"student": {k: v.detach().clone() for k, v in self.model.unet.state_dict().items()}}
 
-    def load_trainable_state(self, sd: dict) -> None:
+    def load_trainable_state(self, s: dict) -> None:
+        if "student" not in s:
+            raise TrainError(f"{self.run_dir}: the checkpoint holds no distillation student (another kind of run)")
+        sd = s["student"]
         with torch.no_grad():  # in place: the optimizer and EMA hold these very tensors
             for k, v in self.model.unet.state_dict().items():
                 v.copy_(sd[k])

@@ -39,7 +39,7 @@ from ..perf.checkpoint import set_gradient_checkpointing
 from ..perf.compile import compile_for_training
 from ..perf.vae_memory import set_vae_memory
 from ..perf.quant import quantize_frozen
-from ..trainer import TARGETS, TE_TARGETS, Draws, MicroBatch, lr_lambda, noised, training_loss
+from ..trainer import TE_TARGETS, Draws, MicroBatch, lr_lambda, noised, training_loss
 from .adamw8bit import AdamW8bit
 from .buckets import BucketLoader, assign_buckets, buckets_for
 from .cache import build_caches, offload_cached
@@ -50,6 +50,13 @@ from .data import CaptionDataset, Loader
 from .ema import EMA
 from .prodigy import Prodigy
 from .rng import rng_state, set_rng_state
+from .targets import convs_targeted, unet_targets
+# issue 17: full fine-tune, DreamBooth, held-out validation loss
+from .dreambooth import PriorPreservation, apply_instance_prompt
+from .full import build_full, format_budget, memory_budget, write_full_outputs
+from . import method_state
+from .method_state import extend_record
+from .val_loss import build_val_loss
 from .validation import validate, validation_prompts
 
 MEMORY_HINT = ("out of memory. Flags that save memory: --gradient-checkpointing, --mixed-precision bf16 "
@@ -85,6 +92,8 @@ class Trainer:
             # many times slower; flushing them to zero changes nothing that matters
             torch.set_flush_denormal(True)
         self.build_model()
+        # DreamBooth (--class-prompt): class images drawn by the untouched base model, their loader (dreambooth.py)
+        self.prior = PriorPreservation(self) if cfg.class_prompt else None
         self.build_adapters()
         self.build_optimizer()
         self.build_data()
@@ -98,7 +107,7 @@ class Trainer:
         # the step's settings besides the model, the noise schedule, the batch and the draws
         self.step_options = dict(noise_offset=cfg.noise_offset, input_perturbation=cfg.input_perturbation,
                                  min_snr_gamma=cfg.min_snr_gamma, amp_dtype=self.amp_dtype,
-                                 train_text_encoder=bool(self.te_layers))
+                                 train_text_encoder=cfg.train_text_encoder)  # adapters or full
         # --cuda-graph: forward + backward of a micro-batch replayed from one recording
         self.graph = StepGraph(self.forward_backward, self.gen, self.device, warmup=2) if cfg.cuda_graph else None
 
@@ -132,14 +141,16 @@ class Trainer:
         """Adapter layers into the UNet (the `TARGETS` preset) and, with --train-text-encoder, the text encoders;
         the model on the device; their parameters, in fp32 whatever the autocast dtype, are `self.params`."""
         cfg, m = self.cfg, self.model
+        if cfg.method == "full":  # full fine-tune (full.py): the model's own weights train, no adapter layers
+            return build_full(self)
         torch.manual_seed(cfg.seed)  # adapter init (load_model may have seeded the global RNG itself)
         # 3x3 convs (only "full" targets them): --conv-rank / --conv-alpha, default --rank / --alpha; 0 skips them
-        conv_rank = (cfg.rank if cfg.conv_rank is None else cfg.conv_rank or None) if cfg.targets == "full" else None
+        conv_rank = (cfg.rank if cfg.conv_rank is None else cfg.conv_rank or None) if convs_targeted(cfg) else None
         conv_alpha = cfg.alpha if cfg.conv_alpha is None else cfg.conv_alpha
         opts = dict(rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout)
         if cfg.network in ("lora", "dora"):  # LoHa / LoKr have no input dropout, and `init` means else there
             opts.update(init=cfg.init, dropout=cfg.dropout)
-        self.unet_layers = adapters.inject(m.unet, cfg.network, TARGETS[cfg.targets], rank=cfg.rank,
+        self.unet_layers = adapters.inject(m.unet, cfg.network, *unet_targets(cfg, m.unet), rank=cfg.rank,
                                            alpha=cfg.alpha, conv_rank=conv_rank, conv_alpha=conv_alpha, **opts)
         self.te_layers = []
         if cfg.train_text_encoder:
@@ -172,8 +183,9 @@ class Trainer:
         te_lr = cfg.lr if cfg.te_lr is None else cfg.te_lr
         for i, te in enumerate(m.text_encoders):  # a group per encoder: SDXL's two may differ (--te1-lr, --te2-lr)
             own = (cfg.te1_lr, cfg.te2_lr)[i] if i < 2 else None
-            if adapters.adapter_parameters(te):
-                groups.append({"params": adapters.adapter_parameters(te), "lr": te_lr if own is None else own})
+            trained = adapters.adapter_parameters(te) or [p for p in te.parameters() if p.requires_grad]  # full
+            if trained:
+                groups.append({"params": trained, "lr": te_lr if own is None else own})
         if cfg.optimizer == "adamw":
             # fused: one kernel for every tensor on CUDA instead of a dozen per tensor
             self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -198,6 +210,8 @@ class Trainer:
         self.resolution = cfg.resolution or m.cfg.resolution
         self.data = CaptionDataset(cfg.data, self.resolution, cfg.repeats, cfg.random_crop, cfg.flip,
                                    cfg.caption_dropout, cfg.seed)
+        apply_instance_prompt(self.data, cfg.instance_prompt)  # DreamBooth: the identifier prompt (dreambooth.py)
+        self.val_loss = build_val_loss(self)  # --val-loss-every (val_loss.py); --val-fraction splits self.data
         if cfg.buckets:  # aspect-ratio buckets (buckets.py): each image at the shape nearest its own
             assign_buckets(self.data, buckets_for(m, self.resolution, cfg.bucket_step, cfg.bucket_min,
                                                   cfg.bucket_max))
@@ -221,7 +235,7 @@ class Trainer:
     def encode_text(self, captions: list[str]):
         """Captions -> (context (B, T, D), pooled (B, P) or None); with grad only if the TE has adapters."""
         m = self.model
-        with torch.set_grad_enabled(bool(self.te_layers)):
+        with torch.set_grad_enabled(self.cfg.train_text_encoder):
             return m.encode_text([ids.to(self.device) for ids in m.tokenize(captions)])
 
     def micro_batch(self, batch: dict) -> MicroBatch:
@@ -245,10 +259,12 @@ class Trainer:
         return mb
 
     def micro_loss(self, batch: dict) -> torch.Tensor:
-        """The loss of one loader batch (no backward), every draw from self.gen; --profile times its stages."""
+        """The loss of one loader batch (no backward), every draw from self.gen; --profile times its stages.
+        DreamBooth adds λ·L_prior of a class batch, drawn after the instance batch (dreambooth.py)."""
         draw = distributed.draws_for(batch, self.gen, self.cfg.seed, self.device)  # one stream, or one per sample
-        return training_loss(self.model, self.noise, self.micro_batch(batch), draw,
+        loss = training_loss(self.model, self.noise, self.micro_batch(batch), draw,
                              stage=self.prof.stage, **self.step_options)
+        return loss if self.prior is None else loss + self.prior.term(self)
 
     def forward_backward(self, draw, mb: MicroBatch) -> torch.Tensor:
         """`training_loss` + backward, the function --cuda-graph records (`StepGraph` hands it the draws):
@@ -308,19 +324,24 @@ class Trainer:
 
     def trainable_summary(self, n_train: int) -> str:
         cfg = self.cfg
+        if cfg.method == "full":
+            return (f"full fine-tune: {n_train:,} trainable parameters (UNet"
+                    + (" + text encoders)" if cfg.train_text_encoder else ")"))
         return (f"adapters: {cfg.network} rank {cfg.rank} alpha {cfg.alpha} on {len(self.unet_layers)} UNet layers"
                 f" ({cfg.targets}) + {len(self.te_layers)} text-encoder layers, {n_train:,} trainable parameters")
 
     def trainable_state(self) -> dict:
-        """The trained tensors a checkpoint holds: the adapters (a distillation run's student: train/distill_loop.py)."""
-        return adapters.adapter_state_dict(self.model)
+        """What a checkpoint holds of the trained tensors: {"adapter": ...} or a full fine-tune's {"weights": ...}
+        (method_state.py); a distillation run's {"student": ...} (train/distill_loop.py)."""
+        return method_state.trainable_state(self)
 
-    def load_trainable_state(self, sd: dict) -> None:
-        adapters.load_adapter_state_dict(self.model, sd, inject=False)  # in place: optimizer refs hold
+    def load_trainable_state(self, s: dict) -> None:
+        """The inverse of `trainable_state`, in place (the optimizer and EMA hold these very tensors)."""
+        method_state.load_trainable_state(self, s)
 
     def save_checkpoint(self) -> None:
         """Everything needed to continue exactly, written to a temporary file and renamed (atomic)."""
-        state = {"step": self.step, "losses": self.losses, "adapter": self.trainable_state(),
+        state = {"step": self.step, "losses": self.losses, **self.trainable_state(),  # adapter or weights
                  "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                  "scaler": self.scaler.state_dict(), "loader": self.loader.state_dict(), "rng": rng_state(self.gen)}
         if self.ema:
@@ -347,7 +368,7 @@ class Trainer:
             raise TrainError(f"{self.run_dir}: no checkpoint.pt to resume from")
         s = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         self.dist.check_resume(s, self.ckpt_path)  # only at the world size that wrote it
-        self.load_trainable_state(s["adapter"])
+        self.load_trainable_state(s)  # in place: optimizer refs hold
         self.opt.load_state_dict(s["optimizer"])
         self.sched.load_state_dict(s["scheduler"])
         # the LR of the next step from *this* config's schedule (a resume may extend --max-steps)
@@ -367,6 +388,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         n_train = sum(p.numel() for p in self.params)
+        self.log(format_budget(memory_budget(self), cfg))  # weights, gradients, optimizer, activations (full.py)
         self.log(self.trainable_summary(n_train))
         self.log(self.data.summary())
         offload_cached(self)  # cached VAE / text encoders leave the GPU for the loop
@@ -379,6 +401,7 @@ class Trainer:
                 with self.prof.step():
                     loss = self.train_step()
                 self.losses.append({"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0]})
+                extend_record(self, self.losses[-1])  # prior_loss, val_loss (method_state.py)
                 if self.dist.is_main:  # torchrun: rank 0 alone writes
                     self.append_loss(self.losses[-1])
                 if cfg.validate_every and self.step % cfg.validate_every == 0:
@@ -398,10 +421,13 @@ class Trainer:
         return self.dist.on_main(self.write_outputs)
 
     def write_outputs(self) -> dict:
-        """loss.jsonl, loss.png, the adapter file (minisd) and its kohya export."""
+        """loss.jsonl, loss.png, the adapter file (minisd) and its kohya export (--method full: full.py)."""
         from ..formats.lora_files import dora_warning, save_diffusers, save_kohya
         self.write_loss_log()
-        draw_loss_curve([r["loss"] for r in self.losses], os.path.join(self.run_dir, "loss.png"))
+        draw_loss_curve([r["loss"] for r in self.losses], os.path.join(self.run_dir, "loss.png"),
+                        val=[(i, r["val_loss"]) for i, r in enumerate(self.losses) if "val_loss" in r])
+        if self.cfg.method == "full":
+            return write_full_outputs(self)
         meta = {"minisd.train_config": json.dumps(self.cfg.public_dict(self.run_dir)), "minisd.steps": str(self.step)}
         lora = os.path.join(self.run_dir, "lora.safetensors")
         kohya = os.path.join(self.run_dir, "lora_kohya.safetensors")
@@ -432,15 +458,16 @@ def write_atomic(state: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-def draw_loss_curve(losses: list[float], path: str, size=(640, 360)) -> None:
-    """A loss-vs-step PNG with pillow: raw losses in grey, a 20-step running mean in blue."""
+def draw_loss_curve(losses: list[float], path: str, size=(640, 360), val: list = ()) -> None:
+    """A loss-vs-step PNG with pillow: raw losses in grey, a 20-step running mean in blue, the held-out validation
+    loss (`val`: (index, value) pairs) in red."""
     W, H = size
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     left, top, right, bottom = 60, 20, W - 20, H - 40
     d.rectangle([left, top, right, bottom], outline="black")
     if losses:
-        lo, hi = min(losses), max(losses)
+        lo, hi = min(losses + [v for _, v in val]), max(losses + [v for _, v in val])
         hi = hi if hi > lo else lo + 1e-8
         x = lambda i: left + (right - left) * i / max(1, len(losses) - 1)
         y = lambda v: bottom - (bottom - top) * (v - lo) / (hi - lo)
@@ -450,8 +477,15 @@ def draw_loss_curve(losses: list[float], path: str, size=(640, 360)) -> None:
             mean = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
                     for i in range(len(losses))]
             d.line([(x(i), y(v)) for i, v in enumerate(mean)], fill=(30, 80, 220), width=2)
+        if val:  # --val-loss-every: a red dot per evaluation, joined
+            pts = [(x(i), y(v)) for i, v in val]
+            if len(pts) > 1:
+                d.line(pts, fill=(210, 40, 40), width=2)
+            for px, py in pts:
+                d.ellipse([px - 2, py - 2, px + 2, py + 2], fill=(210, 40, 40))
         d.text((4, top), f"{hi:.4f}", fill="black")
         d.text((4, bottom - 10), f"{lo:.4f}", fill="black")
-    d.text((left, bottom + 8), f"step 1 ... {len(losses)}   (grey: loss, blue: running mean)", fill="black")
+    d.text((left, bottom + 8), f"step 1 ... {len(losses)}   (grey: loss, blue: running mean"
+           + (", red: held-out validation loss)" if val else ")"), fill="black")
     img.save(path)
 

@@ -1,0 +1,155 @@
+"""DreamBooth with prior preservation: the loss of a micro-step is L_instance + λ·L_prior with both terms recomputed
+by hand (Ruiz et al. 2022, Eq. 2); class images drawn by the base model are cached, counted, continued exactly after
+an interruption and refused when drawn otherwise; kill + --resume is exact with the full fine-tune and with LoRA
+(losses, prior terms, validation losses); the DreamBooth flags are refused where they would be ignored."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
+from minisd import world  # noqa: E402
+from minisd.train.config import parse_config  # noqa: E402
+from minisd.train.data import DataError  # noqa: E402
+from minisd.train.dreambooth import ensure_class_images  # noqa: E402
+from minisd.train.loop import Trainer  # noqa: E402
+from conftest import kill_at  # noqa: E402
+from test_train_by_hand import alphas_cumprod  # noqa: E402
+
+torch.set_num_threads(1)
+FAST = ["--model", "tiny-random", "--threads", "1", "--no-progress", "--no-samples", "--batch-size", "2",
+        "--resolution", "32", "--sample-steps", "2"]
+# measured |trainer − hand| 1e-7 relative (float32 ᾱ table vs float64 here, summation order); 20x margin
+RTOL = 5e-6
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("db")
+    inst = world.write_folder(str(root / "inst"), 3, seed=0, subject=True)
+    cls = world.write_folder(str(root / "cls"), 5, seed=1)  # "your own" class images: no class_images.json
+    return inst, cls
+
+
+def _trainer(run, inst, *flags):
+    cfg, _ = parse_config(FAST + ["--data", inst, "--out", str(run)] + list(flags))
+    return Trainer(cfg, str(run), log=lambda s: None)
+
+
+def _hand_loss(m, ab_table, g, pixels, prompt):
+    """mean_b ‖UNet(z_t, t, c) − ε‖² / (C·h·w) for one batch, drawing ε_z, t, ε from g (minisd/trainer.py's order)."""
+    with torch.no_grad():
+        mean, logvar = m.vae.encode(pixels).moments.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30, 20))
+    B, C, h, w = mean.shape
+    eps_z = torch.randn((B, C, h, w), generator=g)
+    t = torch.randint(0, len(ab_table), (B,), generator=g)
+    eps = torch.randn((B, C, h, w), generator=g)
+    z0 = (mean + std * eps_z) * m.cfg.vae.scale_factor
+    a = ab_table[t].float().view(B, 1, 1, 1)
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    ctx = m.text_encoders[0](m.tokenizers[0]([prompt] * B))
+    ctx = ctx[0] if isinstance(ctx, tuple) else ctx
+    with torch.no_grad():
+        pred = m.unet(zt, t, ctx)
+    return ((pred - eps) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("method", ["adapter", "full"])
+def test_prior_term_by_hand(tmp_path, dirs, method):
+    inst, cls = dirs
+    lam = 0.3
+    t = _trainer(tmp_path, inst, "--instance-prompt", "a sks emblem", "--class-prompt", "an emblem", "--class-data",
+                 cls, "--num-class-images", "4", "--prior-loss-weight", str(lam), "--method", method)
+    if method == "adapter":  # LoRA B = 0 at init would make the adapters invisible: give them values
+        g0 = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for n, p in t.model.named_parameters():
+                if n.endswith("lora_up.weight"):
+                    p.copy_(torch.randn(p.shape, generator=g0) * 0.2)
+    cls_state, gen = t.prior.loader.state_dict(), t.gen.get_state()
+    batch = t.loader.next_batch()
+    cbatch = t.prior.loader.next_batch()
+    t.prior.loader.load_state_dict(cls_state)
+    assert set(batch["captions"]) == {"a sks emblem"} and set(cbatch["captions"]) == {"an emblem"}
+    assert all(os.path.dirname(p) == cls for p in [t.prior.dataset.examples[i].path for i in cbatch["indices"]])
+    with torch.no_grad():
+        got = t.micro_loss(batch).item()
+    ab = alphas_cumprod(t.model.cfg.schedule, False)
+    g = torch.Generator()
+    g.set_state(gen)
+    L_inst = _hand_loss(t.model, ab, g, batch["pixels"], "a sks emblem")
+    L_prior = _hand_loss(t.model, ab, g, cbatch["pixels"], "an emblem")   # drawn after the instance batch
+    assert abs(t.prior.last.item() - L_prior) <= RTOL * L_prior, (t.prior.last.item(), L_prior)
+    assert abs(got - (L_inst + lam * L_prior)) <= RTOL * got, (got, L_inst, L_prior)
+    assert abs(L_prior - L_inst) > 1e-2 * L_inst  # the two terms differ: a swapped or missing term would show
+
+
+def test_class_images_cached_counted_resumable(tmp_path, dirs):
+    inst, _ = dirs
+    folder = str(tmp_path / "cls")
+    flags = ["--class-prompt", "a red shape", "--class-data", folder, "--num-class-images", "3"]
+    t = _trainer(tmp_path / "r1", inst, *flags)
+    assert t.prior.drawn == 3
+    first = {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder)) if f.endswith(".png")}
+    assert list(first) == ["class_00000.png", "class_00001.png", "class_00002.png"]
+    # an interrupted generation: image 1 missing, a half-written file left behind
+    os.remove(os.path.join(folder, "class_00001.png"))
+    open(os.path.join(folder, "class_00001.png.tmp"), "wb").write(b"\x89PNG half")
+    t = _trainer(tmp_path / "r2", inst, *flags[:-1], "4")  # and one more image wanted
+    assert t.prior.drawn == 2
+    for f, data in first.items():
+        assert open(os.path.join(folder, f), "rb").read() == data, f  # exactly what the first run drew
+    assert sorted(f for f in os.listdir(folder) if f.endswith(".png")) == [f"class_0000{i}.png" for i in range(4)]
+    t = _trainer(tmp_path / "r3", inst, *flags)  # enough: reused, nothing drawn
+    assert t.prior.drawn == 0
+    # drawn with another prompt: not filled up
+    with pytest.raises(DataError, match="another prompt"):
+        _trainer(tmp_path / "r4", inst, "--class-prompt", "a blue shape", "--class-data", folder,
+                 "--num-class-images", "6")
+
+
+def test_own_class_folder_too_small_is_one_line(tmp_path, dirs, capsys):
+    inst, cls = dirs
+    rc = train.main(FAST + ["--data", inst, "--out", str(tmp_path / "r"), "--class-prompt", "an emblem",
+                            "--class-data", cls, "--num-class-images", "9"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error:") and "holds 5 images of your own" in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize("method", ["full", "adapter"])
+def test_dreambooth_resume_exact_with_val_loss(tmp_path, dirs, method):
+    inst, cls = dirs
+    flags = ["--max-steps", "5", "--seed", "4", "--flip", "0.5", "--instance-prompt", "a sks emblem",
+             "--class-prompt", "an emblem", "--class-data", cls, "--num-class-images", "5", "--prior-loss-weight",
+             "0.7", "--val-loss-every", "2", "--val-data", cls, "--method", method]
+    if method == "adapter":
+        flags += ["--dropout", "0.2", "--train-text-encoder"]
+    full = _trainer(tmp_path / "full", inst, *flags)
+    full.run()
+    want = [json.loads(line) for line in open(tmp_path / "full" / "loss.jsonl")]
+    assert [("val_loss" in r) for r in want] == [False, True, False, True, False]
+    assert all("prior_loss" in r for r in want)
+    part = tmp_path / "part"
+    killed = _trainer(part, inst, *flags, "--save-every", "3")
+    json.dump(killed.cfg.to_dict(), open(part / "config.json", "w"))
+    kill_at(killed, 4)
+    assert train.main(["--resume", str(part)]) == 0
+    got = [json.loads(line) for line in open(part / "loss.jsonl")]
+    assert got == want  # loss, prior_loss, val_loss: bitwise on the CPU
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prior-loss-weight", "0.5"], "would be ignored without --class-prompt"),
+    (["--class-data", "x"], "would be ignored without --class-prompt"),
+    (["--class-prompt", "an emblem"], "needs --class-data"),
+    (["--class-prompt", "a", "--class-data", "x", "--cache-latents"], "--cache-latents cannot be used"),
+    (["--class-prompt", "a", "--class-data", "x", "--num-class-images", "0"], "--num-class-images must be"),
+])
+def test_dreambooth_flags_refused(tmp_path, dirs, capsys, flags, message):
+    rc = train.main(FAST + ["--data", dirs[0], "--out", str(tmp_path / "r"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error:") and message in err and "\n" not in err, err

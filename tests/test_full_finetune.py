@@ -1,0 +1,157 @@
+"""--method full: the UNet's own weights change and nothing else does; model/ and model.safetensors load back and
+draw the same images as the trained model; kill + --resume is exact (losses and weights, with EMA and 8-bit AdamW);
+the memory budget's numbers by hand; adapter flags are refused with one line."""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
+from minisd import world  # noqa: E402
+from minisd.adapters import adapter_layers  # noqa: E402
+from minisd.formats import load_model  # noqa: E402
+from minisd.pipeline import Pipeline  # noqa: E402
+from minisd.train.config import parse_config  # noqa: E402
+from minisd.train.full import activation_bytes, memory_budget, optimizer_bytes, unet_activation_bytes  # noqa: E402
+from minisd.train.loop import Trainer  # noqa: E402
+from conftest import kill_at  # noqa: E402
+
+torch.set_num_threads(1)
+FAST = ["--model", "tiny-random", "--threads", "1", "--no-progress", "--no-samples", "--batch-size", "2",
+        "--resolution", "32", "--method", "full", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return world.write_folder(str(tmp_path_factory.mktemp("world")), 4, seed=0, style="striped")
+
+
+def _trainer(run, data_dir, *flags):
+    cfg, _ = parse_config(FAST + ["--data", data_dir, "--out", str(run)] + list(flags))
+    return Trainer(cfg, str(run), log=lambda s: None)
+
+
+def _snapshot(module):
+    return {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+
+
+def test_full_changes_unet_weights_and_nothing_else(tmp_path, data_dir):
+    t = _trainer(tmp_path, data_dir, "--max-steps", "2", "--save-every", "0")
+    m = t.model
+    unet0, vae0 = _snapshot(m.unet), _snapshot(m.vae)
+    te0 = [_snapshot(te) for te in m.text_encoders]
+    assert not list(adapter_layers(m)) and len(t.params) == len(list(m.unet.parameters()))
+    t.run()
+    after = m.unet.state_dict()
+    changed = [k for k, v in unet0.items() if not torch.equal(v, after[k].float())]
+    params = {n for n, _ in m.unet.named_parameters()}
+    # every UNet parameter moved (AdamW's first step moves every entry with a gradient by ~lr), buffers did not
+    assert set(changed) == params, sorted(params - set(changed))[:5]
+    for k, v in _snapshot(m.vae).items():
+        assert torch.equal(v, vae0[k]), k
+    for te, before in zip(m.text_encoders, te0):
+        for k, v in _snapshot(te).items():
+            assert torch.equal(v, before[k]), k
+
+
+def test_full_with_text_encoder_trains_it(tmp_path, data_dir):
+    t = _trainer(tmp_path, data_dir, "--max-steps", "1", "--save-every", "0", "--train-text-encoder",
+                 "--te-lr", "1e-4")
+    te0 = _snapshot(t.model.text_encoders[0])
+    vae0 = _snapshot(t.model.vae)
+    assert [g["lr"] for g in t.opt.param_groups] == [1e-3, 1e-4]
+    t.run()
+    te = _snapshot(t.model.text_encoders[0])
+    assert any(not torch.equal(te[k], te0[k]) for k in te)
+    assert all(torch.equal(v, vae0[k]) for k, v in _snapshot(t.model.vae).items())
+
+
+def test_files_load_back_and_draw_the_same_images(tmp_path, data_dir):
+    run = tmp_path / "run"
+    rc = train.main(FAST + ["--data", data_dir, "--out", str(run), "--max-steps", "2", "--ema-decay", "0.9"])
+    assert rc == 0
+    t = _trainer(tmp_path / "again", data_dir, "--max-steps", "2", "--ema-decay", "0.9")
+    t.run()
+
+    def draw(model):
+        return Pipeline(model, dtype=torch.float32)(["a red circle", "a sks emblem"], steps=3, cfg_scale=3.0,
+                                                     seed=7, width=32, height=32)
+    with t.eval_weights():  # the files hold the EMA weights
+        want = [im.tobytes() for im in draw(t.model)]
+    for path in (run / "model", run / "model.safetensors"):
+        got = [im.tobytes() for im in draw(load_model(str(path)))]
+        assert got == want, path
+    meta = json.loads(open(run / "config.json").read())
+    assert meta["method"] == "full"
+
+
+def test_full_resume_is_exact(tmp_path, data_dir):
+    flags = ["--max-steps", "5", "--seed", "2", "--optimizer", "adamw8bit", "--ema-decay", "0.8", "--flip", "0.5",
+             "--lr-scheduler", "cosine"]
+    full = _trainer(tmp_path / "full", data_dir, *flags)
+    want = full.run()["losses"]
+    part = tmp_path / "part"
+    killed = _trainer(part, data_dir, *flags, "--save-every", "2")
+    json.dump(killed.cfg.to_dict(), open(part / "config.json", "w"))
+    kill_at(killed, 3)
+    assert train.main(["--resume", str(part)]) == 0
+    got = [json.loads(line)["loss"] for line in open(part / "loss.jsonl")]
+    assert got == want
+    ck = torch.load(part / "checkpoint.pt", weights_only=True)
+    for n, p in full.model.unet.named_parameters():
+        assert torch.equal(ck["weights"][f"unet.{n}"], p.detach()), n
+    a = load_model(str(part / "model")).unet.state_dict()
+    with full.eval_weights():
+        for k, v in full.model.unet.state_dict().items():
+            assert torch.equal(a[k], v.float()), k
+
+
+def test_memory_budget_by_hand(tmp_path, data_dir):
+    # optimizer state: 8 / 16 bytes per value; 8-bit AdamW 2 bytes + 2 fp32 absmax per 256-block from 4096 values
+    big, small = torch.zeros(5000), torch.zeros(100)
+    assert optimizer_bytes([big, small], "adamw") == 8 * 5100
+    assert optimizer_bytes([big, small], "prodigy") == 16 * 5100
+    assert optimizer_bytes([big, small], "adamw8bit") == (2 * 5000 + 8 * 20) + 8 * 100  # ceil(5000/256) = 20
+    # activations: the leaf outputs of a 3 -> 5 -> 2 MLP at batch 3: 3·5 + 3·5 (ReLU) + 3·2 values, 4 bytes
+    mlp = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    assert activation_bytes(mlp, (torch.zeros(3, 3),), torch.float32) == 4 * (15 + 15 + 6)
+    assert activation_bytes(mlp, (torch.zeros(3, 3),), torch.bfloat16) == 2 * (15 + 15 + 6)
+    # checkpointing "0" and "2": their inputs (9 + 15) + the larger block's own (15) + the ReLU outside (15)
+    assert activation_bytes(mlp, (torch.zeros(3, 3),), torch.float32, blocks=["0", "2"]) == 4 * (9 + 15 + 15 + 15)
+
+    t = _trainer(tmp_path, data_dir, "--optimizer", "adamw8bit", "--ema-decay", "0.9", "--batch-size", "3")
+    b = memory_budget(t)
+    ref = load_model("tiny-random")  # parameter counts from a fresh model, not the trainer's tensors
+    n_unet = sum(p.numel() for p in ref.unet.parameters())
+    frozen = sum(v.numel() * 4 for part in [ref.vae, *ref.text_encoders]        # tiny-random is stored in fp32
+                 for v in list(part.parameters()) + list(part.buffers()))
+    unet_buffers = sum(v.numel() * v.element_size() for v in ref.unet.buffers())
+    assert b["weights"] == 4 * n_unet + frozen + unet_buffers
+    assert b["gradients"] == 4 * n_unet and b["ema"] == 4 * n_unet
+    assert b["optimizer"] == sum(2 * p.numel() + 8 * math.ceil(p.numel() / 256) if p.numel() >= 4096
+                                 else 8 * p.numel() for p in ref.unet.parameters())
+    # the meta trace counts what a real forward's leaves output
+    real, seen = ref.unet, []
+    hooks = [mod.register_forward_hook(lambda mod, i, o: seen.append(o.numel()))
+             for mod in real.modules() if not list(mod.children())]
+    with torch.no_grad():
+        side = 32 // ref.vae_scale  # latent side of the 32 px training resolution
+        real(torch.zeros(3, 4, side, side), torch.zeros(3, dtype=torch.long), torch.zeros(3, 77, 32))
+    for h in hooks:
+        h.remove()
+    assert b["activations"] == 4 * sum(seen) == unet_activation_bytes(ref, 3, 32, torch.float32, False)
+    assert unet_activation_bytes(ref, 3, 32, torch.float32, True) < 0.6 * b["activations"]
+    assert b["total"] == sum(b[k] for k in ("weights", "gradients", "optimizer", "ema", "activations"))
+
+
+@pytest.mark.parametrize("flag", [["--rank", "4"], ["--targets", "attn"], ["--network", "loha"],
+                                  ["--dropout", "0.1"]])
+def test_adapter_flags_refused(tmp_path, capsys, data_dir, flag):
+    rc = train.main(FAST + ["--data", data_dir, "--out", str(tmp_path / "r"), *flag])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error:") and "--method full" in err and "\n" not in err, err
