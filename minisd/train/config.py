@@ -26,6 +26,11 @@ CHOICES = {
     "prediction": ("auto", "epsilon", "v_prediction"),
     "init": ("kaiming", "gaussian"),
     "vae_dtype": ("auto", "fp32", "fp16", "bf16"),
+    # issue 17: training methods besides the adapters (textual inversion, hypernetworks)
+    "method": ("lora", "ti", "hypernetwork"),
+    "hn_activation": ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "gelu", "silu", "mish",
+                      "softsign", "hardswish", "prelu", "selu"),
+    "hn_init": ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"),
 }
 
 
@@ -78,6 +83,30 @@ class TrainConfig:
                                          "0: no adapters on 3x3 convs)")
     conv_alpha: Optional[float] = opt(None, "alpha of the 3x3 conv adapters (default: --alpha; needs --targets "
                                             "full)")
+    # --- issue 17: the method. lora: the adapter above (--network). ti, hypernetwork: no adapter layers, see below
+    method: str = opt("lora", "what trains: lora (the --network adapter, default) | ti (textual inversion: new token "
+                              "vectors only, minisd/train/textual_inversion.py) | hypernetwork (A1111's MLPs on the "
+                              "keys' and values' inputs, minisd/adapters/hypernetwork.py). Without --data, ti learns the "
+                              "world's subject (captions '<token> emblem'), hypernetwork the --style")
+    ti_token: str = opt("<sks>", "textual inversion: the new token, written in the captions (--method ti)")
+    ti_vectors: int = opt(1, "textual inversion: vectors per token (a token of n vectors is n new ids)")
+    ti_init: str = opt("circle", "textual inversion: word whose token embedding(s) initialise the vectors (a word of "
+                                 "several tokens spreads over the vectors, A1111's rule)")
+    ti_norm_weight: float = opt(0.0, "textual inversion: weight λ of the norm regulariser λ·mean_i (|v_i| - μ)², μ = "
+                                     "the vocabulary's mean embedding norm, per text encoder (0: off)")
+    hn_sizes: Optional[str] = opt(None, "hypernetwork: key/value input widths that get MLPs, e.g. '768,320,640,1280' "
+                                        "(A1111's enable sizes; a block width also hits self-attention, as there); "
+                                        "default: the model's context width")
+    hn_layers: str = opt("1,2,1", "hypernetwork: layer structure, widths as multiples of the input width (first and "
+                                  "last 1)")
+    hn_activation: str = opt("linear", "hypernetwork: activation after each hidden Linear: "
+                                       + "|".join(CHOICES["hn_activation"]) + " (swish is Hardswish, as in A1111)")
+    hn_layer_norm: bool = opt(False, "hypernetwork: LayerNorm after every Linear")
+    hn_dropout: Optional[str] = opt(None, "hypernetwork: dropout structure, one probability per --hn-layers entry "
+                                          "(first and last 0), e.g. '0,0.3,0'; default: none")
+    hn_init: str = opt("Normal", "hypernetwork: weight init " + "|".join(CHOICES["hn_init"]) + " (Normal: "
+                                 "N(0, 0.01²), biases 0)")
+    hn_activate_output: bool = opt(False, "hypernetwork: the activation after the last Linear too")
     # --- optimisation
     lr: float = opt(1e-3, "learning rate of the UNet adapters (prodigy: use 1.0)")
     te_lr: Optional[float] = opt(None, "learning rate of the text-encoder adapters (default: --lr; needs "
@@ -222,6 +251,7 @@ class TrainConfig:
             if given and (gate == "targets" or not getattr(self, gate)):
                 names = ", ".join("--" + ("no-" if n == "ema_warmup" else "") + n.replace("_", "-") for n in given)
                 raise ValueError(f"{names} would be ignored without {flag}")
+        self.validate_method(changed)
         if self.cuda_graph:  # what a recorded step cannot do (minisd/perf/graphs.py); the device is checked by Trainer
             if self.buckets:
                 raise ValueError("--cuda-graph needs one image shape: drop --buckets (a graph replays fixed shapes)")
@@ -234,6 +264,49 @@ class TrainConfig:
             if self.gradient_checkpointing and (self.dropout > 0 or self.rank_dropout > 0):
                 raise ValueError("--cuda-graph with --gradient-checkpointing cannot use --dropout/--rank-dropout: "
                                  "the recompute must replay the dropout masks, which a recording cannot do")
+
+
+    def validate_method(self, changed) -> None:
+        """issue 17: each method's options are refused with another method; the methods' own value checks."""
+        own = {"lora": changed("network", "rank", "alpha", "targets", "train_text_encoder", "init", "init_adapter",
+                               "dropout", "rank_dropout", "module_dropout", "conv_rank", "conv_alpha"),
+               "ti": changed("ti_token", "ti_vectors", "ti_init", "ti_norm_weight"),
+               "hypernetwork": changed("hn_sizes", "hn_layers", "hn_activation", "hn_layer_norm", "hn_dropout",
+                                       "hn_init", "hn_activate_output")}
+        for method, given in own.items():
+            if given and method != self.method:
+                names = ", ".join("--" + n.replace("_", "-") for n in given)
+                raise ValueError(f"{names} {'applies' if len(given) == 1 else 'apply'} to --method {method}, not "
+                                 f"--method {self.method}")
+        if self.method == "ti":
+            if not self.ti_token.strip() or any(c.isspace() for c in self.ti_token):
+                raise ValueError(f"--ti-token must be one word without spaces, got {self.ti_token!r}")
+            if self.ti_vectors < 1:
+                raise ValueError("--ti-vectors must be >= 1")
+            if self.ti_norm_weight < 0:
+                raise ValueError("--ti-norm-weight must be >= 0")
+            if not self.ti_init.strip():
+                raise ValueError("--ti-init must be a word")
+            if self.cache_text:
+                raise ValueError("--cache-text cannot be used with --method ti: the text encoder's output changes "
+                                 "every step (drop one of them)")
+        if self.method == "hypernetwork":
+            parse_numbers(self.hn_layers, "--hn-layers")
+            if self.hn_sizes is not None:
+                parse_numbers(self.hn_sizes, "--hn-sizes", int)
+            if self.hn_dropout is not None:
+                parse_numbers(self.hn_dropout, "--hn-dropout")
+
+
+def parse_numbers(text: str, flag: str, kind=float) -> list:
+    """'1, 2, 1' -> [1.0, 2.0, 1.0]; ValueError naming the flag otherwise."""
+    try:
+        values = [kind(v) for v in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if kind is int and any(v < 1 for v in values):
+        raise ValueError(f"{flag} must be positive widths, got {text!r}")
+    return values
 
 
 class _Parser(argparse.ArgumentParser):

@@ -44,6 +44,7 @@ from .cache import build_caches, offload_cached
 from .config import TrainConfig
 from .data import CaptionDataset, Loader
 from .ema import EMA
+from .hypernetwork import build_method
 from .prodigy import Prodigy
 from .rng import rng_state, set_rng_state
 from .validation import validate, validation_prompts
@@ -87,7 +88,8 @@ class Trainer:
         # the step's settings besides the model, the noise schedule, the batch and the draws
         self.step_options = dict(noise_offset=cfg.noise_offset, input_perturbation=cfg.input_perturbation,
                                  min_snr_gamma=cfg.min_snr_gamma, amp_dtype=self.amp_dtype,
-                                 train_text_encoder=bool(self.te_layers))
+                                 train_text_encoder=bool(self.te_layers) or bool(self.method
+                                                                                 and self.method.train_text_encoder))
         # --cuda-graph: forward + backward of a micro-batch replayed from one recording
         self.graph = StepGraph(self.forward_backward, self.gen, self.device, warmup=2) if cfg.cuda_graph else None
 
@@ -121,6 +123,9 @@ class Trainer:
         """Adapter layers into the UNet (the `TARGETS` preset) and, with --train-text-encoder, the text encoders;
         the model on the device; their parameters, in fp32 whatever the autocast dtype, are `self.params`."""
         cfg, m = self.cfg, self.model
+        self.method = None
+        if cfg.method != "lora":  # issue 17: textual inversion / hypernetwork train their own tensors
+            return self.build_method()
         torch.manual_seed(cfg.seed)  # adapter init (load_model may have seeded the global RNG itself)
         # 3x3 convs (only "full" targets them): --conv-rank / --conv-alpha, default --rank / --alpha; 0 skips them
         conv_rank = (cfg.rank if cfg.conv_rank is None else cfg.conv_rank or None) if cfg.targets == "full" else None
@@ -149,6 +154,18 @@ class Trainer:
             p.data = p.data.float()
             p.requires_grad_(True)
         self.params = self.unet_params + te_params
+
+    def build_method(self) -> None:
+        """--method ti / hypernetwork (issue 17): no adapter layers; the model on the device, then the method's own
+        trainable tensors (train/textual_inversion.py, train/hypernetwork.py) are `self.params`."""
+        cfg, m = self.cfg, self.model
+        self.unet_layers, self.te_layers = [], []
+        m.to(self.device)
+        set_gradient_checkpointing(m.unet, cfg.gradient_checkpointing)
+        if cfg.compile:
+            compile_for_training(m, encoder=not cfg.cache_latents)
+        self.method = build_method(m, cfg, self.device)
+        self.unet_params = self.params = self.method.params
 
     def build_optimizer(self) -> None:
         """The optimizer over a parameter group per network (own LRs: --te-lr, --te1-lr, --te2-lr), the LR schedule
@@ -200,7 +217,7 @@ class Trainer:
     def encode_text(self, captions: list[str]):
         """Captions -> (context (B, T, D), pooled (B, P) or None); with grad only if the TE has adapters."""
         m = self.model
-        with torch.set_grad_enabled(bool(self.te_layers)):
+        with torch.set_grad_enabled(bool(self.te_layers) or bool(self.method and self.method.train_text_encoder)):
             return m.encode_text([ids.to(self.device) for ids in m.tokenize(captions)])
 
     def micro_batch(self, batch: dict) -> MicroBatch:
@@ -225,14 +242,16 @@ class Trainer:
 
     def micro_loss(self, batch: dict) -> torch.Tensor:
         """The loss of one loader batch (no backward), every draw from self.gen; --profile times its stages."""
-        return training_loss(self.model, self.noise, self.micro_batch(batch), Draws(self.gen, self.device),
+        loss = training_loss(self.model, self.noise, self.micro_batch(batch), Draws(self.gen, self.device),
                              stage=self.prof.stage, **self.step_options)
+        return loss + self.method.regulariser() if self.method else loss  # --ti-norm-weight (issue 17)
 
     def forward_backward(self, draw, mb: MicroBatch) -> torch.Tensor:
         """`training_loss` + backward, the function --cuda-graph records (`StepGraph` hands it the draws):
         gradients accumulate in place into the adapters' .grad (kept allocated: zero_grad(set_to_none=False)).
         No stage timers inside (they synchronise the GPU, which a recording cannot). Returns the loss."""
         loss = training_loss(self.model, self.noise, mb, draw, **self.step_options)
+        loss = loss + self.method.regulariser() if self.method else loss  # --ti-norm-weight (issue 17)
         (loss / self.cfg.grad_accum).backward()
         return loss.detach()
 
@@ -284,6 +303,8 @@ class Trainer:
                  "scaler": self.scaler.state_dict(), "loader": self.loader.state_dict(), "rng": rng_state(self.gen)}
         if self.ema:
             state["ema"] = self.ema.state_dict()
+        if self.method:  # issue 17: the TI vectors / hypernetwork MLPs
+            state["method"] = self.method.state_dict()
         tmp = self.ckpt_path + ".tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt_path)  # a kill mid-write leaves the previous checkpoint intact
@@ -306,6 +327,10 @@ class Trainer:
             raise TrainError(f"{self.run_dir}: no checkpoint.pt to resume from")
         s = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         adapters.load_adapter_state_dict(self.model, s["adapter"], inject=False)  # in place: optimizer refs hold
+        if self.method:
+            if "method" not in s:
+                raise TrainError(f"{self.ckpt_path}: no {self.cfg.method} state in this checkpoint")
+            self.method.load_state_dict(s["method"])
         self.opt.load_state_dict(s["optimizer"])
         self.sched.load_state_dict(s["scheduler"])
         # the LR of the next step from *this* config's schedule (a resume may extend --max-steps)
@@ -325,8 +350,12 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         n_train = sum(p.numel() for p in self.params)
-        self.log(f"adapters: {cfg.network} rank {cfg.rank} alpha {cfg.alpha} on {len(self.unet_layers)} UNet layers"
-                 f" ({cfg.targets}) + {len(self.te_layers)} text-encoder layers, {n_train:,} trainable parameters")
+        if self.method:
+            self.log(self.method.describe())
+        else:
+            self.log(f"adapters: {cfg.network} rank {cfg.rank} alpha {cfg.alpha} on {len(self.unet_layers)} UNet "
+                     f"layers ({cfg.targets}) + {len(self.te_layers)} text-encoder layers, {n_train:,} trainable "
+                     "parameters")
         self.log(self.data.summary())
         offload_cached(self)  # cached VAE / text encoders leave the GPU for the loop
         from tqdm import tqdm
@@ -360,6 +389,11 @@ class Trainer:
         self.write_loss_log()
         draw_loss_curve([r["loss"] for r in self.losses], os.path.join(self.run_dir, "loss.png"))
         meta = {"minisd.train_config": json.dumps(self.cfg.public_dict(self.run_dir)), "minisd.steps": str(self.step)}
+        if self.method:  # issue 17: the method's own files (EMA weights if on), no adapter files
+            with self.eval_weights():
+                out = self.method.write_outputs(self.run_dir, meta, self.step)
+            self.log(self.data.summary() if self.data.skipped else "data: no image was skipped")
+            return {**out, "files": self.method.files_text(out), "losses": [r["loss"] for r in self.losses]}
         lora = os.path.join(self.run_dir, "lora.safetensors")
         kohya = os.path.join(self.run_dir, "lora_kohya.safetensors")
         out = {"lora": lora, "kohya": kohya, "losses": [r["loss"] for r in self.losses]}
