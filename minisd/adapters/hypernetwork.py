@@ -194,6 +194,8 @@ def _pre_hook(mlp: HypernetworkModule):
     def hook(proj: nn.Module, args: tuple):
         if mlp.training != proj.training:
             mlp.train(proj.training)
+        if mlp.linear[0].weight.device != args[0].device:  # the model moved (e.g. the Pipeline's --device)
+            mlp.to(args[0].device)
         return (mlp(args[0]),) + args[1:]
     return hook
 
