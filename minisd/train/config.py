@@ -88,25 +88,25 @@ class TrainConfig:
                               "vectors only, minisd/train/textual_inversion.py) | hypernetwork (A1111's MLPs on the "
                               "keys' and values' inputs, minisd/adapters/hypernetwork.py). Without --data, ti learns the "
                               "world's subject (captions '<token> emblem'), hypernetwork the --style")
-    ti_token: str = opt("<sks>", "textual inversion: the new token, written in the captions (--method ti)")
-    ti_vectors: int = opt(1, "textual inversion: vectors per token (a token of n vectors is n new ids)")
+    ti_token: str = opt("<sks>", "textual inversion: the new token, written in the captions (default <sks>)")
+    ti_vectors: int = opt(1, "textual inversion: vectors per token, a token of n vectors is n new ids (default 1)")
     ti_init: str = opt("circle", "textual inversion: word whose token embedding(s) initialise the vectors (a word of "
-                                 "several tokens spreads over the vectors, A1111's rule)")
+                                 "several tokens spreads over the vectors, A1111's rule; default circle)")
     ti_norm_weight: float = opt(0.0, "textual inversion: weight λ of the norm regulariser λ·mean_i (|v_i| - μ)², μ = "
-                                     "the vocabulary's mean embedding norm, per text encoder (0: off)")
+                                     "the vocabulary's mean embedding norm, per text encoder (default 0: off)")
     hn_sizes: Optional[str] = opt(None, "hypernetwork: key/value input widths that get MLPs, e.g. '768,320,640,1280' "
                                         "(A1111's enable sizes; a block width also hits self-attention, as there); "
                                         "default: the model's context width")
     hn_layers: str = opt("1,2,1", "hypernetwork: layer structure, widths as multiples of the input width (first and "
-                                  "last 1)")
+                                  "last 1; default 1,2,1)")
     hn_activation: str = opt("linear", "hypernetwork: activation after each hidden Linear: "
-                                       + "|".join(CHOICES["hn_activation"]) + " (swish is Hardswish, as in A1111)")
-    hn_layer_norm: bool = opt(False, "hypernetwork: LayerNorm after every Linear")
+                                       + "|".join(CHOICES["hn_activation"]) + " (swish is Hardswish, as in A1111; default linear = none)")
+    hn_layer_norm: bool = opt(False, "hypernetwork: LayerNorm after every Linear (default off)")
     hn_dropout: Optional[str] = opt(None, "hypernetwork: dropout structure, one probability per --hn-layers entry "
                                           "(first and last 0), e.g. '0,0.3,0'; default: none")
     hn_init: str = opt("Normal", "hypernetwork: weight init " + "|".join(CHOICES["hn_init"]) + " (Normal: "
-                                 "N(0, 0.01²), biases 0)")
-    hn_activate_output: bool = opt(False, "hypernetwork: the activation after the last Linear too")
+                                 "N(0, 0.01²), biases 0; the default)")
+    hn_activate_output: bool = opt(False, "hypernetwork: the activation after the last Linear too (default off)")
     # --- optimisation
     lr: float = opt(1e-3, "learning rate of the UNet adapters (prodigy: use 1.0)")
     te_lr: Optional[float] = opt(None, "learning rate of the text-encoder adapters (default: --lr; needs "
@@ -315,18 +315,40 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+METHOD_HELP = {  # issue 17: the --help sections of the methods besides the adapters
+    "ti": "Gal et al. 2022, 'An Image is Worth One Word': only the new token's vectors train (every other tensor, "
+          "the rest of the embedding table included, stays as loaded). SD1, SD2, SDXL (one set per encoder); not "
+          "LDM-256. Writes embedding.safetensors (A1111 / kohya) and learned_embeds.safetensors (diffusers). "
+          "Without --data: the embedded world's subject, 200 images, lr 5e-3, 300 steps. "
+          "Example: python train.py --method ti --ti-token '<sks>' --ti-vectors 1 --ti-init circle; then "
+          "python sample.py 'a small <sks> emblem at the center on a black background' --embedding "
+          "RUN/embedding.safetensors:'<sks>'",
+    "hypernetwork": "NovelAI's method as AUTOMATIC1111 defines it (modules/hypernetworks/hypernetwork.py): per "
+                    "width, two MLPs rewrite the inputs of the attention keys and values, c + MLP(c); only the MLPs "
+                    "train. Writes hypernetwork.safetensors (A1111's tensors, key layout in "
+                    "minisd/adapters/hypernetwork.py). Without --data: the --style world run, lr 1e-3 cosine, 300 "
+                    "steps. Example: python train.py --method hypernetwork --hn-layers 1,2,1 --hn-activation relu; "
+                    "then python sample.py PROMPT --hypernetwork RUN/hypernetwork.safetensors:0.8",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="train.py", description="Fine-tune a LoRA / DoRA / LoHa / LoKr adapter on a folder of "
-                "captioned images. With no arguments: a style LoRA on the embedded world, on the CPU.",
+                "captioned images (or, with --method, a textual inversion or a hypernetwork: their sections below). "
+                "With no arguments: a style LoRA on the embedded world, on the CPU.",
                 argument_default=argparse.SUPPRESS)  # absent flags stay absent, so TOML values survive
+    # issue 17: each method's options in a --help section of its own
+    sections = {"ti_": p.add_argument_group("textual inversion (--method ti)", METHOD_HELP["ti"]),
+                "hn_": p.add_argument_group("hypernetwork (--method hypernetwork)", METHOD_HELP["hypernetwork"])}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else f.type.__name__
+        target = next((g for prefix, g in sections.items() if f.name.startswith(prefix)), p)
         if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
         else:
             conv = {"int": int, "float": float}.get(kind.replace("Optional[", "").rstrip("]"), str)
-            p.add_argument(flag, type=conv, metavar=f.name.upper(), help=f.metadata["help"],
+            target.add_argument(flag, type=conv, metavar=f.name.upper(), help=f.metadata["help"],
                            choices=CHOICES.get(f.name))
     return p
 
