@@ -216,3 +216,25 @@ def test_ldm_is_refused(tmp_path, data_dir, capsys):
     assert train.main(FAST + ["--data", data_dir, "--model", str(tmp_path / "ldm"), "--out", str(tmp_path / "r"),
                               "--max-steps", "1"]) == 2
     assert "needs CLIP text encoders" in one_line_error(capsys)
+
+
+def test_sd2_openclip(tmp_path, data_dir):
+    """SD2's OpenCLIP tower (gelu, '!' padding, linear projections in the UNet): the same vectors-only training and
+    an A1111 file that draws the in-memory image."""
+    import dataclasses
+    from minisd.config import TINY, CLIPTextConfig
+    from minisd.model import StableDiffusion, save_model
+    cfg = dataclasses.replace(TINY, family="sd2", unet=dataclasses.replace(TINY.unet, use_linear_in_transformer=True),
+                              text_encoders=[CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                                            num_hidden_layers=2, hidden_act="gelu", pad_token="!")])
+    torch.manual_seed(0)
+    save_model(StableDiffusion(cfg), str(tmp_path / "sd2"))
+    t = trainer(tmp_path / "run", data_dir, "--lr", "0.05", "--max-steps", "2", "--ti-vectors", "3",
+                model=str(tmp_path / "sd2"))
+    out = t.run()
+    assert read_embedding(out["embedding"])[""].shape == (3, 32)
+    kw = dict(steps=2, cfg_scale=3.0, seed=4, width=64, height=64)
+    ref = np.asarray(Pipeline(t.model.eval(), dtype=torch.float32)(PROMPT, **kw)[0])
+    m2 = load_model(str(tmp_path / "sd2"))
+    load_embedding(m2, out["embedding"], "<sks>")
+    assert np.array_equal(ref, np.asarray(Pipeline(m2, dtype=torch.float32)(PROMPT, **kw)[0]))
