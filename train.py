@@ -4,6 +4,8 @@
     python train.py --data DIR --model weights/sd15 --rank 16 --max-steps 2000 --mixed-precision bf16
     python train.py --config run.toml --lr 5e-4        # TOML file, flags win
     python train.py --resume runs/20260101-120000      # continue exactly where the checkpoint left off
+    python train.py --method ti                        # textual inversion of the world's subject ('<sks> emblem')
+    python train.py --method hypernetwork              # an A1111 hypernetwork for the outlined style
 
 Options: `python train.py --help`, or minisd/train/config.py. The step is minisd/trainer.py, the loop around it
 minisd/train/loop.py, what world runs add minisd/world/validation.py.
