@@ -237,7 +237,7 @@ def read_hypernetwork(path: str) -> Hypernetwork:
     if path.endswith(".safetensors"):
         from ..formats.lora_read import read_tensors
         tensors, meta = read_tensors(path)
-        if meta.get("format") != "minisd-hypernetwork" and not all(k in meta for k in ("layer_structure",)):
+        if "layer_structure" not in meta:
             raise AdapterError(f"{path}: not a hypernetwork file (no layer_structure in its metadata)")
         try:
             settings = {k: json.loads(meta[k]) for k in SETTINGS if k in meta}
