@@ -118,6 +118,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="textual-inversion embedding, repeatable: A1111 .safetensors / .pt (read with "
                         "weights_only=True), SDXL files with clip_l + clip_g, diffusers learned_embeds.safetensors. "
                         "TOKEN (default: the file name without extension) in a prompt stands for its vectors")
+    p.add_argument("--hypernetwork", default=None, metavar="FILE[:STRENGTH]",
+                   help="apply a hypernetwork (A1111 / NovelAI; issue 17) at STRENGTH (default 1): minisd's "
+                        ".safetensors from train.py --method hypernetwork, or A1111's .pt (read with "
+                        "weights_only=True). Its MLPs rewrite the inputs of the attention keys and values of every "
+                        "width they have (minisd/adapters/hypernetwork.py)")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="one prompt per line (blank lines and lines starting with # skipped); line i is drawn with "
                         "seed --seed + i into OUT-i.png, and each PNG records the prompt and seed that reproduce it")
@@ -130,6 +135,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.prompts and a.prompt is not None:
         p.error("give a prompt or --prompts FILE, not both")
     a.embedding = [split_spec(s) for s in a.embedding]
+    if a.hypernetwork:
+        try:
+            a.hypernetwork = split_spec(a.hypernetwork, float)
+        except ValueError as e:
+            p.error(f"--hypernetwork: {e}")
     if a.lora_merge and not a.lora:
         p.error("--lora-merge needs at least one --lora")
     try:
@@ -194,6 +204,14 @@ def apply_adapter_flags(a, model) -> str:
             print(f"embedding {path}: token {token!r}, {n} vector(s) per text encoder", file=sys.stderr)
             names.append(token)
         text = f", TI: {' '.join(names)}"
+    if a.hypernetwork:  # issue 17
+        from minisd.adapters.hypernetwork import load_hypernetwork
+        path, strength = a.hypernetwork
+        hn, hooked = load_hypernetwork(model, path, strength)
+        print(f"hypernetwork {path}: widths {', '.join(hn.layers)} on {len(hooked)} attention layers, strength "
+              f"{strength}", file=sys.stderr)
+        # A1111's infotext names the hypernetwork by its file's stem
+        text += f", Hypernet: {os.path.splitext(os.path.basename(path))[0]}, Hypernet strength: {strength}"
     if not a.lora:
         return text
     from minisd.adapters.mix import apply_adapters

@@ -5,6 +5,8 @@
     python train.py --config run.toml --lr 5e-4        # TOML file, flags win
     python train.py --resume runs/20260101-120000      # continue exactly where the checkpoint left off
     torchrun --nproc_per_node 4 train.py --data DIR ... # data-parallel on 4 GPUs (README "More than one GPU")
+    python train.py --method ti                        # textual inversion of the world's subject ('<sks> emblem')
+    python train.py --method hypernetwork              # an A1111 hypernetwork for the outlined style
 
 Options: `python train.py --help`, or minisd/train/config.py. The step is minisd/trainer.py, the loop around it
 minisd/train/loop.py, what world runs add minisd/world/validation.py.
@@ -53,6 +55,8 @@ def prepare(cfg, flags: dict) -> str:
         cfg.validate()
         print(f"data: writing {cfg.n_images} plain images of the embedded world to {cfg.data}")
         world.write_folder(cfg.data, cfg.n_images, seed=cfg.seed, split="train")
+        if cfg.data is None and cfg.method in WORLD_METHOD_DEFAULTS:  # issue 17: textual inversion / hypernetwork
+            return prepare_method_world(cfg, flags, run_dir)
     if cfg.data is None:
         # the world style run. A style changes how a shape is drawn, not only what the words mean, so the ResBlock
         # convs train too ("full"), with a high LR decayed by a cosine. Chosen from a sweep of 36 runs on the
@@ -62,6 +66,30 @@ def prepare(cfg, flags: dict) -> str:
                 setattr(cfg, name, value)
         cfg.data = os.path.join(run_dir, "data")
         cfg.validate()  # again, now that the world's defaults are in (e.g. --conv-rank needs --targets full)
+        print(f"data: writing {cfg.n_images} '{cfg.style}' images of the embedded world to {cfg.data}")
+        world.write_folder(cfg.data, cfg.n_images, seed=cfg.seed, split="train", style=cfg.style)
+    return run_dir
+
+
+# issue 17: the world runs of --method ti (the subject, '<token> emblem') and hypernetwork (the --style), chosen on
+# the embedded model (README "Textual inversion", "Hypernetworks"); flags given explicitly win
+WORLD_METHOD_DEFAULTS = {"ti": dict(lr=5e-3, max_steps=300, n_images=200),
+                         "hypernetwork": dict(lr=1e-3, max_steps=300, lr_scheduler="cosine")}
+
+
+def prepare_method_world(cfg, flags: dict, run_dir: str) -> str:
+    """The world dataset and defaults of --method ti (subject images captioned with --ti-token) or hypernetwork."""
+    from minisd import world
+    for name, value in WORLD_METHOD_DEFAULTS[cfg.method].items():
+        if name not in flags:
+            setattr(cfg, name, value)
+    cfg.data = os.path.join(run_dir, "data")
+    cfg.validate()
+    if cfg.method == "ti":
+        print(f"data: writing {cfg.n_images} images of the embedded world's subject, captioned '{cfg.ti_token} "
+              f"emblem', to {cfg.data}")
+        world.write_folder(cfg.data, cfg.n_images, seed=cfg.seed, split="train", subject=True, token=cfg.ti_token)
+    else:
         print(f"data: writing {cfg.n_images} '{cfg.style}' images of the embedded world to {cfg.data}")
         world.write_folder(cfg.data, cfg.n_images, seed=cfg.seed, split="train", style=cfg.style)
     return run_dir
@@ -110,18 +138,22 @@ def main(argv: list[str] | None = None) -> int:
             with open(os.path.join(run_dir, "config.json"), "w") as f:
                 json.dump(cfg.to_dict(), f, indent=2)
         world_run = cfg.samples and is_world_folder(cfg.data)
+        subject = cfg.ti_token if cfg.method == "ti" else None  # issue 17: TI runs are scored on the subject
         if world_run and trainer.step == 0:
-            dist.on_main(sample_and_score, trainer, "before")
+            dist.on_main(sample_and_score, trainer, "before", subject=subject)
         t0 = time.time()
         result = trainer.run()
         print(f"trained {cfg.max_steps} steps in {time.time() - t0:.1f} s; loss {result['losses'][0]:.4f} -> "
               f"{sum(result['losses'][-10:]) / len(result['losses'][-10:]):.4f} (mean of the last 10)")
         if world_run:
-            dist.on_main(sample_and_score, trainer, "after")
+            dist.on_main(sample_and_score, trainer, "after", subject=subject)
         if cfg.distill:
             print(f"wrote the student: {result['student']} (minisd), {result['single_file']} (official single file), "
                   f"{result['diffusers']} (diffusers), {os.path.join(run_dir, 'loss.png')}, config.json, "
                   "checkpoint.pt")
+            return 0
+        if "files" in result:  # --method ti / hypernetwork (issue 17)
+            print(f"wrote {result['files']}; {os.path.join(run_dir, 'loss.png')}, config.json, checkpoint.pt")
             return 0
         if "model" in result:  # --method full
             print(f"wrote {result['model']} (minisd folder), {result['single_file']} (official single file: "

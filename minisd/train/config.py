@@ -30,7 +30,11 @@ CHOICES = {
     "distill": (None, "small", "tiny"),  # knowledge distillation recipes (minisd/train/distill.py)
     "base_dtype": ("auto", "int8", "fp8"),  # more than one GPU / small GPU (issue 19)
     "noise_streams": ("auto", "batch", "sample"),
-    "method": ("adapter", "full"),  # issue 17: what trains (minisd/train/full.py)
+    # issue 17: training methods besides the adapters (textual inversion, hypernetworks)
+    "method": ("adapter", "full", "ti", "hypernetwork"),  # full.py, textual_inversion.py, hypernetwork.py
+    "hn_activation": ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "gelu", "silu", "mish",
+                      "softsign", "hardswish", "prelu", "selu"),
+    "hn_init": ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"),
 }
 
 
@@ -88,6 +92,32 @@ class TrainConfig:
                                          "0: no adapters on 3x3 convs)")
     conv_alpha: Optional[float] = opt(None, "alpha of the 3x3 conv adapters (default: --alpha; needs --targets "
                                             "full)")
+    # --- issue 17: the method. adapter: the adapter above (--network); full, ti, hypernetwork: see below
+    method: str = opt("adapter", "what trains: adapter (the --network kind on a frozen base, default) | full (every "
+                                 "UNet weight, with --train-text-encoder the text encoder(s) too; writes model/ and "
+                                 "model.safetensors; minisd/train/full.py) | ti (textual inversion: new token vectors "
+                                 "only, minisd/train/textual_inversion.py) | hypernetwork (A1111's MLPs on the keys' and "
+                                 "values' inputs, minisd/adapters/hypernetwork.py). Without --data, ti learns the world's "
+                                 "subject (captions '<token> emblem'), hypernetwork the --style")
+    ti_token: str = opt("<sks>", "textual inversion: the new token, written in the captions (default <sks>)")
+    ti_vectors: int = opt(1, "textual inversion: vectors per token, a token of n vectors is n new ids (default 1)")
+    ti_init: str = opt("circle", "textual inversion: word whose token embedding(s) initialise the vectors (a word of "
+                                 "several tokens spreads over the vectors, A1111's rule; default circle)")
+    ti_norm_weight: float = opt(0.0, "textual inversion: weight λ of the norm regulariser λ·mean_i (|v_i| - μ)², μ = "
+                                     "the vocabulary's mean embedding norm, per text encoder (default 0: off)")
+    hn_sizes: Optional[str] = opt(None, "hypernetwork: key/value input widths that get MLPs, e.g. '768,320,640,1280' "
+                                        "(A1111's enable sizes; a block width also hits self-attention, as there); "
+                                        "default: the model's context width")
+    hn_layers: str = opt("1,2,1", "hypernetwork: layer structure, widths as multiples of the input width (first and "
+                                  "last 1; default 1,2,1)")
+    hn_activation: str = opt("linear", "hypernetwork: activation after each hidden Linear: "
+                                       + "|".join(CHOICES["hn_activation"]) + " (swish is Hardswish, as in A1111; default linear = none)")
+    hn_layer_norm: bool = opt(False, "hypernetwork: LayerNorm after every Linear (default off)")
+    hn_dropout: Optional[str] = opt(None, "hypernetwork: dropout structure, one probability per --hn-layers entry "
+                                          "(first and last 0), e.g. '0,0.3,0'; default: none")
+    hn_init: str = opt("Normal", "hypernetwork: weight init " + "|".join(CHOICES["hn_init"]) + " (Normal: "
+                                 "N(0, 0.01²), biases 0; the default)")
+    hn_activate_output: bool = opt(False, "hypernetwork: the activation after the last Linear too (default off)")
     # --- optimisation
     lr: float = opt(1e-3, "learning rate of the UNet adapters (prodigy: use 1.0)")
     te_lr: Optional[float] = opt(None, "learning rate of the text-encoder adapters (default: --lr; needs "
@@ -158,9 +188,6 @@ class TrainConfig:
     vae_slicing: bool = opt(False, "encode one image at a time (less VAE memory, same latents)")
     vae_tiling: bool = opt(False, "encode in overlapping tiles (large images; latents close, not equal)")
     # --- methods (issue 17): full fine-tune, DreamBooth, held-out validation loss
-    method: str = opt("adapter", "what trains: adapter (the --network kind, frozen base) | full (every UNet weight, "
-                                 "with --train-text-encoder the text encoder(s) too; writes model/ and "
-                                 "model.safetensors; minisd/train/full.py)")
     instance_prompt: Optional[str] = opt(None, "DreamBooth: every image of --data trains on this prompt (e.g. 'a sks "
                                                "emblem') instead of its caption (minisd/train/dreambooth.py)")
     class_prompt: Optional[str] = opt(None, "DreamBooth prior preservation: the class prompt (e.g. 'an emblem'); "
@@ -305,6 +332,7 @@ class TrainConfig:
         if self.cuda_graph and self.noise_streams == "sample":
             raise ValueError("--cuda-graph cannot be used with --noise-streams sample (a recording draws from one "
                              "stream)")
+        self.validate_method(changed)
         if self.cuda_graph:  # what a recorded step cannot do (minisd/perf/graphs.py); the device is checked by Trainer
             if self.buckets:
                 raise ValueError("--cuda-graph needs one image shape: drop --buckets (a graph replays fixed shapes)")
@@ -319,25 +347,90 @@ class TrainConfig:
                                  "the recompute must replay the dropout masks, which a recording cannot do")
 
 
+    def validate_method(self, changed) -> None:
+        """issue 17: each method's options are refused with another method; the methods' own value checks."""
+        own = {"adapter": changed("network", "rank", "alpha", "targets", "train_text_encoder", "init", "init_adapter",
+                               "dropout", "rank_dropout", "module_dropout", "conv_rank", "conv_alpha"),
+               "ti": changed("ti_token", "ti_vectors", "ti_init", "ti_norm_weight"),
+               "hypernetwork": changed("hn_sizes", "hn_layers", "hn_activation", "hn_layer_norm", "hn_dropout",
+                                       "hn_init", "hn_activate_output")}
+        for method, given in own.items():
+            if given and method != self.method and not (method == "adapter" and self.method == "full"):
+                names = ", ".join("--" + n.replace("_", "-") for n in given)
+                raise ValueError(f"{names} {'applies' if len(given) == 1 else 'apply'} to --method {method}, not "
+                                 f"--method {self.method}")
+        if self.method == "ti":
+            if not self.ti_token.strip() or any(c.isspace() for c in self.ti_token):
+                raise ValueError(f"--ti-token must be one word without spaces, got {self.ti_token!r}")
+            if self.ti_vectors < 1:
+                raise ValueError("--ti-vectors must be >= 1")
+            if self.ti_norm_weight < 0:
+                raise ValueError("--ti-norm-weight must be >= 0")
+            if not self.ti_init.strip():
+                raise ValueError("--ti-init must be a word")
+            if self.cache_text:
+                raise ValueError("--cache-text cannot be used with --method ti: the text encoder's output changes "
+                                 "every step (drop one of them)")
+        if self.method == "hypernetwork":
+            parse_numbers(self.hn_layers, "--hn-layers")
+            if self.hn_sizes is not None:
+                parse_numbers(self.hn_sizes, "--hn-sizes", int)
+            if self.hn_dropout is not None:
+                parse_numbers(self.hn_dropout, "--hn-dropout")
+
+
+def parse_numbers(text: str, flag: str, kind=float) -> list:
+    """'1, 2, 1' -> [1.0, 2.0, 1.0]; ValueError naming the flag otherwise."""
+    try:
+        values = [kind(v) for v in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if kind is int and any(v < 1 for v in values):
+        raise ValueError(f"{flag} must be positive widths, got {text!r}")
+    return values
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit code 2, no usage dump
         sys.stderr.write(f"error: {message}\n")
         sys.exit(2)
 
 
+METHOD_HELP = {  # issue 17: the --help sections of the methods besides the adapters
+    "ti": "Gal et al. 2022, 'An Image is Worth One Word': only the new token's vectors train (every other tensor, "
+          "the rest of the embedding table included, stays as loaded). SD1, SD2, SDXL (one set per encoder); not "
+          "LDM-256. Writes embedding.safetensors (A1111 / kohya) and learned_embeds.safetensors (diffusers). "
+          "Without --data: the embedded world's subject, 200 images, lr 5e-3, 300 steps. "
+          "Example: python train.py --method ti --ti-token '<sks>' --ti-vectors 1 --ti-init circle; then "
+          "python sample.py 'a small <sks> emblem at the center on a black background' --embedding "
+          "RUN/embedding.safetensors:'<sks>'",
+    "hypernetwork": "NovelAI's method as AUTOMATIC1111 defines it (modules/hypernetworks/hypernetwork.py): per "
+                    "width, two MLPs rewrite the inputs of the attention keys and values, c + MLP(c); only the MLPs "
+                    "train. Writes hypernetwork.safetensors (A1111's tensors, key layout in "
+                    "minisd/adapters/hypernetwork.py). Without --data: the --style world run, lr 1e-3 cosine, 300 "
+                    "steps. Example: python train.py --method hypernetwork --hn-layers 1,2,1 --hn-activation relu; "
+                    "then python sample.py PROMPT --hypernetwork RUN/hypernetwork.safetensors:0.8",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="train.py", description="Fine-tune a LoRA / DoRA / LoHa / LoKr adapter on a folder of "
-                "captioned images. With no arguments: a style LoRA on the embedded world, on the CPU.",
+                "captioned images (or, with --method, a textual inversion or a hypernetwork: their sections below). "
+                "With no arguments: a style LoRA on the embedded world, on the CPU.",
                 argument_default=argparse.SUPPRESS)  # absent flags stay absent, so TOML values survive
+    # issue 17: each method's options in a --help section of its own
+    sections = {"ti_": p.add_argument_group("textual inversion (--method ti)", METHOD_HELP["ti"]),
+                "hn_": p.add_argument_group("hypernetwork (--method hypernetwork)", METHOD_HELP["hypernetwork"])}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else f.type.__name__
+        target = next((g for prefix, g in sections.items() if f.name.startswith(prefix)), p)
         if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
         else:
             conv = {"int": int, "float": float}.get(kind.replace("Optional[", "").rstrip("]"), str)
-            p.add_argument(flag, type=conv, metavar=f.name.upper(), help=f.metadata["help"],
-                           choices=[c for c in CHOICES[f.name] if c is not None] if f.name in CHOICES else None)
+            target.add_argument(flag, type=conv, metavar=f.name.upper(), help=f.metadata["help"],
+                                choices=[c for c in CHOICES[f.name] if c is not None] if f.name in CHOICES else None)
     return p
 
 

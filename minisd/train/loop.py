@@ -48,6 +48,7 @@ from . import distributed
 from .fused import FusedBackward
 from .data import CaptionDataset, Loader
 from .ema import EMA
+from .hypernetwork import build_method
 from .prodigy import Prodigy
 from .rng import rng_state, set_rng_state
 from .targets import convs_targeted, unet_targets
@@ -107,7 +108,7 @@ class Trainer:
         # the step's settings besides the model, the noise schedule, the batch and the draws
         self.step_options = dict(noise_offset=cfg.noise_offset, input_perturbation=cfg.input_perturbation,
                                  min_snr_gamma=cfg.min_snr_gamma, amp_dtype=self.amp_dtype,
-                                 train_text_encoder=cfg.train_text_encoder)  # adapters or full
+                                 train_text_encoder=cfg.train_text_encoder or bool(self.method and self.method.train_text_encoder))  # adapters, full, TI
         # --cuda-graph: forward + backward of a micro-batch replayed from one recording
         self.graph = StepGraph(self.forward_backward, self.gen, self.device, warmup=2) if cfg.cuda_graph else None
 
@@ -141,8 +142,11 @@ class Trainer:
         """Adapter layers into the UNet (the `TARGETS` preset) and, with --train-text-encoder, the text encoders;
         the model on the device; their parameters, in fp32 whatever the autocast dtype, are `self.params`."""
         cfg, m = self.cfg, self.model
+        self.method = None  # textual inversion / hypernetwork: the object that owns their tensors
         if cfg.method == "full":  # full fine-tune (full.py): the model's own weights train, no adapter layers
             return build_full(self)
+        if cfg.method != "adapter":  # issue 17: textual inversion / hypernetwork train their own tensors
+            return self.build_method()
         torch.manual_seed(cfg.seed)  # adapter init (load_model may have seeded the global RNG itself)
         # 3x3 convs (only "full" targets them): --conv-rank / --conv-alpha, default --rank / --alpha; 0 skips them
         conv_rank = (cfg.rank if cfg.conv_rank is None else cfg.conv_rank or None) if convs_targeted(cfg) else None
@@ -174,6 +178,18 @@ class Trainer:
             p.data = p.data.float()
             p.requires_grad_(True)
         self.params = self.unet_params + te_params
+
+    def build_method(self) -> None:
+        """--method ti / hypernetwork (issue 17): no adapter layers; the model on the device, then the method's own
+        trainable tensors (train/textual_inversion.py, train/hypernetwork.py) are `self.params`."""
+        cfg, m = self.cfg, self.model
+        self.unet_layers, self.te_layers = [], []
+        m.to(self.device)
+        set_gradient_checkpointing(m.unet, cfg.gradient_checkpointing)
+        if cfg.compile:
+            compile_for_training(m, encoder=not cfg.cache_latents)
+        self.method = build_method(m, cfg, self.device)
+        self.unet_params = self.params = self.method.params
 
     def build_optimizer(self) -> None:
         """The optimizer over a parameter group per network (own LRs: --te-lr, --te1-lr, --te2-lr), the LR schedule
@@ -235,7 +251,7 @@ class Trainer:
     def encode_text(self, captions: list[str]):
         """Captions -> (context (B, T, D), pooled (B, P) or None); with grad only if the TE has adapters."""
         m = self.model
-        with torch.set_grad_enabled(self.cfg.train_text_encoder):
+        with torch.set_grad_enabled(self.cfg.train_text_encoder or bool(self.method and self.method.train_text_encoder)):
             return m.encode_text([ids.to(self.device) for ids in m.tokenize(captions)])
 
     def micro_batch(self, batch: dict) -> MicroBatch:
@@ -264,6 +280,8 @@ class Trainer:
         draw = distributed.draws_for(batch, self.gen, self.cfg.seed, self.device)  # one stream, or one per sample
         loss = training_loss(self.model, self.noise, self.micro_batch(batch), draw,
                              stage=self.prof.stage, **self.step_options)
+        if self.method:  # --ti-norm-weight (issue 17)
+            loss = loss + self.method.regulariser()
         return loss if self.prior is None else loss + self.prior.term(self)
 
     def forward_backward(self, draw, mb: MicroBatch) -> torch.Tensor:
@@ -271,6 +289,7 @@ class Trainer:
         gradients accumulate in place into the adapters' .grad (kept allocated: zero_grad(set_to_none=False)).
         No stage timers inside (they synchronise the GPU, which a recording cannot). Returns the loss."""
         loss = training_loss(self.model, self.noise, mb, draw, **self.step_options)
+        loss = loss + self.method.regulariser() if self.method else loss  # --ti-norm-weight (issue 17)
         (loss / self.cfg.grad_accum).backward()
         return loss.detach()
 
@@ -346,6 +365,8 @@ class Trainer:
                  "scaler": self.scaler.state_dict(), "loader": self.loader.state_dict(), "rng": rng_state(self.gen)}
         if self.ema:
             state["ema"] = self.ema.state_dict()
+        if self.method:  # issue 17: the TI vectors / hypernetwork MLPs
+            state["method"] = self.method.state_dict()
         if self.dist.world > 1:  # torchrun: the world size, and every rank's RNGs (dropout differs per rank)
             state["world_size"], state["rng_ranks"] = self.dist.world, self.dist.gather(rng_state(self.gen))
         self.dist.on_main(write_atomic, state, self.ckpt_path)  # rank 0 writes, the others wait for it
@@ -369,6 +390,10 @@ class Trainer:
         s = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         self.dist.check_resume(s, self.ckpt_path)  # only at the world size that wrote it
         self.load_trainable_state(s)  # in place: optimizer refs hold
+        if self.method:
+            if "method" not in s:
+                raise TrainError(f"{self.ckpt_path}: no {self.cfg.method} state in this checkpoint")
+            self.method.load_state_dict(s["method"])
         self.opt.load_state_dict(s["optimizer"])
         self.sched.load_state_dict(s["scheduler"])
         # the LR of the next step from *this* config's schedule (a resume may extend --max-steps)
@@ -389,7 +414,7 @@ class Trainer:
         cfg = self.cfg
         n_train = sum(p.numel() for p in self.params)
         self.log(format_budget(memory_budget(self), cfg))  # weights, gradients, optimizer, activations (full.py)
-        self.log(self.trainable_summary(n_train))
+        self.log(self.method.describe() if self.method else self.trainable_summary(n_train))
         self.log(self.data.summary())
         offload_cached(self)  # cached VAE / text encoders leave the GPU for the loop
         from tqdm import tqdm
@@ -429,6 +454,11 @@ class Trainer:
         if self.cfg.method == "full":
             return write_full_outputs(self)
         meta = {"minisd.train_config": json.dumps(self.cfg.public_dict(self.run_dir)), "minisd.steps": str(self.step)}
+        if self.method:  # issue 17: the method's own files (EMA weights if on), no adapter files
+            with self.eval_weights():
+                out = self.method.write_outputs(self.run_dir, meta, self.step)
+            self.log(self.data.summary() if self.data.skipped else "data: no image was skipped")
+            return {**out, "files": self.method.files_text(out), "losses": [r["loss"] for r in self.losses]}
         lora = os.path.join(self.run_dir, "lora.safetensors")
         kohya = os.path.join(self.run_dir, "lora_kohya.safetensors")
         out = {"lora": lora, "kohya": kohya, "losses": [r["loss"] for r in self.losses]}

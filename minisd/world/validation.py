@@ -29,15 +29,25 @@ def validation_prompts(cfg) -> list[str]:
     """The prompts of the validation grids: --validation-prompts, else (world runs) held-out prompts in the style."""
     if cfg.validation_prompts or not is_world_folder(cfg.data):
         return given_prompts(cfg)
+    if getattr(cfg, "method", "adapter") == "ti":  # issue 17: a textual inversion learns the subject, named by its token
+        return [c for _, c in sample(WORLD_PROMPTS, seed=10_000 + cfg.seed, split="heldout", subject=True,
+                                     token=cfg.ti_token)]
     # the seed of the before/after grids' held-out prompts: the validation grid shows their first few
     return [c for _, c in sample(WORLD_PROMPTS, seed=10_000 + cfg.seed, split="heldout", style=cfg.style)]
 
 
-def sample_and_score(trainer, tag: str) -> dict:
+def sample_and_score(trainer, tag: str, subject: str | None = None) -> dict:
     """World runs only: draw held-out prompts in the trained style, save a 4x4 grid `samples_<tag>.png` and the
-    probe's reading of every image (`probe_<tag>.json`): style adoption, shape and colour accuracy."""
+    probe's reading of every image (`probe_<tag>.json`): style adoption, shape and colour accuracy.
+    subject: the subject's token (textual inversion, issue 17): half the prompts name the subject with it, half are
+    ordinary plain prompts; the probe reads subject fidelity and subject leak instead of the style."""
     cfg = trainer.cfg
-    pairs = sample(cfg.n_eval, seed=10_000 + cfg.seed, split="heldout", style=cfg.style)
+    if subject:
+        half = cfg.n_eval // 2
+        pairs = [p for pair in zip(sample(half, seed=10_000 + cfg.seed, split="heldout", subject=True, token=subject),
+                                   sample(half, seed=20_000 + cfg.seed, split="heldout")) for p in pair]
+    else:
+        pairs = sample(cfg.n_eval, seed=10_000 + cfg.seed, split="heldout", style=cfg.style)
     attrs, prompts = [a for a, _ in pairs], [c for _, c in pairs]
     images = []
     with sampling(trainer) as pipe:  # EMA weights if on; dtypes, RNGs and train mode left as they were
@@ -52,6 +62,11 @@ def sample_and_score(trainer, tag: str) -> dict:
     with open(os.path.join(trainer.run_dir, f"probe_{tag}.json"), "w") as f:
         json.dump(res, f, indent=2)
     pct = lambda v: "-" if v is None else f"{100 * v:.0f} %"
+    if subject:
+        trainer.log(f"probe {tag}: subject {pct(res['subject'])}, subject leak {pct(res['subject_leak'])}, shape "
+                    f"{pct(res['shape'])}, colour {pct(res['colour'])} ({len(images)} held-out prompts, half "
+                    f"'{subject} emblem')")
+        return res
     trainer.log(f"probe {tag}: style adoption {pct(res['style_adoption'])}, shape {pct(res['shape'])}, "
                 f"colour {pct(res['colour'])} ({len(images)} held-out '{cfg.style}' prompts)")
     return res
