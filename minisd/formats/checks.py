@@ -130,7 +130,8 @@ def read_json(path: str, what: str = "JSON file") -> dict:
         with open(path, "rb") as f:
             data = json.loads(f.read().decode("utf-8"))
     except ValueError as e:  # check_regular's reasons, JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path}: not a valid {what} ({str(e).splitlines()[0][:120]})") from None
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise ValueError(f"{path}: not a valid {what} ({why})") from None
     except RecursionError:
         raise ValueError(f"{path}: not a valid {what} (nested too deeply)") from None
     except OSError as e:

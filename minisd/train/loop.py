@@ -315,7 +315,8 @@ class Trainer:
         try:  # truncated, empty or foreign: one line (weights_only: a pickle that would run code is refused too)
             s = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise TrainError(f"{self.ckpt_path}: not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            raise TrainError(f"{self.ckpt_path}: not a readable checkpoint ({why})") from None
         keys = ("adapter", "optimizer", "scheduler", "scaler", "loader", "rng", "step", "losses")
         if not isinstance(s, dict) or any(k not in s for k in keys):
             raise TrainError(f"{self.ckpt_path}: not a minisd training checkpoint (expected the keys "
@@ -329,7 +330,7 @@ class Trainer:
             self._load_state(s)
         except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as e:
             raise TrainError(f"{self.ckpt_path}: does not match this run's adapters and optimizer "
-                             f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+                             f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:120]})") from None
 
     def _load_state(self, s: dict) -> None:
         """Put a checkpoint's tensors and counters into the built trainer (load_checkpoint checked its keys)."""
