@@ -71,7 +71,10 @@ class StableDiffusion(nn.Module):
         self.vae = AutoencoderKL(cfg.vae)
         self.text_encoders = nn.ModuleList([build_text_encoder(t) for t in cfg.text_encoders])
         dirs = tokenizer_dirs or [None] * len(cfg.text_encoders)
-        self.tokenizers = [load_tokenizer(t, vocab_dir=d) for t, d in zip(cfg.text_encoders, dirs)]
+        try:
+            self.tokenizers = [load_tokenizer(t, vocab_dir=d) for t, d in zip(cfg.text_encoders, dirs)]
+        except ValueError as e:  # a broken vocabulary or missing special tokens: one line naming the folder
+            raise ModelError(str(e)) from None
 
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
         """Prompts -> the token ids of each text encoder [(B, T), ...], each with its own tokenizer."""

@@ -7,9 +7,10 @@ Every check raises ValueError with one line that names the flag or the file and 
     check_device(name)        a device torch knows and this machine has (`--device cuda` on a CPU-only build)
     check_size(...)           --width / --height: positive multiples of the latent factor, and small enough that
                               decoding fits in memory (estimated: the VAE decoder's full-resolution activations)
-    check_weights(sd, where)  floating-point tensors only, every value finite (NaN weights draw black pictures)
     read_json(path, what)     a JSON object from a regular file, one line for every failure (deep nesting too)
     scheduler_keys(d, where)  scheduler-config keys minisd would ignore although they change the sampling
+Weights are checked where they are loaded (model.load_strict: floating point, finite), model configs by
+config.check_config, images by images.read_image, a run's options by train/values.py.
 """
 from __future__ import annotations
 
@@ -106,20 +107,6 @@ def check_size(width: int, height: int, factor: int, vae_cfg, batch: int, device
     if need > have:
         raise ValueError(f"{width}x{height} x {batch} image(s) needs at least {need / 2**30:.1f} GiB to decode on "
                          f"{device}, {have / 2**30:.1f} GiB is free: choose a smaller size or batch")
-
-
-def check_weights(sd: dict, where: str) -> None:
-    """Floating-point tensors only, every value finite: a model with NaN weights draws black pictures, an integer
-    weight is not a trained model. Names the first offending tensor."""
-    for k, v in sd.items():
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f"{where}: {k} is not a tensor ({type(v).__name__})")
-        if not (v.is_floating_point() or v.is_meta):
-            raise ValueError(f"{where}: tensor {k} holds {str(v.dtype).replace('torch.', '')} values, not "
-                             "floating-point weights")
-        if not v.is_meta and v.numel() and not bool(torch.isfinite(v).all()):
-            bad = int((~torch.isfinite(v)).sum())
-            raise ValueError(f"{where}: tensor {k} holds {bad} NaN/Inf value(s) of {v.numel()}")
 
 
 def read_json(path: str, what: str = "JSON file") -> dict:
