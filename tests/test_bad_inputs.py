@@ -156,6 +156,8 @@ def corpus(tmp_path_factory):
 
 # ----------------------------------------------------------------------------------------------- sample.py
 def test_sample_refuses_bad_flags_and_files(corpus):
+    """Flags out of range, images that must not be read, and models whose files are broken (each line names the
+    file and the field or tensor)."""
     d, m = corpus["dir"], corpus["models"]
     out = str(d / "s.png")
     common = ["x", "--steps", "1", "--out", out, "--model", corpus["base"]]
@@ -178,18 +180,7 @@ def test_sample_refuses_bad_flags_and_files(corpus):
         (["--prompts", str(d / "prompts_fifo"), "--out", out], "FIFO"),
         (["--bogus"], "unrecognized"),
     ]
-    for name in ("wrong_type", "negative", "bool_int", "nested", "nan_float", "bad_choice", "nan_weight",
-                 "int_weight", "vocab_broken", "vocab_no_eos", "vocab_range", "sched_key", "sched_unknown"):
-        cases.append((["x", "--steps", "1", "--out", out, "--model", m[name]], os.path.basename(m[name])))
-    results = run_cases("sample.py", [c for c, _ in cases], d)
-    for (argv, must), r in zip(cases, results):
-        assert_refused(argv, r, dest=out, must=must)
-    assert not [f for f in os.listdir(d) if f.startswith("s.png") or f.endswith(".tmp")]
-
-
-def test_sample_error_names_the_file_and_field(corpus):
-    """The model cases' lines name the file and the field (or tensor), one line each."""
-    m, out = corpus["models"], str(corpus["dir"] / "s2.png")
+    # the model cases' lines name the file and the field (or tensor)
     want = {"wrong_type": ("config.json", "unet.model_channels"), "negative": ("config.json", "vae.ch"),
             "bool_int": ("config.json", "resolution"), "nan_float": ("config.json", "vae.scale_factor"),
             "nested": ("config.json", "nested"), "bad_choice": ("config.json", "prediction_type"),
@@ -197,11 +188,15 @@ def test_sample_error_names_the_file_and_field(corpus):
             "vocab_broken": ("tokenizer", "tokenizer"), "vocab_no_eos": ("tokenizer", "<|endoftext|>"),
             "vocab_range": ("tokenizer", "zzz"), "sched_key": ("source.json", "rescale_betas_zero_snr"),
             "sched_unknown": ("source.json", "frobnicate")}
-    results = run_cases("sample.py", [["x", "--steps", "1", "--out", out, "--model", m[n]] for n in want],
-                        corpus["dir"])
-    for (name, (file, field)), r in zip(want.items(), results):
+    n_flags = len(cases)
+    cases += [(["x", "--steps", "1", "--out", out, "--model", m[n]], os.path.basename(m[n])) for n in want]
+    results = run_cases("sample.py", [c for c, _ in cases], d)
+    for (argv, must), r in zip(cases, results):
+        assert_refused(argv, r, dest=out, must=must)
+    for (name, (file, field)), r in zip(want.items(), results[n_flags:]):
         line = r["err"].strip().splitlines()[-1]
         assert file in line and field in line, (name, line)
+    assert not [f for f in os.listdir(d) if f.startswith("s.png") or f.endswith(".tmp")]
 
 
 # ----------------------------------------------------------------------------------------------- convert.py
