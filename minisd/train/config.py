@@ -268,8 +268,9 @@ def _merge(cfg: TrainConfig, values: dict, where: str) -> TrainConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)}")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for name, v in values.items():  # a TOML or config.json value is input: of its field's type (values.py)
-        check_type(name, v, where)
+        check_type(fields[name], v, where)
     return dataclasses.replace(cfg, **values)
 
 

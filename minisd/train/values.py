@@ -44,10 +44,9 @@ def _kind(field: dataclasses.Field) -> tuple[str, bool]:
     return t.replace("Optional[", "").rstrip("]"), t.startswith("Optional")
 
 
-def check_type(name: str, value, where: str) -> None:
-    """A value read from a file (or a flag) for field `name`: of the field's type, a float finite."""
-    from .config import TrainConfig  # at call time: config.py imports this module
-    field = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+def check_type(field: dataclasses.Field, value, where: str) -> None:
+    """A value read from a file (or a flag) for a TrainConfig field: of the field's type, a float finite."""
+    name = field.name
     kind, optional = _kind(field)
     what = f"--{name.replace('_', '-')}" if where == "command line" else f"{where}: {name}"
     if value is None and optional:
