@@ -42,8 +42,14 @@ def split_spec(spec: str) -> tuple[str, float]:
         raise ValueError(f"{spec!r}: {tail!r} is not a number") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one `error:` line and exit code 2, as train.py and sample.py: no usage dump
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Convert official SD checkpoints to minisd folders and back.",
+    p = _Parser(description="Convert official SD checkpoints to minisd folders and back.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("src", help="single file (.safetensors/.ckpt), diffusers folder, or minisd folder (with --to)")
@@ -148,6 +154,11 @@ def import_model(a):
         if a.prediction:
             model.cfg.schedule.prediction_type = {"eps": "epsilon", "v": "v_prediction"}[a.prediction]
     else:
+        from minisd.formats.images import check_regular
+        try:
+            check_regular(src)  # a FIFO or a device would block the read
+        except ValueError as e:
+            raise ModelError(f"{src}: {e}") from None
         model, split = load_single_file(src, a.family, a.prediction, a.ema)
         extras, trace, ema_used, source = model.extras, model.trace, split.ema_used, model.source
         n_src = model.n_source
@@ -203,10 +214,10 @@ def adapter_tool(a):
     from minisd.formats import load_model
     from minisd.formats.lora_read import AdapterError, read_adapter_file
     from minisd.model import ModelError
-    model = load_model(a.src)
+    model = load_model(a.src, sampling=False)  # the scheduler is not used here
     fmt, dest = a.to
     if a.extract_from:
-        tuned = load_model(a.extract_from)
+        tuned = load_model(a.extract_from, sampling=False)
         if tuned.cfg.family != model.cfg.family:
             raise ModelError(f"{a.extract_from} is {tuned.cfg.family}, {a.src} is {model.cfg.family}")
         try:
@@ -249,7 +260,7 @@ def bake(a):
     from minisd.formats.export import export_diffusers, export_single_file
     from minisd.formats.lora_read import AdapterError, read_adapter_file
     from minisd.model import is_minisd_folder, save_model
-    model = load_model(a.src)
+    model = load_model(a.src, sampling=False)  # the scheduler is carried over as it is
     items = []
     for path, weight in a.lora:
         f = read_adapter_file(model, path)

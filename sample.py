@@ -68,23 +68,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLER_NAMES))
     p.add_argument("--karras", action="store_true", help="Karras sigma spacing (euler, dpmpp_2m)")
     p.add_argument("--cfg", type=float, default=None,
-                   help=f"classifier-free guidance scale, 1 = off (default: {CFG}; the no-prompt grid: {GRID_CFG})")
+                   help=f"classifier-free guidance scale >= 0, at most 1 = off (default: {CFG}; the no-prompt "
+                        f"grid: {GRID_CFG})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's resolution; not for the "
-                                                          "no-prompt grid, which draws at it)")
+    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of the model's latent factor (8 for "
+                                                          "SD); a size whose decode cannot fit in free memory is "
+                                                          "refused (default: the model's resolution, or the --init "
+                                                          "image's size; not for the no-prompt grid, which draws "
+                                                          "at the model's resolution)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's resolution; as --width)")
     p.add_argument("--negative", default="", help="negative prompt (the grid: the same for every image)")
     p.add_argument("--batch", type=int, default=None,
                    help="images for the prompt, drawn as one batch from --seed: each PNG records its `Batch pos`, "
                         "which with the seed and batch size reproduces it (default: 1; not for the grid, one image "
                         "per prompt)")
-    p.add_argument("--init", default=None, help="init image for img2img")
+    p.add_argument("--init", default=None, help="init image for img2img (PNG, JPEG, WebP, ...; 16-bit grey read as "
+                                                 "such; regular files only, at most 2^28 pixels; read by "
+                                                 "minisd/formats/images.py, as train.py's data)")
     p.add_argument("--strength", type=float, default=None,
                    help=f"img2img: how much of the init image to redraw (default: {STRENGTH}; needs --init)")
     p.add_argument("--eta", type=float, default=None,
-                   help=f"DDIM eta, 0 = deterministic (default: {ETA}; --sampler ddim only)")
+                   help=f"DDIM eta in [0, 1], 0 = deterministic (default: {ETA}; --sampler ddim only)")
     p.add_argument("--out", default="sample.png", help="output PNG (with --batch N: OUT-0.png ... OUT-(N-1).png)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu",
+                   help="cpu, cuda, cuda:N or mps; one this machine does not have is refused")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads. Default 1, not torch's one per core: minisd-tiny's ops are too small "
                         "to gain much from more, a busy core stalls every op of the others at its join (2-core VM "
@@ -162,6 +169,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--strength must be in (0, 1]")
     if a.karras and a.sampler not in ("euler", "dpmpp_2m"):
         p.error("--karras applies to --sampler euler or dpmpp_2m (as in diffusers)")
+    # values: finite and in range where they enter (minisd/formats/checks.py), not a black picture later
+    from minisd.formats.checks import check_device, number
+    try:
+        if a.cfg is not None:
+            number("--cfg", a.cfg, lo=0)
+        number("--eta", a.eta, lo=0, hi=1)
+        number("--strength", a.strength, lo=0, hi=1, lo_open=True)
+        for flag, v in (("--width", a.width), ("--height", a.height)):
+            if v is not None and v <= 0:
+                raise ValueError(f"{flag} must be positive, got {v}")
+        if not -2**63 <= a.seed < 2**64:
+            raise ValueError(f"--seed must fit in 64 bits, got {a.seed}")
+        a.device = check_device(a.device)
+    except ValueError as e:
+        p.error(str(e))
     return a
 
 
@@ -235,10 +257,10 @@ def apply_adapter_flags(a, model) -> str:
 
 def read_prompts(path: str) -> list[str]:
     """--prompts: the non-blank lines that do not start with #."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
-    except (OSError, UnicodeDecodeError) as e:
+    from minisd.formats.images import read_text_file
+    try:  # a regular UTF-8 file (a FIFO would block the read)
+        lines = [line.strip() for line in read_text_file(path).splitlines()]
+    except ValueError as e:
         raise ValueError(f"{path}: cannot read the prompts file ({e})") from None
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
@@ -288,7 +310,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     import torch
     torch.set_num_threads(a.threads)
-    from PIL import Image, PngImagePlugin, UnidentifiedImageError
+    from PIL import PngImagePlugin
 
     from minisd.formats import TINY_RANDOM, load_model
     from minisd.model import ModelError
@@ -313,13 +335,12 @@ def main(argv=None) -> int:
     a.steps, a.cfg = a.steps or STEPS, CFG if a.cfg is None else a.cfg
     a.batch, a.dtype = a.batch or 1, a.dtype or DTYPE
     init = None
-    if a.init:
+    if a.init:  # the reader train.py's data uses: 16-bit grey, regular files only, no decompression bombs
+        from minisd.formats.images import read_image
         try:
-            init = Image.open(a.init)
-            init.load()
-            init = init.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            print(f"error: {a.init}: not a readable image ({e})", file=sys.stderr)
+            init = read_image(a.init)
+        except ValueError as e:
+            print(f"error: --init {a.init}: {e}", file=sys.stderr)
             return 2
     try:
         t0 = time.time()
@@ -332,10 +353,17 @@ def main(argv=None) -> int:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     pipe = make_pipeline(model, a, dtype=dtype)
     f = model.vae_scale
+    if init and (a.width is None and init.width < f or a.height is None and init.height < f):
+        print(f"error: --init {a.init} is {init.width}x{init.height} px, smaller than this model's {f}-px latent "
+              "cell: give --width and --height (the image is resized to them)", file=sys.stderr)
+        return 2
     width = a.width or (init.width // f * f if init else model.cfg.resolution)
     height = a.height or (init.height // f * f if init else model.cfg.resolution)
-    if width % f or height % f:
-        print(f"error: --width/--height must be multiples of {f} for this model", file=sys.stderr)
+    from minisd.formats.checks import check_size
+    try:  # a multiple of the latent factor, and a decode that fits in memory: said now, not after the sampling
+        check_size(width, height, f, model.cfg.vae, a.batch, a.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"model {model_path} ({model.cfg.family}) loaded in {time.time() - t0:.1f}s; "
           f"{a.batch * len(jobs)} image(s) {width}x{height}, {a.sampler}{' karras' if a.karras else ''}, "
@@ -393,8 +421,12 @@ def grid(a, model_path: str) -> int:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype or DTYPE]
     prompts = grid_prompts(GRID_PROMPTS)
     pipe = make_pipeline(model, a, dtype=dtype)
-    images = pipe(prompts, negative=a.negative or None, steps=steps, sampler=a.sampler, karras=a.karras,
-                  cfg_scale=cfg, seed=a.seed, eta=a.eta)
+    try:
+        images = pipe(prompts, negative=a.negative or None, steps=steps, sampler=a.sampler, karras=a.karras,
+                      cfg_scale=cfg, seed=a.seed, eta=a.eta)
+    except ValueError as e:  # e.g. more steps than the schedule's grid holds, or a non-finite result
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     sampler = SAMPLER_NAMES[a.sampler] + (" Karras" if a.karras else "")
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", "\n".join(prompts + ([f"Negative prompt: {a.negative}"] if a.negative else []))

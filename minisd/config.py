@@ -135,24 +135,103 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        d = dict(d)
+        """The config of a config.json; ValueError naming the field on an unknown name, wrong type or range."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
 
-        def build(klass, values):
+        def build(klass, values, where):
+            if not isinstance(values, dict):
+                raise ValueError(f"{where} must be an object, got {type(values).__name__}")
             names = {f.name for f in dataclasses.fields(klass)}
             unknown = set(values) - names
             if unknown:
                 raise ValueError(f"unknown {klass.__name__} fields: {sorted(unknown)}")
             return klass(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
-        return cls(
+        for key in ("family", "unet", "vae", "text_encoders", "schedule"):
+            if key not in d:
+                raise ValueError(f"missing field {key!r}")
+        tes = d["text_encoders"]
+        if not isinstance(tes, list) or not all(isinstance(t, dict) for t in tes):
+            raise ValueError("text_encoders must be a list of objects")
+        if any(t.get("kind", "clip") not in TEXT_CONFIGS for t in tes):
+            raise ValueError(f"text_encoders[].kind must be one of {', '.join(TEXT_CONFIGS)}")
+        cfg = cls(
             family=d["family"],
-            unet=build(UNetConfig, d["unet"]),
-            vae=build(VAEConfig, d["vae"]),
-            text_encoders=[build(TEXT_CONFIGS[t.get("kind", "clip")], t) for t in d["text_encoders"]],
-            schedule=build(ScheduleConfig, d["schedule"]),
+            unet=build(UNetConfig, d["unet"], "unet"),
+            vae=build(VAEConfig, d["vae"], "vae"),
+            text_encoders=[build(TEXT_CONFIGS[t.get("kind", "clip")], t, f"text_encoders[{i}]")
+                           for i, t in enumerate(tes)],
+            schedule=build(ScheduleConfig, d["schedule"], "schedule"),
             resolution=d.get("resolution", 512),
             zero_empty_negative=d.get("zero_empty_negative", False),
         )
+        check_config(cfg)
+        return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a config read from a file: every field of its type, in range (a config file is input)
+# ---------------------------------------------------------------------------------------------
+SIZE_LIMIT = 1 << 20  # no official width, count or vocabulary comes near it: a larger value is a broken file
+CHOICES = {"family": ("sd1", "sd2", "sdxl", "ldm"), "hidden_act": ("quick_gelu", "gelu"),
+           "beta_schedule": ("scaled_linear", "linear"), "prediction_type": ("epsilon", "v_prediction", "sample"),
+           "timestep_spacing": ("leading", "linspace", "trailing")}
+MAY_BE_NEGATIVE = {"num_heads", "num_head_channels", "layer"}  # -1 = "not set" / "the last layer"
+MAY_BE_ZERO = {"num_res_blocks", "transformer_depth", "transformer_depth_middle", "steps_offset"}
+
+
+def check_config(cfg, where: str = "") -> None:
+    """Raise ValueError naming `where.field` for a field of the wrong type (a bool for an int, a list where a
+    number goes, an object nested where none belongs) or out of range (sizes >= 1 and below SIZE_LIMIT, floats
+    finite and positive, names from CHOICES), and for parts that do not fit together."""
+    for f in dataclasses.fields(cfg):
+        v, name = getattr(cfg, f.name), f"{where}.{f.name}" if where else f.name
+        kind = f.type.replace("Optional[", "").rstrip("]")
+        if v is None and f.type.startswith("Optional"):
+            continue
+        if f.name == "text_encoders":
+            if not isinstance(v, list) or not v:
+                raise ValueError(f"{name} must be a non-empty list")
+            for i, t in enumerate(v):
+                check_config(t, f"{name}[{i}]")
+            continue
+        if dataclasses.is_dataclass(v):
+            check_config(v, name)
+            continue
+        items = v if kind == "tuple" else (v,)
+        if kind == "tuple" and (not isinstance(v, tuple) or not v):
+            raise ValueError(f"{name} must be a non-empty list of whole numbers, got {v!r}")
+        for x in items:
+            if kind in ("int", "tuple"):
+                ok = isinstance(x, int) and not isinstance(x, bool)
+                lo = -SIZE_LIMIT if f.name in MAY_BE_NEGATIVE else 0 if f.name in MAY_BE_ZERO else 1
+                if not ok or not lo <= x <= SIZE_LIMIT:
+                    raise ValueError(f"{name} must be a whole number in [{lo}, {SIZE_LIMIT}], got {x!r}")
+            elif kind == "float":
+                ok = isinstance(x, (int, float)) and not isinstance(x, bool)
+                if not ok or not 0 < x < float("inf"):
+                    raise ValueError(f"{name} must be a finite positive number, got {x!r}")
+            elif kind == "bool" and not isinstance(x, bool):
+                raise ValueError(f"{name} must be true or false, got {x!r}")
+            elif kind == "str":
+                if not isinstance(x, str) or f.name in CHOICES and x not in CHOICES[f.name]:
+                    allowed = f" ({', '.join(CHOICES[f.name])})" if f.name in CHOICES else ""
+                    raise ValueError(f"{name} must be a name{allowed}, got {x!r}")
+    if isinstance(cfg, UNetConfig):
+        if not len(cfg.channel_mult) == len(cfg.num_res_blocks) == len(cfg.transformer_depth):
+            raise ValueError(f"{where}: channel_mult, num_res_blocks and transformer_depth must have one entry "
+                             "per level")
+        if (cfg.num_heads > 0) == (cfg.num_head_channels > 0):
+            raise ValueError(f"{where}: exactly one of num_heads and num_head_channels must be set (> 0)")
+        if any(cfg.model_channels * m % cfg.norm_num_groups for m in cfg.channel_mult):
+            raise ValueError(f"{where}.norm_num_groups {cfg.norm_num_groups} must divide every level's channels")
+    if isinstance(cfg, VAEConfig) and any(cfg.ch * m % cfg.norm_num_groups for m in cfg.ch_mult):
+        raise ValueError(f"{where}.norm_num_groups {cfg.norm_num_groups} must divide every level's channels")
+    if isinstance(cfg, CLIPTextConfig) and cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(f"{where}.num_attention_heads {cfg.num_attention_heads} must divide hidden_size")
+    if isinstance(cfg, ScheduleConfig) and not cfg.beta_start < cfg.beta_end < 1:
+        raise ValueError(f"{where}: beta_start < beta_end < 1 expected, got {cfg.beta_start}, {cfg.beta_end}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,7 +71,10 @@ class StableDiffusion(nn.Module):
         self.vae = AutoencoderKL(cfg.vae)
         self.text_encoders = nn.ModuleList([build_text_encoder(t) for t in cfg.text_encoders])
         dirs = tokenizer_dirs or [None] * len(cfg.text_encoders)
-        self.tokenizers = [load_tokenizer(t, vocab_dir=d) for t, d in zip(cfg.text_encoders, dirs)]
+        try:
+            self.tokenizers = [load_tokenizer(t, vocab_dir=d) for t, d in zip(cfg.text_encoders, dirs)]
+        except ValueError as e:  # a broken vocabulary or missing special tokens: one line naming the folder
+            raise ModelError(str(e)) from None
 
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
         """Prompts -> the token ids of each text encoder [(B, T), ...], each with its own tokenizer."""
@@ -146,6 +149,13 @@ def load_strict(module: nn.Module, sd: dict, what: str) -> None:
         if names:
             more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
             raise ModelError(f"{what}: {label} tensors: {', '.join(names[:3])}{more}")
+    # a weight file is input: integers where weights belong, or NaN / Inf values (which draw black pictures)
+    for k, v in sd.items():
+        if own[k].is_floating_point() and not v.is_floating_point():
+            raise ModelError(f"{what}: tensor {k} holds {str(v.dtype).replace('torch.', '')} values, not "
+                             "floating-point weights")
+        if v.is_floating_point() and not v.is_meta and v.numel() and not bool(torch.isfinite(v).all()):
+            raise ModelError(f"{what}: tensor {k} holds {int((~torch.isfinite(v)).sum())} NaN/Inf value(s)")
     module.load_state_dict(sd, strict=True, assign=True)
     left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if left:  # a non-persistent buffer of a module built on the meta device was never filled
@@ -198,6 +208,8 @@ def load_minisd_folder(path: str) -> StableDiffusion:
     try:
         with open(os.path.join(path, CONFIG_NAME)) as f:
             cfg = ModelConfig.from_dict(json.load(f))
+    except RecursionError:
+        raise ModelError(f"{path}/{CONFIG_NAME}: not a valid minisd config (nested too deeply)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"{path}/{CONFIG_NAME}: not a valid minisd config ({e})") from None
     dirs = [os.path.join(path, tokenizer_dir(i)) for i in range(len(cfg.text_encoders))]
@@ -210,7 +222,10 @@ def load_minisd_folder(path: str) -> StableDiffusion:
         if not os.path.isfile(p):
             raise ModelError(f"{path}: missing component {name}")
         files[name] = read_safetensors(p)
-    model.load_components(files)
+    try:
+        model.load_components(files)
+    except ModelError as e:  # name the folder: "weights/x/unet.safetensors: tensor ... holds NaN"
+        raise ModelError(f"{os.path.join(path, str(e))}") from None
     return model
 
 

@@ -156,6 +156,9 @@ class Pipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         img = self.model.vae.decode((latents / self.model.cfg.vae.scale_factor).to(self.vae_dtype))
+        if not bool(torch.isfinite(img).all()):  # would be saved as a black picture
+            raise ValueError("the decoded image holds NaN/Inf values (an overflow: try --dtype fp32): nothing "
+                             "written")
         return tensor_to_images(img)
 
 

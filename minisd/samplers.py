@@ -345,11 +345,22 @@ def make_sampler(name: str, cfg: ScheduleConfig, steps: int, karras: bool = Fals
     if karras and name not in ("euler", "dpmpp_2m"):
         raise ValueError(f"--karras works with euler and dpmpp_2m, not {name}")
     if name == "ddim":
-        return DDIMSampler(cfg, steps, eta=eta)
-    if name == "ddpm":
-        return DDPMSampler(cfg, steps)
-    if name == "euler":
-        return EulerSampler(cfg, steps, karras=karras)
-    if name == "euler_a":
-        return EulerAncestralSampler(cfg, steps)
-    return DPMSolverPP2MSampler(cfg, steps, karras=karras)
+        smp = DDIMSampler(cfg, steps, eta=eta)
+    elif name == "ddpm":
+        smp = DDPMSampler(cfg, steps)
+    elif name == "euler":
+        smp = EulerSampler(cfg, steps, karras=karras)
+    elif name == "euler_a":
+        smp = EulerAncestralSampler(cfg, steps)
+    else:
+        smp = DPMSolverPP2MSampler(cfg, steps, karras=karras)
+    # "leading" spacing adds steps_offset (1 in the official configs): with T//n = 1 (n > T/2) the first step
+    # lands on t = T, one past the table. diffusers indexes past it too; we refuse with the largest n that fits.
+    T, last = cfg.num_train_timesteps, float(max(smp.timesteps))
+    if last > T - 1:
+        fits = max(n for n in range(1, steps) if float(max(spaced_timesteps(T, n, smp.spacing, cfg.steps_offset)))
+                   <= T - 1) if steps > 1 else 0
+        raise ValueError(f"{steps} {name} steps with {smp.spacing} spacing and steps_offset {cfg.steps_offset} "
+                         f"start at t = {last:g}, past the schedule's last timestep {T - 1}: use at most {fits} "
+                         "steps")
+    return smp

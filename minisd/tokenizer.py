@@ -264,6 +264,22 @@ class BertTokenizer:
 def load_tokenizer(text_cfg, vocab_dir: str | None = None):
     """The tokenizer a text-encoder config needs: CLIP BPE (padded with `cfg.pad_token`) for a
     `CLIPTextConfig`, BERT WordPiece for an `LDMBertConfig`. `vocab_dir`: a model's own files."""
-    if getattr(text_cfg, "kind", "clip") == "ldmbert":
-        return BertTokenizer(vocab_dir, max_length=text_cfg.max_position_embeddings)
-    return CLIPTokenizer(vocab_dir, pad_token=text_cfg.pad_token, max_length=text_cfg.max_position_embeddings)
+    try:  # tokenizer files are input: a broken vocabulary is a ValueError naming the folder, not a traceback
+        if getattr(text_cfg, "kind", "clip") == "ldmbert":
+            tok = BertTokenizer(vocab_dir, max_length=text_cfg.max_position_embeddings)
+        else:
+            tok = CLIPTokenizer(vocab_dir, pad_token=text_cfg.pad_token, max_length=text_cfg.max_position_embeddings)
+    except RecursionError:
+        raise ValueError(f"{vocab_dir}: not a usable tokenizer (nested too deeply)") from None
+    except Exception as e:  # JSON, UTF-8, missing keys, wrong types, the tokenizers library's own errors
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(msg if vocab_dir and str(vocab_dir) in msg else f"{vocab_dir}: not a usable tokenizer "
+                         f"({msg})") from None
+    # every id must have a row in the text encoder's embedding table, or a prompt reads out of range
+    bad = [(t, i) for t, i in tok.vocab.items() if isinstance(i, bool) or not isinstance(i, int)
+           or not 0 <= i < text_cfg.vocab_size]
+    if bad or not all(isinstance(t, str) for t in tok.vocab):
+        t, i = bad[0] if bad else (next(t for t in tok.vocab if not isinstance(t, str)), None)
+        raise ValueError(f"{vocab_dir}: token {t!r} has id {i!r}, outside the text encoder's vocab_size "
+                         f"{text_cfg.vocab_size}")
+    return tok

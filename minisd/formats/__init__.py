@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from ..config import CLIPTextConfig, LDMBertConfig, ModelConfig, ScheduleConfig, VAEConfig
+from ..config import CLIPTextConfig, LDMBertConfig, ModelConfig, ScheduleConfig, VAEConfig, check_config
 from .keys_text import clip_from_hf, ldmbert_from_diffusers
 from .keys_unet import unet_config_from_diffusers, unet_from_diffusers
 from .keys_vae import vae_from_diffusers
@@ -42,13 +42,13 @@ def is_diffusers_folder(path: str) -> bool:
 
 
 def _read_json(path: str) -> dict:
+    from .checks import read_json
+    if not os.path.lexists(path):
+        raise ModelError(f"missing {path}")
     try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ModelError(f"missing {path}") from None
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: not valid JSON ({e})") from None
+        return read_json(path, "JSON config")
+    except ValueError as e:  # not a regular file, not UTF-8, not JSON, nested too deeply, not an object
+        raise ModelError(str(e)) from None
 
 
 def read_weights(folder: str) -> dict:
@@ -111,6 +111,20 @@ def schedule_config_from_diffusers(d: dict) -> ScheduleConfig:
                           set_alpha_to_one=d.get("set_alpha_to_one", True))
 
 
+def _component(build, path: str, what: str, d: dict | None = None):
+    """build(the JSON config at `path`), checked field by field (config.check_config); a missing key, a wrong type
+    or a value out of range is one ModelError naming the file and the field."""
+    d = _read_json(path) if d is None else d
+    try:
+        cfg = build(d)
+        check_config(cfg, what)
+    except KeyError as e:
+        raise ModelError(f"{path}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError, ZeroDivisionError, IndexError, AttributeError) as e:
+        raise ModelError(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return cfg
+
+
 def _pad_token(path: str, sub: str, default: str) -> str:
     """Which token pads the prompt: EOS for OpenAI CLIP tokenizers, "!" for OpenCLIP ones."""
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # transformers >= 5 writes only the latter
@@ -144,28 +158,33 @@ def load_diffusers_folder(path: str, family: str | None = None) -> StableDiffusi
         if not os.path.isdir(os.path.join(path, comp)):
             raise ModelError(f"{path}: diffusers folder without its '{comp}/' component")
 
-    unet_cfg = unet_config_from_diffusers(_read_json(os.path.join(path, "unet", "config.json")))
     vae_dir = os.path.join(path, "vqvae" if family == "ldm" else "vae")
-    vae_cfg = vae_config_from_diffusers(_read_json(os.path.join(vae_dir, "config.json")))
-    sched_json = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
-    sched = schedule_config_from_diffusers(sched_json)
+    # each component config is input: a wrong type or range is one line naming the file and the field
+    unet_cfg = _component(unet_config_from_diffusers, os.path.join(path, "unet", "config.json"), "unet")
+    vae_cfg = _component(vae_config_from_diffusers, os.path.join(vae_dir, "config.json"), "vae")
+    sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    sched_json = _read_json(sched_path)
+    sched = _component(schedule_config_from_diffusers, sched_path, "schedule", sched_json)
 
     text_dirs = ["bert"] if family == "ldm" else (
         [text_encoder_name(0), text_encoder_name(1)] if family == "sdxl" else [text_encoder_name(0)])
     text_cfgs = []
     for i, sub in enumerate(text_dirs):
-        d = _read_json(os.path.join(path, sub, "config.json"))
+        te_path = os.path.join(path, sub, "config.json")
+        d = _read_json(te_path)
         if family == "ldm":
-            text_cfgs.append(ldmbert_config_from_diffusers(d))
+            text_cfgs.append(_component(ldmbert_config_from_diffusers, te_path, "text encoder", d))
             continue
         if family is None:  # OpenAI CLIP-L (SD1) uses quick_gelu, OpenCLIP (SD2) the exact gelu
             family = ("sd1" if d["hidden_act"] == "quick_gelu" else "sd2") if "hidden_act" in d else (
-                "sd1" if d["hidden_size"] == 768 else "sd2")
+                "sd1" if d.get("hidden_size") == 768 else "sd2")
         tok = "tokenizer" if i == 0 else "tokenizer_2"
         default_pad = "!" if (family == "sd2" or i == 1) else "<|endoftext|>"
         # SDXL reads both encoders at the penultimate layer without the final LayerNorm.
         layer, final_norm = (-2, False) if family == "sdxl" else (-1, True)
-        text_cfgs.append(clip_config_from_hf(d, layer, final_norm, _pad_token(path, tok, default_pad)))
+        pad = _pad_token(path, tok, default_pad)
+        text_cfgs.append(_component(lambda d: clip_config_from_hf(d, layer, final_norm, pad), te_path,
+                                    "text encoder", d))
 
     cfg = ModelConfig(family=family, unet=unet_cfg, vae=vae_cfg, text_encoders=text_cfgs,
                       schedule=sched, resolution=unet_cfg_resolution(path, vae_cfg),
@@ -219,16 +238,22 @@ def trace_by_storage(raw: dict, model: StableDiffusion) -> list:
 
 def unet_cfg_resolution(path: str, vae_cfg: VAEConfig) -> int:
     """Default image side: the UNet's trained latent size times the VAE's down-sampling factor."""
-    d = _read_json(os.path.join(path, "unet", "config.json"))
-    return int(d.get("sample_size", 64)) * 2 ** (len(vae_cfg.ch_mult) - 1)
+    p = os.path.join(path, "unet", "config.json")
+    size = _read_json(p).get("sample_size", 64)
+    size = size[0] if isinstance(size, list) and len(size) == 2 and size[0] == size[1] else size  # [h, w] square
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 1 << 16:
+        raise ModelError(f"{p}: sample_size must be a whole number of latent pixels, got {size!r}")
+    return size * 2 ** (len(vae_cfg.ch_mult) - 1)
 
 
 TINY_RANDOM = "tiny-random"
 
 
-def load_model(path: str) -> StableDiffusion:
+def load_model(path: str, sampling: bool = True) -> StableDiffusion:
     """Any model minisd reads: a minisd folder, a diffusers folder, or `tiny-random`
-    (the TINY preset with seed-0 random weights: it runs anywhere and draws noise-like images)."""
+    (the TINY preset with seed-0 random weights: it runs anywhere and draws noise-like images).
+    `sampling`: refuse scheduler-config keys minisd's samplers would ignore (checks.scheduler_keys); convert.py,
+    which only carries them over, passes False."""
     from ..model import is_minisd_folder, load_minisd_folder
     if path == TINY_RANDOM:
         from ..config import TINY
@@ -239,15 +264,39 @@ def load_model(path: str) -> StableDiffusion:
     try:
         if os.path.isdir(path):
             if is_minisd_folder(path):
-                return load_minisd_folder(path)
-            if is_diffusers_folder(path):
-                return load_diffusers_folder(path)
-            raise ModelError(f"{path}: neither a minisd folder (config.json + {UNET_FILE}) "
-                             "nor a diffusers folder (model_index.json)")
+                model = load_minisd_folder(path)
+                sched, where = (model_source(path).get("scheduler") or {}), os.path.join(path, "source.json")
+            elif is_diffusers_folder(path):
+                model = load_diffusers_folder(path)
+                sched, where = model.source["scheduler"], os.path.join(path, "scheduler", "scheduler_config.json")
+            else:
+                raise ModelError(f"{path}: neither a minisd folder (config.json + {UNET_FILE}) "
+                                 "nor a diffusers folder (model_index.json)")
+            if sampling and isinstance(sched, dict):
+                from .checks import scheduler_keys
+                try:
+                    scheduler_keys(sched, where)
+                except ValueError as e:
+                    raise ModelError(str(e)) from None
+            return model
+        from .images import check_regular
+        try:
+            check_regular(path)  # a FIFO or a device would block the read
+        except ValueError as e:
+            raise ModelError(f"{path}: {e}") from None
         from .single_file import load_single_file
         return load_single_file(path)[0]
     except KeyError as e:  # a name table met a tensor it does not know
         raise ModelError(f"{path}: unexpected checkpoint layout ({e.args[0] if e.args else e})") from None
+    except ModelError as e:  # name the model where a component's message does not ("unet.safetensors: ...")
+        msg = str(e)
+        raise ModelError(msg if path in msg else f"{path}: {msg}") from None
+
+
+def model_source(path: str) -> dict:
+    """source.json of a minisd folder ({} if absent): where it was converted from, and its scheduler config."""
+    p = os.path.join(path, "source.json")
+    return _read_json(p) if os.path.lexists(p) else {}
 
 
 def with_text_model_prefix(sd: dict) -> dict:

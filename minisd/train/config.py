@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import tomllib
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..formats.checks import read_json
+from ..formats.images import read_text_file
+from .values import check_resume, check_type, validate_values
 from .methods import validate_methods
 
 CHOICES = {
@@ -440,6 +442,9 @@ def _merge(cfg: TrainConfig, values: dict, where: str) -> TrainConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)}")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name, v in values.items():  # a TOML or config.json value is input: of its field's type (values.py)
+        check_type(fields[name], v, where)
     return dataclasses.replace(cfg, **values)
 
 
@@ -447,27 +452,36 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
     """The resolved TrainConfig and the flags given explicitly. Raises ValueError on bad files / values."""
     flags = vars(build_parser().parse_args(argv))
     cfg = TrainConfig()
+    saved_cfg, given = None, set(flags)
     if flags.get("resume"):
         saved = os.path.join(flags["resume"], "config.json")
         if not os.path.isfile(saved):
             raise ValueError(f"--resume {flags['resume']}: no config.json there (not a run folder)")
-        with open(saved) as f:
-            values = json.load(f)
+        values = read_json(saved, "run config")
         if values.get("threads") == 0:  # written before the default was 1: 0 meant torch's default then
             del values["threads"]
-        cfg = _merge(cfg, values, saved)
+        cfg = saved_cfg = _merge(cfg, values, saved)
     toml_path = flags.get("config")
     if toml_path:
         try:
-            with open(toml_path, "rb") as f:
-                cfg = _merge(cfg, tomllib.load(f), toml_path)
-        except OSError as e:
-            raise ValueError(f"{toml_path}: {e.strerror}") from None
+            text = read_text_file(toml_path)
+        except ValueError as e:
+            raise ValueError(f"{toml_path}: {e}") from None
+        try:
+            values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{toml_path}: not valid TOML ({e})") from None
+        except RecursionError:
+            raise ValueError(f"{toml_path}: not valid TOML (nested too deeply)") from None
+        cfg = _merge(cfg, values, toml_path)
+        given |= {k.replace("-", "_") for k in values}
     cfg = _merge(cfg, flags, "command line")
     cfg.validate()
+    validate_values(cfg)
+    if saved_cfg is not None:  # before anything is written: nothing in the run folder changes if this refuses
+        check_resume(saved_cfg, cfg, flags["resume"], given)
     return cfg, flags
+
 
 
 def format_config(cfg: TrainConfig) -> str:

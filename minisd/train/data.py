@@ -40,7 +40,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
+
+from ..formats.images import read_image, read_text_file
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_EXTS = (".txt", ".caption")  # kohya's two caption extensions, .txt first
@@ -82,16 +84,25 @@ def scan(folder: str) -> Scan:
     meta = os.path.join(folder, "metadata.jsonl")
     if os.path.isfile(meta):
         out = []
-        with open(meta, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    out.append(Example(os.path.join(folder, row["file_name"]), str(row.get("text", "")),
-                                       captioned="text" in row))
-                except (ValueError, KeyError, TypeError):
-                    raise DataError(f"{meta}:{n}: expected {{\"file_name\": ..., \"text\": ...}}") from None
+        try:
+            lines = read_text_file(meta).splitlines()
+        except ValueError as e:
+            raise DataError(f"{meta}: {e}") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                name, text = row["file_name"], row.get("text") or ""
+                if not isinstance(name, str) or not isinstance(text, str):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                raise DataError(f"{meta}:{n}: expected {{\"file_name\": \"...\", \"text\": \"...\"}}") from None
+            # a name is a path inside the folder: "../../x.png" or "/etc/x.png" would read files elsewhere
+            rel = os.path.normpath(name)
+            if not name or os.path.isabs(name) or rel == ".." or rel.startswith(".." + os.sep) or "\0" in name:
+                raise DataError(f"{meta}:{n}: file_name {name!r} is not a path inside {folder}")
+            out.append(Example(os.path.join(folder, rel), text, captioned="text" in row))
         return Scan(out, [], [])
     names = sorted(n for n in os.listdir(folder) if not n.startswith("."))  # hidden files are not data
     concepts = [n for n in names if CONCEPT.fullmatch(n) and os.path.isdir(os.path.join(folder, n))]
@@ -144,30 +155,9 @@ def _scan_images(folder: str, prefix: str, names: list[str], repeats: int, token
 
 
 def open_rgb(path: str) -> Image.Image:
-    """Open any image as an upright 8-bit RGB picture; raises ValueError with the reason if unusable."""
-    try:
-        img = Image.open(path)
-        img.load()  # decode every pixel now: a truncated file fails here, not mid-training
-    except FileNotFoundError:
-        raise ValueError("missing file") from None
-    except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
-        raise ValueError(f"unreadable ({type(e).__name__})") from None
-    img = ImageOps.exif_transpose(img)  # phone photos store "rotate 90°" as a tag, not in the pixels
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit: convert("RGB") would clip every value > 255 to white; keep the high byte instead
-        a = np.asarray(img, dtype=np.uint32)
-        img = Image.fromarray((a >> 8).clip(0, 255).astype(np.uint8))
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        # composite on white, as viewers show it; dropping alpha would expose arbitrary hidden colours
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, rgba)
-    img = img.convert("RGB")  # CMYK, grey, palette, YCbCr -> RGB
-    if min(img.size) < MIN_SIDE:
-        raise ValueError(f"too small ({img.size[0]}x{img.size[1]} px)")
-    return img
+    """Open any image as an upright 8-bit RGB picture; raises ValueError with the reason if unusable. The reader is
+    minisd/formats/images.py, shared with sample.py --init (regular files only, no decompression bombs)."""
+    return read_image(path, min_side=MIN_SIDE)
 
 
 def cover_crop(w: int, h: int, tw: int, th: int) -> tuple[int, int]:

@@ -119,6 +119,8 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         self.model = load_model(cfg.model)
         m = self.model
+        if cfg.te2_lr is not None and len(m.text_encoders) < 2:  # no flag is a silent no-op
+            raise ValueError(f"--te2-lr: {cfg.model} has one text encoder; its LR is --te-lr (or --te1-lr)")
         vae_info = load_vae(m, cfg.vae) if cfg.vae else {}  # e.g. sdxl-vae-fp16-fix; same shapes or a ModelError
         m.requires_grad_(False)  # freeze everything; adapters below are the only trainable tensors
         # Stored weights may be fp16 (minisd-tiny is). The frozen UNet / text encoders run in the autocast dtype
@@ -224,6 +226,12 @@ class Trainer:
             sch = type(sch)(**{**sch.__dict__, "prediction_type": cfg.prediction})
         self.noise = NoiseSchedule(sch, zero_terminal_snr=cfg.zero_terminal_snr)
         self.resolution = cfg.resolution or m.cfg.resolution
+        # the UNet halves the latent len(channel_mult) - 1 times and the skips must line up again on the way up
+        step = m.vae_scale * 2 ** (len(m.cfg.unet.channel_mult) - 1)
+        if self.resolution % step:
+            raise ValueError(f"--resolution {self.resolution}: this model takes multiples of {step} px (VAE factor "
+                             f"{m.vae_scale} x UNet down-sampling {step // m.vae_scale}), e.g. "
+                             f"{max(step, self.resolution // step * step)}")
         self.data = CaptionDataset(cfg.data, self.resolution, cfg.repeats, cfg.random_crop, cfg.flip,
                                    cfg.caption_dropout, cfg.seed)
         apply_instance_prompt(self.data, cfg.instance_prompt)  # DreamBooth: the identifier prompt (dreambooth.py)
@@ -387,9 +395,30 @@ class Trainer:
     def load_checkpoint(self) -> None:
         if not os.path.isfile(self.ckpt_path):
             raise TrainError(f"{self.run_dir}: no checkpoint.pt to resume from")
-        s = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        try:  # truncated, empty or foreign: one line (weights_only: a pickle that would run code is refused too)
+            s = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            raise TrainError(f"{self.ckpt_path}: not a readable checkpoint ({why})") from None
+        keys = ("optimizer", "scheduler", "scaler", "loader", "rng", "step", "losses")
+        if not isinstance(s, dict) or any(k not in s for k in keys):
+            raise TrainError(f"{self.ckpt_path}: not a minisd training checkpoint (expected the keys "
+                             f"{', '.join(keys)})")
+        if not isinstance(s["step"], int) or isinstance(s["step"], bool) or s["step"] < 0:
+            raise TrainError(f"{self.ckpt_path}: step must be a whole number >= 0, got {s['step']!r}")
+        if self.cfg.max_steps < s["step"]:
+            raise TrainError(f"--max-steps {self.cfg.max_steps} is below the step {s['step']} this run reached; "
+                             f"give --max-steps {s['step']} or more")
         self.dist.check_resume(s, self.ckpt_path)  # only at the world size that wrote it
-        self.load_trainable_state(s)  # in place: optimizer refs hold
+        try:
+            self._load_state(s)
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as e:
+            raise TrainError(f"{self.ckpt_path}: does not match this run's trained tensors and optimizer "
+                             f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:120]})") from None
+
+    def _load_state(self, s: dict) -> None:
+        """Put a checkpoint's tensors and counters into the built trainer (load_checkpoint checked its keys)."""
+        self.load_trainable_state(s)  # in place: optimizer refs hold (adapter, full weights or student)
         if self.method:
             if "method" not in s:
                 raise TrainError(f"{self.ckpt_path}: no {self.cfg.method} state in this checkpoint")
