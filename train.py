@@ -7,7 +7,9 @@
 
 Options: `python train.py --help`, or minisd/train/config.py. The step is minisd/trainer.py, the loop around it
 minisd/train/loop.py, what world runs add minisd/world/validation.py.
-Bad flags, a bad data folder or a bad model end with one `error:` line and exit code 2.
+Bad flags, a bad data folder or a bad model end with one `error:` line and exit code 2, checked before the run
+folder is made, so a refused run leaves nothing behind. An existing --out is refused unless --overwrite (an earlier
+run folder only) or --resume; a run folder in use by another train.py is refused (minisd/train/run_folder.py).
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weight
 
 
 def prepare(cfg, flags: dict) -> str:
-    """Fill the defaults that depend on the machine (model, run folder, world dataset); returns the run folder."""
-    from minisd import world
+    """Fill the defaults that depend on the machine (model, run folder, world dataset); returns the run folder,
+    which is not made here (RunFolder makes it once every check has passed)."""
     if cfg.resume:
         return cfg.resume
     if cfg.model is None:
@@ -38,7 +40,6 @@ def prepare(cfg, flags: dict) -> str:
         from minisd.train.data import DataError
         raise DataError(f"{cfg.data}: no such data folder")
     run_dir = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(run_dir, exist_ok=True)
     cfg.out = run_dir
     if cfg.data is None:
         # the world style run. A style changes how a shape is drawn, not only what the words mean, so the ResBlock
@@ -49,8 +50,6 @@ def prepare(cfg, flags: dict) -> str:
                 setattr(cfg, name, value)
         cfg.data = os.path.join(run_dir, "data")
         cfg.validate()  # again, now that the world's defaults are in (e.g. --conv-rank needs --targets full)
-        print(f"data: writing {cfg.n_images} '{cfg.style}' images of the embedded world to {cfg.data}")
-        world.write_folder(cfg.data, cfg.n_images, seed=cfg.seed, split="train", style=cfg.style)
     return run_dir
 
 
@@ -75,30 +74,40 @@ def main(argv: list[str] | None = None) -> int:
     from minisd.model import ModelError
     from minisd.train.loop import Trainer, TrainError
     from minisd.world.validation import is_world_folder, sample_and_score, validation_prompts
+    from minisd.formats.safe_write import WriteError, write_text
+    from minisd.train.run_folder import RunFolder, preflight
     torch.set_num_threads(cfg.threads)  # default 1, see --help
     try:
+        new_world = cfg.data is None and not cfg.resume
         run_dir = prepare(cfg, flags)
-        print("train config:\n" + format_config(cfg), flush=True)
-        trainer = Trainer(cfg, run_dir, prompts=validation_prompts)  # world runs: held-out prompts by default
-        if cfg.resume:
-            trainer.load_checkpoint()
-            print(f"resumed {run_dir} at step {trainer.step}")
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
-        world_run = cfg.samples and is_world_folder(cfg.data)
-        if world_run and trainer.step == 0:
-            sample_and_score(trainer, "before")
-        t0 = time.time()
-        result = trainer.run()
-        print(f"trained {cfg.max_steps} steps in {time.time() - t0:.1f} s; loss {result['losses'][0]:.4f} -> "
-              f"{sum(result['losses'][-10:]) / len(result['losses'][-10:]):.4f} (mean of the last 10)")
-        if world_run:
-            sample_and_score(trainer, "after")
-        print(f"wrote {result['lora']} (minisd), {result['kohya']} (kohya: A1111 / ComfyUI), "
-              + (f"{result['diffusers']} (diffusers / PEFT), " if "diffusers" in result else "")
-              + (f"both with EMA weights, {result['lora_raw']} (raw weights), " if "lora_raw" in result else "")
-              + f"{os.path.join(run_dir, 'loss.png')}, config.json, checkpoint.pt")
-    except (ValueError, DataError, ModelError, TrainError) as e:
+        model = preflight(cfg, run_dir, world_data=new_world)  # before the run folder is made: a refusal leaves none
+        with RunFolder(cfg, run_dir) as run:  # made and locked; removed again if refused before training starts
+            if new_world:
+                from minisd import world
+                print(f"data: writing {cfg.n_images} '{cfg.style}' images of the embedded world to {cfg.data}")
+                world.write_folder(cfg.data, cfg.n_images, seed=cfg.seed, split="train", style=cfg.style)
+            print("train config:\n" + format_config(cfg), flush=True)
+            trainer = Trainer(cfg, run_dir, prompts=validation_prompts, model=model)  # world runs: held-out prompts
+            del model
+            if cfg.resume:
+                trainer.load_checkpoint()
+                print(f"resumed {run_dir} at step {trainer.step}")
+            write_text(os.path.join(run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
+            run.started()  # from here on the folder is kept (and a run it replaces is gone)
+            world_run = cfg.samples and is_world_folder(cfg.data)
+            if world_run and trainer.step == 0:
+                sample_and_score(trainer, "before")
+            t0 = time.time()
+            result = trainer.run()
+            print(f"trained {cfg.max_steps} steps in {time.time() - t0:.1f} s; loss {result['losses'][0]:.4f} -> "
+                  f"{sum(result['losses'][-10:]) / len(result['losses'][-10:]):.4f} (mean of the last 10)")
+            if world_run:
+                sample_and_score(trainer, "after")
+            print(f"wrote {result['lora']} (minisd), {result['kohya']} (kohya: A1111 / ComfyUI), "
+                  + (f"{result['diffusers']} (diffusers / PEFT), " if "diffusers" in result else "")
+                  + (f"both with EMA weights, {result['lora_raw']} (raw weights), " if "lora_raw" in result else "")
+                  + f"{os.path.join(run_dir, 'loss.png')}, config.json, checkpoint.pt")
+    except (ValueError, DataError, ModelError, TrainError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
