@@ -48,6 +48,9 @@ def preflight(cfg, run_dir: str, world_data: bool):
             raise ValueError("--overwrite replaces a run folder, --resume continues one: give one of them")
         if not os.access(run_dir, os.W_OK | os.X_OK):
             raise WriteError(f"--resume {run_dir}: the folder is not writable")
+        sub = os.path.join(run_dir, "validation")  # grids are written into it: a link would lead them elsewhere
+        if os.path.islink(sub) or (os.path.lexists(sub) and not os.path.isdir(sub)):
+            raise WriteError(f"{sub} is not a folder of the run (a link or a file); move it away to resume")
     else:
         check_folder_dest(run_dir, cfg.overwrite, RUN, protect=inputs(cfg, world_data))
     if not world_data:
