@@ -19,6 +19,9 @@ Adapters (LoRA tools; MODEL is any model minisd reads, needed for the module nam
 SRC is an official single file (.safetensors, or .ckpt loaded with weights_only=True) or a diffusers
 folder. `--explain` prints every source tensor -> minisd parameter (or "ignored: reason"). Output is
 written to a temporary folder and renamed into place: a failed run leaves nothing at --out.
+An existing destination is refused unless --overwrite is given; even then a folder is replaced only if it is an
+earlier output of the same kind (minisd or diffusers folder, nothing else in it), never the source, a folder
+holding the source, or the working directory (minisd/formats/safe_write.py).
 """
 from __future__ import annotations
 
@@ -69,6 +72,11 @@ def parse_args(argv=None):
                      help="use the EMA UNet copy of a full SD1/SD2 file (default when present)")
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw (non-EMA) UNet weights")
     p.add_argument("--explain", action="store_true", help="print every source tensor -> minisd parameter")
+    # safe by default (minisd/formats/safe_write.py): an existing destination is refused without this
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing destination: a file, or a folder that is an earlier minisd / diffusers "
+                        "output of the same kind holding nothing else; never the source, a folder holding it, or "
+                        "the working directory (default: refuse an existing destination)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="adapter file (any layout sample.py reads): with --to lora-*, the file to convert or "
                         "resize; with --out / --to single-file / --to diffusers, baked into the weights with "
@@ -136,8 +144,9 @@ def import_model(a):
     import torch
 
     from minisd.formats import is_diffusers_folder, load_diffusers_folder
-    from minisd.model import ModelError, is_minisd_folder, save_model
+    from minisd.formats.safe_write import MINISD, atomic_folder
     from minisd.formats.single_file import load_single_file
+    from minisd.model import ModelError, is_minisd_folder, write_model_files
 
     src = a.src
     extras, trace, ema_used, source = {}, [], False, {}
@@ -168,8 +177,9 @@ def import_model(a):
     dtype = getattr(torch, DTYPES[a.dtype]) if a.dtype else None
     dtype_name = a.dtype or "source dtype"
     print(summary(model, src, ema_used, n_src, dtype_name), file=sys.stderr)
-    save_model(model, a.out, dtype=dtype, extras=extras, source=source,
-               metadata={"minisd_source": os.path.basename(os.path.normpath(src))})
+    with atomic_folder(a.out, a.overwrite, MINISD, protect=inputs(a)) as tmp:
+        write_model_files(model, tmp, dtype=dtype, extras=extras, source=source,
+                          metadata={"minisd_source": os.path.basename(os.path.normpath(src))})
     print(f"wrote {a.out}", file=sys.stderr)
 
 
@@ -185,26 +195,29 @@ def export_model(a):
         import torch
         model.to(getattr(torch, DTYPES[a.dtype]))
     if fmt == "single-file":
-        export_single_file(model, a.src, dest)
+        export_single_file(model, a.src, dest, overwrite=a.overwrite, protect=inputs(a))
     else:
-        export_diffusers(model, dest, folder=a.src)
+        export_diffusers(model, dest, folder=a.src, overwrite=a.overwrite, protect=inputs(a))
     print(f"wrote {dest}", file=sys.stderr)
 
 
-def write_adapter(model, fmt: str, dest: str, naming: str | None, metadata: dict) -> None:
+def write_adapter(model, fmt: str, dest: str, naming: str | None, metadata: dict, a=None) -> None:
     """Write `model`'s adapters in layout `fmt`; warn where the layout loses something."""
     from minisd import adapters
     from minisd.formats.lora_files import dora_warning, save_diffusers, save_kohya
+    from minisd.formats.safe_write import atomic_path, check_file_dest
     warning = dora_warning(model, fmt)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    if fmt == "lora-kohya":
-        save_kohya(model, dest, metadata=metadata, naming=naming)
-    elif fmt == "lora-diffusers":
-        save_diffusers(model, dest, metadata=metadata)
-    else:
-        adapters.save_adapter(model, dest, metadata=metadata)
+    if a is not None:
+        check_file_dest(dest, a.overwrite, protect=inputs(a))
+    with atomic_path(dest) as tmp:
+        if fmt == "lora-kohya":
+            save_kohya(model, tmp, metadata=metadata, naming=naming)
+        elif fmt == "lora-diffusers":
+            save_diffusers(model, tmp, metadata=metadata)
+        else:
+            adapters.save_adapter(model, tmp, metadata=metadata)
 
 
 def adapter_tool(a):
@@ -240,7 +253,7 @@ def adapter_tool(a):
             report = None
     try:
         apply_adapters(model, [(modules, ranks, 1.0, what)])
-        write_adapter(model, fmt, dest, a.naming, {"minisd.source": what})
+        write_adapter(model, fmt, dest, a.naming, {"minisd.source": what}, a)
     except ValueError as e:  # e.g. LoHa / LoKr into the diffusers layout
         raise AdapterError(str(e)) from None
     if report is not None:
@@ -259,7 +272,8 @@ def bake(a):
     from minisd.formats import load_model
     from minisd.formats.export import export_diffusers, export_single_file
     from minisd.formats.lora_read import AdapterError, read_adapter_file
-    from minisd.model import is_minisd_folder, save_model
+    from minisd.formats.safe_write import MINISD, atomic_folder
+    from minisd.model import is_minisd_folder, write_model_files
     model = load_model(a.src, sampling=False)  # the scheduler is carried over as it is
     items = []
     for path, weight in a.lora:
@@ -275,25 +289,44 @@ def bake(a):
         model.to(getattr(torch, DTYPES[a.dtype]))
     folder = a.src if os.path.isdir(a.src) and is_minisd_folder(a.src) else None
     if a.out:
-        save_model(model, a.out, metadata={"minisd_baked": ",".join(f"{p}:{w:g}" for p, w in a.lora)})
+        with atomic_folder(a.out, a.overwrite, MINISD, protect=inputs(a)) as tmp:
+            write_model_files(model, tmp, metadata={"minisd_baked": ",".join(f"{p}:{w:g}" for p, w in a.lora)})
         dest = a.out
     elif a.to[0] == "single-file":
-        export_single_file(model, folder, a.to[1])
+        export_single_file(model, folder, a.to[1], overwrite=a.overwrite, protect=inputs(a))
         dest = a.to[1]
     else:
-        export_diffusers(model, a.to[1], folder=folder)
+        export_diffusers(model, a.to[1], folder=folder, overwrite=a.overwrite, protect=inputs(a))
         dest = a.to[1]
     print(f"wrote {dest}: {a.src} with {len(a.lora)} adapter(s) baked in", file=sys.stderr)
 
 
+def inputs(a) -> list[str]:
+    """What this command reads: never overwritten, never inside a replaced folder."""
+    return [a.src, a.extract_from, *(path for path, _ in a.lora)]
+
+
+def check_destination(a) -> None:
+    """Before any work (safe_write.py): the destination is free, or --overwrite may replace it."""
+    from minisd.formats.safe_write import DIFFUSERS, MINISD, check_file_dest, check_folder_dest
+    if a.out:
+        check_folder_dest(a.out, a.overwrite, MINISD, protect=inputs(a))
+    elif a.to[0] == "diffusers":
+        check_folder_dest(a.to[1], a.overwrite, DIFFUSERS, protect=inputs(a))
+    else:
+        check_file_dest(a.to[1], a.overwrite, protect=inputs(a))
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    from minisd.formats.safe_write import WriteError
     from minisd.model import ModelError
     t0 = time.time()
     lora_out = a.to and a.to[0] in LORA_FORMATS
     try:
+        check_destination(a)
         (adapter_tool if lora_out else bake if a.lora else export_model if a.to else import_model)(a)
-    except ModelError as e:
+    except (ModelError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyError as e:

@@ -90,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eta", type=float, default=None,
                    help=f"DDIM eta in [0, 1], 0 = deterministic (default: {ETA}; --sampler ddim only)")
     p.add_argument("--out", default="sample.png", help="output PNG (with --batch N: OUT-0.png ... OUT-(N-1).png)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output PNGs (default: an existing file at an output name is refused "
+                        "before any work; an input file is never overwritten)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu",
                    help="cpu, cuda, cuda:N or mps; one this machine does not have is refused")
     p.add_argument("--threads", type=int, default=1,
@@ -334,6 +337,10 @@ def main(argv=None) -> int:
         jobs = [(a.prompt, a.seed, stem)]
     a.steps, a.cfg = a.steps or STEPS, CFG if a.cfg is None else a.cfg
     a.batch, a.dtype = a.batch or 1, a.dtype or DTYPE
+    outputs = [out_stem + (ext or ".png") if a.batch == 1 else f"{out_stem}-{i}{ext or '.png'}"
+               for _, _, out_stem in jobs for i in range(a.batch)]
+    if check_outputs(a, outputs, model_path):
+        return 2
     init = None
     if a.init:  # the reader train.py's data uses: 16-bit grey, regular files only, no decompression bombs
         from minisd.formats.images import read_image
@@ -384,12 +391,36 @@ def main(argv=None) -> int:
             info = PngImagePlugin.PngInfo()
             info.add_text("parameters", parameters_text(a, width, height, seed, os.path.basename(
                 os.path.normpath(model_path)), extra, pos))
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            tmp = path + ".tmp"
-            img.save(tmp, format="PNG", pnginfo=info)
-            os.replace(tmp, path)  # never leave a half-written PNG behind
+            if save_png(img, path, info):
+                return 2
             print(path)
     return 0
+
+
+def check_outputs(a, paths: list[str], model_path: str) -> bool:
+    """Before any work: every output name is free (or --overwrite) and no input (safe_write.py). True: refused."""
+    from minisd.formats.safe_write import WriteError, check_file_dest
+    inputs = [model_path, a.init, a.prompts] + [p for p, _ in a.lora] + [p for p, _ in a.embedding]
+    try:
+        for path in paths:
+            check_file_dest(path, a.overwrite, protect=inputs)
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return True
+    return False
+
+
+def save_png(img, path: str, info) -> bool:
+    """Write a PNG through a fresh private temporary file renamed into place (safe_write.py): never through a
+    planted link, never half-written. True: failed (one error line printed)."""
+    from minisd.formats.safe_write import WriteError, atomic_path
+    try:
+        with atomic_path(path) as tmp:
+            img.save(tmp, format="PNG", pnginfo=info)
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return True
+    return False
 
 
 def grid(a, model_path: str) -> int:
@@ -408,6 +439,8 @@ def grid(a, model_path: str) -> int:
         verb = "needs" if len(refused) == 1 else "need"
         print(f"error: {'/'.join(refused)} {verb} a prompt: the no-prompt grid draws one image per held-out prompt "
               "at the model's resolution", file=sys.stderr)
+        return 2
+    if check_outputs(a, [a.out], model_path):
         return 2
     t0 = time.time()
     try:
@@ -432,9 +465,8 @@ def grid(a, model_path: str) -> int:
     info.add_text("parameters", "\n".join(prompts + ([f"Negative prompt: {a.negative}"] if a.negative else []))
                   + f"\nSteps: {steps}, Sampler: {sampler}, CFG scale: {cfg}, Seed: {a.seed}, "
                   f"Model: {os.path.basename(os.path.normpath(model_path))}{extra}")
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    caption_grid(images, prompts).save(a.out + ".tmp", format="PNG", pnginfo=info)
-    os.replace(a.out + ".tmp", a.out)
+    if save_png(caption_grid(images, prompts), a.out, info):
+        return 2
     print(f"{len(prompts)} held-out world prompts, {steps} steps, cfg {cfg}, seed {a.seed}: "
           f"{time.time() - t0:.1f}s", file=sys.stderr)
     print(a.out)

@@ -162,41 +162,45 @@ def load_strict(module: nn.Module, sd: dict, what: str) -> None:
         raise RuntimeError(f"{what}: tensors left on the meta device: {left[:3]}")
 
 
-@contextlib.contextmanager
-def atomic_folder(out: str):
-    """Yield a temporary sibling of `out` to fill; on success it replaces `out` by one rename, on any
-    failure (or Ctrl-C) it is removed. So no run ever leaves a half-written folder at `out`."""
-    out = os.path.abspath(out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".minisd-", dir=os.path.dirname(out))
-    try:
-        yield tmp
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def write_model_files(model: StableDiffusion, folder: str, dtype: torch.dtype | None = None,
+                      metadata: dict | None = None, extras: dict | None = None, source: dict | None = None) -> None:
+    """Write the files of a minisd folder into `folder` (an empty folder of the caller's)."""
+    for name, sd in model.component_state_dicts().items():
+        sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+              for k, v in sd.items()}
+        save_file(sd, os.path.join(folder, name), metadata={"format": "pt", **(metadata or {})})
+    if extras:
+        save_file({k: v.contiguous() for k, v in extras.items()}, os.path.join(folder, EXTRAS_NAME))
+    if source:
+        with open(os.path.join(folder, SOURCE_NAME), "w") as f:
+            json.dump(source, f, indent=2)
+    for i, tok in enumerate(model.tokenizers):
+        tok.save(os.path.join(folder, tokenizer_dir(i)))
+    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
+        json.dump(model.cfg.to_dict(), f, indent=2)
 
 
 def save_model(model: StableDiffusion, out: str, dtype: torch.dtype | None = None,
                metadata: dict | None = None, extras: dict | None = None, source: dict | None = None) -> None:
-    """Write a minisd folder atomically: into a temporary sibling, renamed into place at the end,
-    so an interrupted run never leaves a half-written model at `out`."""
-    with atomic_folder(out) as tmp:
-        for name, sd in model.component_state_dicts().items():
-            sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-                  for k, v in sd.items()}
-            save_file(sd, os.path.join(tmp, name), metadata={"format": "pt", **(metadata or {})})
-        if extras:
-            save_file({k: v.contiguous() for k, v in extras.items()}, os.path.join(tmp, EXTRAS_NAME))
-        if source:
-            with open(os.path.join(tmp, SOURCE_NAME), "w") as f:
-                json.dump(source, f, indent=2)
-        for i, tok in enumerate(model.tokenizers):
-            tok.save(os.path.join(tmp, tokenizer_dir(i)))
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(model.cfg.to_dict(), f, indent=2)
+    """Write a minisd folder at `out`, which must not exist (or be an empty folder): into a fresh temporary sibling
+    (a new random name, created exclusively), renamed into place at the end. An interrupted run never leaves a
+    half-written model, and nothing at `out` is ever replaced: the rename fails on a file or a non-empty folder.
+    (convert.py --overwrite replaces an earlier minisd folder through formats/safe_write.py, which checks what.)"""
+    out = os.path.abspath(out)
+    try:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".minisd-tmp-", dir=os.path.dirname(out))
+    except OSError as e:
+        raise ModelError(f"{out}: cannot write there ({e.strerror})") from None
+    try:
+        write_model_files(model, tmp, dtype, metadata, extras, source)
+        os.rename(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"{out}: not written ({e.strerror}); nothing there was replaced") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def is_minisd_folder(path: str) -> bool:

@@ -17,8 +17,9 @@ from ..config import CLIPTextConfig, ModelConfig
 from .keys_text import ldmbert_to_diffusers
 from .keys_unet import diffusers_unet_config, unet_to_diffusers
 from .keys_vae import vae_to_diffusers
-from ..model import StableDiffusion, atomic_folder, read_extras, text_encoder_name
+from ..model import StableDiffusion, read_extras, text_encoder_name
 from . import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS
+from .safe_write import DIFFUSERS, atomic_folder, atomic_path, check_file_dest
 from .single_file import join_checkpoint
 
 
@@ -33,21 +34,18 @@ def components(model: StableDiffusion) -> dict:
     return out
 
 
-def export_single_file(model: StableDiffusion, folder: str | None, dest: str) -> None:
-    """Write the official single-file layout of `model` to `dest` (.safetensors), atomically."""
+def export_single_file(model: StableDiffusion, folder: str | None, dest: str, overwrite: bool = False,
+                       protect=()) -> None:
+    """Write the official single-file layout of `model` to `dest` (.safetensors), atomically (safe_write.py: an
+    existing `dest` only with `overwrite`, never an input in `protect`)."""
+    check_file_dest(dest, overwrite, protect=[folder, *protect])
     extras, _ = read_extras(folder) if folder else ({}, {})
     extras = {k: v for k, v in extras.items() if "/" not in k}   # "sub/name" keys belong to diffusers folders
     sd = join_checkpoint(components(model), model.cfg.family, model.cfg, extras)
-    tmp = dest + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    try:
+    with atomic_path(dest) as tmp:
         # The official layout plus our config in the header, so minisd re-imports non-preset shapes.
         save_file(_contiguous(sd), tmp, metadata={"format": "pt",
                                                   "minisd_config": json.dumps(model.cfg.to_dict())})
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def vae_diffusers_config(cfg: ModelConfig) -> dict:
@@ -106,14 +104,16 @@ def _write(folder: str, sub: str, config: dict, weights: dict, weight_name: str)
     save_file(_contiguous(weights), os.path.join(folder, sub, weight_name), metadata={"format": "pt"})
 
 
-def export_diffusers(model: StableDiffusion, dest: str, folder: str | None = None) -> None:
-    """Write a diffusers pipeline folder that `DiffusionPipeline.from_pretrained` loads offline."""
+def export_diffusers(model: StableDiffusion, dest: str, folder: str | None = None, overwrite: bool = False,
+                     protect=()) -> None:
+    """Write a diffusers pipeline folder that `DiffusionPipeline.from_pretrained` loads offline (atomically; an
+    existing `dest` only with `overwrite` and only an earlier diffusers folder: safe_write.py)."""
     cfg = model.cfg
     extras, source = read_extras(folder) if folder else ({}, {})
     legacy_vae = source.get("vae_attention") == "legacy"
     prefixes = source.get("text_model_prefix", [])
     sched = scheduler_config(cfg, source.get("scheduler"))
-    with atomic_folder(dest) as tmp:
+    with atomic_folder(dest, overwrite, DIFFUSERS, protect=[folder, *protect]) as tmp:
         ldm = cfg.family == "ldm"
         vae_sub = "vqvae" if ldm else "vae"
         _write(tmp, "unet", {"_class_name": "UNet2DConditionModel", **diffusers_unet_config(cfg.unet),

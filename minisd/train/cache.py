@@ -21,7 +21,10 @@ What is cached, and why it keeps the recipe of uncached training:
 In memory by default. With --cache-dir the caches are safetensors files there (`latents.safetensors`,
 `text.safetensors`), each with a fingerprint in its metadata: a hash of the encoder weights (and autocast dtype),
 the image files' bytes and crop targets (resolution, buckets) or the captions' token ids. A later run reuses a
-file only when its fingerprint equals the one it computes; otherwise the cache is recomputed and replaced.
+file only when its fingerprint equals the one it computes; otherwise the cache is recomputed and replaced - only a
+file that is a minisd cache (its metadata says so): anything else at those names is the user's and refused before
+the run starts (`check_cache_dir`). Files are written through formats/safe_write.py (a fresh private temporary
+file renamed into place: never through a planted link, never half-written).
 
 Shapes: N = examples, C = latent channels, h, w = latent size, T = tokens, D = text width, P = pooled width.
 """
@@ -36,9 +39,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..formats.safe_write import WriteError, atomic_path, check_parent
 from ..vae import DiagonalGaussian
 
 VERSION = 1  # bump when what a cache file holds changes, so old files are recomputed
+CACHE_FILES = ("latents.safetensors", "text.safetensors")
 
 
 class LatentCache:
@@ -107,12 +112,37 @@ def read_cache(path: str, fp: str, log) -> dict | None:
     return None
 
 
+def is_cache_file(path: str) -> bool:
+    """A file minisd wrote as a cache (its safetensors metadata holds a fingerprint)."""
+    try:
+        with safe_open(path, "pt") as f:
+            return "fingerprint" in (f.metadata() or {})
+    except Exception:  # damaged or not safetensors: not provably ours
+        return False
+
+
+def check_cache_dir(folder: str | None) -> None:
+    """Before the run: --cache-dir is a folder (or can be made) and holds at the cache names only minisd caches,
+    which it may replace; anything else there is the user's (WriteError, one line)."""
+    if not folder:
+        return
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise WriteError(f"--cache-dir {folder} is a file; a folder is needed")
+    check_parent(os.path.join(folder, CACHE_FILES[0]))
+    for name in CACHE_FILES:
+        p = os.path.join(folder, name)
+        if os.path.lexists(p) and (os.path.islink(p) or not is_cache_file(p)):
+            raise WriteError(f"--cache-dir: {p} exists and is not a minisd cache; it is never replaced (move it, or "
+                             "choose another --cache-dir)")
+
+
 def write_cache(path: str, tensors: dict, fp: str, what: str) -> None:
-    """Write to a temporary file and rename, so a killed run never leaves half a cache."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"fingerprint": fp, "minisd": what})
-    os.replace(tmp, path)
+    """Write through a fresh private temporary file renamed into place, so a killed run never leaves half a cache
+    and a planted link is never written through; a file there that is not a minisd cache is never replaced."""
+    if os.path.lexists(path) and (os.path.islink(path) or not is_cache_file(path)):
+        raise WriteError(f"{path} exists and is not a minisd cache; it is never replaced")
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"fingerprint": fp, "minisd": what})
 
 
 # ----------------------------------------------------------------------------------------------- building

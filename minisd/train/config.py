@@ -57,6 +57,10 @@ class TrainConfig:
                                      "default weights/minisd-tiny if present, else tiny-random")
     out: Optional[str] = opt(None, "run folder; default runs/<timestamp>")
     resume: Optional[str] = opt(None, "continue the run in this folder from its last checkpoint")
+    # safe by default (minisd/formats/safe_write.py, minisd/train/run_folder.py): an existing --out is refused
+    overwrite: bool = opt(False, "replace an existing --out that is an earlier run folder holding only what train.py "
+                                 "writes (never one holding --data, --model or the working directory); the old run "
+                                 "is removed only once the new one has started (default: refuse an existing --out)")
     resolution: int = opt(0, "training resolution in pixels (0: the model's native resolution)")
     repeats: int = opt(1, "times each image is seen per epoch (times a kohya concept folder's own count)")
     random_crop: bool = opt(False, "random instead of centre crop")
@@ -460,6 +464,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
         values = read_json(saved, "run config")
         if values.get("threads") == 0:  # written before the default was 1: 0 meant torch's default then
             del values["threads"]
+        values.pop("overwrite", None)  # how that run's folder was made, not an option of this resume
         cfg = saved_cfg = _merge(cfg, values, saved)
     toml_path = flags.get("config")
     if toml_path:

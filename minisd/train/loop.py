@@ -32,6 +32,7 @@ from .. import adapters
 from ..adapters.mix import load_into_adapters
 from ..formats import load_model, load_vae
 from ..formats.lora_read import read_adapter_file
+from ..formats.safe_write import append_text, atomic_path, write_text
 from ..perf.graphs import StepGraph
 from ..perf.profiler import StageTimer
 from ..schedule import NoiseSchedule
@@ -75,8 +76,9 @@ class Trainer:
     prompts: cfg -> the validation grid's prompts (default: --validation-prompts); train.py passes the embedded
     world's, which has held-out prompts of its own (minisd/world/validation.py)."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: str, log=print, prompts=validation_prompts):
+    def __init__(self, cfg: TrainConfig, run_dir: str, log=print, prompts=validation_prompts, model=None):
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
+        self.preloaded = model  # train.py loads the model before it makes the run folder (a bad model leaves none)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
                                    else cfg.device)
         if cfg.cuda_graph and self.device.type != "cuda":
@@ -117,7 +119,8 @@ class Trainer:
         """The model, every weight frozen; the UNet and text encoders in the autocast dtype, the VAE in its own."""
         cfg, log = self.cfg, self.log
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-        self.model = load_model(cfg.model)
+        self.model = self.preloaded if self.preloaded is not None else load_model(cfg.model)
+        self.preloaded = None
         m = self.model
         if cfg.te2_lr is not None and len(m.text_encoders) < 2:  # no flag is a silent no-op
             raise ValueError(f"--te2-lr: {cfg.model} has one text encoder; its LR is --te-lr (or --te1-lr)")
@@ -377,20 +380,19 @@ class Trainer:
             state["method"] = self.method.state_dict()
         if self.dist.world > 1:  # torchrun: the world size, and every rank's RNGs (dropout differs per rank)
             state["world_size"], state["rng_ranks"] = self.dist.world, self.dist.gather(rng_state(self.gen))
-        self.dist.on_main(write_atomic, state, self.ckpt_path)  # rank 0 writes, the others wait for it
+        # rank 0 writes, the others wait for it: a fresh private temporary file renamed into place
+        # (formats/safe_write.py): a kill or a full disk mid-write leaves the previous checkpoint intact, and a
+        # link planted at any name is never written through
+        self.dist.on_main(write_atomic, state, self.ckpt_path)
 
     def write_loss_log(self) -> None:
         """loss.jsonl rewritten from self.losses: at the start of `run` (a resumed run's file is cut back to its
         checkpoint's step, so it ends up equal to the uninterrupted run's) and at the end; `append_loss` in between."""
-        tmp = os.path.join(self.run_dir, "loss.jsonl.tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.losses)
-        os.replace(tmp, os.path.join(self.run_dir, "loss.jsonl"))
+        write_text(os.path.join(self.run_dir, "loss.jsonl"), "".join(json.dumps(r) + "\n" for r in self.losses))
 
     def append_loss(self, record: dict) -> None:
         """One {"step", "loss", "lr"} line per optimizer step, on disk at once (closing the file flushes it)."""
-        with open(os.path.join(self.run_dir, "loss.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(os.path.join(self.run_dir, "loss.jsonl"), json.dumps(record) + "\n")  # never through a link
 
     def load_checkpoint(self) -> None:
         if not os.path.isfile(self.ckpt_path):
@@ -470,7 +472,8 @@ class Trainer:
             bar.close()
         if cfg.profile and self.dist.is_main:  # this process's steps only (a resumed run profiles what it trained)
             self.log(self.prof.table())
-            self.prof.save(os.path.join(self.run_dir, "profile.json"))
+            with atomic_path(os.path.join(self.run_dir, "profile.json")) as tmp:
+                self.prof.save(tmp)
         self.save_checkpoint()
         return self.dist.on_main(self.write_outputs)
 
@@ -491,18 +494,23 @@ class Trainer:
         lora = os.path.join(self.run_dir, "lora.safetensors")
         kohya = os.path.join(self.run_dir, "lora_kohya.safetensors")
         out = {"lora": lora, "kohya": kohya, "losses": [r["loss"] for r in self.losses]}
+        # every file through a fresh private temporary file renamed into place (formats/safe_write.py)
         if self.ema:  # lora.safetensors and the kohya file hold the EMA weights, lora_raw.safetensors the raw ones
             out["lora_raw"] = os.path.join(self.run_dir, "lora_raw.safetensors")
-            adapters.save_adapter(self.model, out["lora_raw"], metadata={**meta, "minisd.weights": "raw"})
+            with atomic_path(out["lora_raw"]) as tmp:
+                adapters.save_adapter(self.model, tmp, metadata={**meta, "minisd.weights": "raw"})
             meta = {**meta, "minisd.weights": f"ema {self.cfg.ema_decay}"}
         with self.eval_weights():
-            adapters.save_adapter(self.model, lora, metadata=meta)
-            save_kohya(self.model, kohya, metadata={"ss_network_dim": str(self.cfg.rank),
-                                                    "ss_network_alpha": str(self.cfg.alpha),
-                                                    "ss_max_train_steps": str(self.step)})
+            with atomic_path(lora) as tmp:
+                adapters.save_adapter(self.model, tmp, metadata=meta)
+            with atomic_path(kohya) as tmp:
+                save_kohya(self.model, tmp, metadata={"ss_network_dim": str(self.cfg.rank),
+                                                      "ss_network_alpha": str(self.cfg.alpha),
+                                                      "ss_max_train_steps": str(self.step)})
             if self.cfg.network in ("lora", "dora"):  # diffusers / PEFT have no LoHa / LoKr layout
                 out["diffusers"] = os.path.join(self.run_dir, "lora_diffusers.safetensors")
-                save_diffusers(self.model, out["diffusers"])
+                with atomic_path(out["diffusers"]) as tmp:
+                    save_diffusers(self.model, tmp)
             warning = dora_warning(self.model)
             if warning:
                 self.log(f"warning: {warning}")
@@ -511,10 +519,9 @@ class Trainer:
 
 
 def write_atomic(state: dict, path: str) -> None:
-    """torch.save to a temporary file, then a rename: a kill mid-write leaves the previous file intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """torch.save to a fresh private temporary file, then a rename: a kill mid-write leaves the previous file intact."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def draw_loss_curve(losses: list[float], path: str, size=(640, 360), val: list = ()) -> None:
@@ -546,5 +553,6 @@ def draw_loss_curve(losses: list[float], path: str, size=(640, 360), val: list =
         d.text((4, bottom - 10), f"{lo:.4f}", fill="black")
     d.text((left, bottom + 8), f"step 1 ... {len(losses)}   (grey: loss, blue: running mean"
            + (", red: held-out validation loss)" if val else ")"), fill="black")
-    img.save(path)
+    with atomic_path(path) as tmp:  # a link planted at loss.png is replaced, not written through
+        img.save(tmp)
 

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..formats.safe_write import atomic_path, ensure_folder
 from ..pipeline import Pipeline
 from .cache import offload_cached
 from .rng import rng_state, set_rng_state
@@ -73,12 +74,10 @@ def validate(trainer, prompts: list[str]) -> str:
             images += pipe(prompts[i:i + 8], steps=cfg.validation_steps, cfg_scale=5.0, seed=cfg.seed + i,
                            width=trainer.resolution, height=trainer.resolution)
     title = f"step {trainer.step}" + (" (EMA weights)" if cfg.ema_decay > 0 else "")
-    folder = os.path.join(trainer.run_dir, "validation")
-    os.makedirs(folder, exist_ok=True)
+    folder = ensure_folder(os.path.join(trainer.run_dir, "validation"))  # a link planted there is refused
     path = os.path.join(folder, f"step_{trainer.step:06d}.png")
-    tmp = path + ".tmp.png"
-    caption_grid(images, prompts, title).save(tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves no half-written grid
+    with atomic_path(path) as tmp:  # a kill mid-write leaves no half-written grid, a planted link is not followed
+        caption_grid(images, prompts, title).save(tmp)
     return path
 
 

@@ -13,6 +13,7 @@ import os
 
 from PIL import Image
 
+from ..formats.safe_write import atomic_path, write_text
 from ..train.validation import sampling
 from ..train.validation import validation_prompts as given_prompts
 from . import sample
@@ -57,10 +58,10 @@ def sample_and_score(trainer, tag: str, subject: str | None = None) -> dict:
     grid = Image.new("RGB", (4 * side, 4 * side), "white")
     for i, im in enumerate(images[:16]):
         grid.paste(im.resize((side, side)), ((i % 4) * side, (i // 4) * side))
-    grid.save(os.path.join(trainer.run_dir, f"samples_{tag}.png"))
+    with atomic_path(os.path.join(trainer.run_dir, f"samples_{tag}.png")) as tmp:  # never through a planted link
+        grid.save(tmp)
     res = score(images, attrs)
-    with open(os.path.join(trainer.run_dir, f"probe_{tag}.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    write_text(os.path.join(trainer.run_dir, f"probe_{tag}.json"), json.dumps(res, indent=2))
     pct = lambda v: "-" if v is None else f"{100 * v:.0f} %"
     if subject:
         trainer.log(f"probe {tag}: subject {pct(res['subject'])}, subject leak {pct(res['subject_leak'])}, shape "
