@@ -46,6 +46,7 @@ from .data import CaptionDataset, Loader
 from .ema import EMA
 from .prodigy import Prodigy
 from .rng import rng_state, set_rng_state
+from .signals import StopGuard
 from .validation import validate, validation_prompts
 
 MEMORY_HINT = ("out of memory. Flags that save memory: --gradient-checkpointing, --mixed-precision bf16 "
@@ -287,6 +288,7 @@ class Trainer:
         tmp = self.ckpt_path + ".tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt_path)  # a kill mid-write leaves the previous checkpoint intact
+        self.saved_step = self.step  # the step stopped.txt names (signals.py)
 
     def write_loss_log(self) -> None:
         """loss.jsonl rewritten from self.losses: at the start of `run` (a resumed run's file is cut back to its
@@ -332,22 +334,26 @@ class Trainer:
         from tqdm import tqdm
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress)
         self.write_loss_log()
-        try:
-            while self.step < cfg.max_steps:
-                with self.prof.step():
-                    loss = self.train_step()
-                self.losses.append({"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0]})
-                self.append_loss(self.losses[-1])
-                if cfg.validate_every and self.step % cfg.validate_every == 0:
-                    validate(self, self.val_prompts)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                bar.update(1)
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
-                    self.save_checkpoint()
-        except torch.OutOfMemoryError:
-            raise TrainError(MEMORY_HINT) from None
-        finally:
-            bar.close()
+        # Ctrl-C / SIGTERM: the step in flight finishes, then a checkpoint at that step and `Stopped`; an error that
+        # ends the steps leaves stopped.txt saying why (signals.py)
+        with StopGuard(self) as stop:
+            try:
+                while self.step < cfg.max_steps:
+                    stop.check()  # a step boundary
+                    with self.prof.step():
+                        loss = self.train_step()
+                    self.losses.append({"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0]})
+                    self.append_loss(self.losses[-1])
+                    if cfg.validate_every and self.step % cfg.validate_every == 0:
+                        validate(self, self.val_prompts)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    bar.update(1)
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                        self.save_checkpoint()
+            except torch.OutOfMemoryError:
+                raise TrainError(MEMORY_HINT) from None
+            finally:
+                bar.close()
         if cfg.profile:  # this process's steps only (a resumed run profiles what it trained)
             self.log(self.prof.table())
             self.prof.save(os.path.join(self.run_dir, "profile.json"))
