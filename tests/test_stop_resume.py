@@ -178,3 +178,37 @@ def test_signal_outside_the_steps_is_one_line(tmp_path, data_dir, monkeypatch, c
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: stopped by SIGTERM outside the training steps") and "\n" not in err, err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # main put the handlers back
+
+
+@pytest.mark.parametrize("phase", ["render", "steps"])
+def test_pretrain_stops_with_one_line(tmp_path, phase):
+    """The world pretraining keeps no checkpoints: Ctrl-C ends it with one line and nothing at --out. "render": a
+    terminal's Ctrl-C (SIGINT to the whole process group, render workers included) while the pool is drawn; "steps":
+    SIGTERM to the process during the autoencoder's steps."""
+    out = tmp_path / "m"
+    pool = ["--pool", "200000", "--workers", "2"] if phase == "render" else ["--pool", "16", "--workers", "1"]
+    cmd = [sys.executable, "-m", "minisd.world.pretrain", *pool, "--vae-styled", "0", "--vae-steps", "100000",
+           "--vae-batch", "2", "--steps", "2", "--batch", "2", "--out", str(out), "--device", "cpu"]
+    log = tmp_path / "pretrain.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            ready = "pretrain settings" if phase == "render" else "pool: "
+            _wait_for(proc, lambda: ready in log.read_text(), repr(ready), log)
+            time.sleep(0.5)  # into the rendering / the steps
+            if phase == "render":
+                os.killpg(proc.pid, signal.SIGINT)
+            else:
+                os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    sig = signal.SIGINT if phase == "render" else signal.SIGTERM
+    assert proc.returncode == 128 + sig and "Traceback" not in text, text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: pretraining stopped by {sig.name} after "), text
+    assert f"nothing was written to {out}" in errors[0]
+    assert not out.exists() and os.listdir(tmp_path) == ["pretrain.log"]
