@@ -321,11 +321,13 @@ def main(argv=None) -> int:
           f"{a.batch * len(jobs)} image(s) {width}x{height}, {a.sampler}{' karras' if a.karras else ''}, "
           f"{a.steps} steps, cfg {a.cfg}, seed {a.seed}{', CUDA graph' if a.cuda_graph else ''}"
           f"{', compiled' if a.compile else ''}", file=sys.stderr)
-    for prompt, seed, out_stem in jobs:
+    show = progress_plan(a, model, pipe, width, height, len(jobs))
+    for n, (prompt, seed, out_stem) in enumerate(jobs):
+        bar = (f"prompt {n + 1}/{len(jobs)}" if len(jobs) > 1 else True) if show else False  # over steps, per image
         try:
             images = pipe(prompt, negative=a.negative or None, steps=a.steps, sampler=a.sampler,
                           karras=a.karras, cfg_scale=a.cfg, seed=seed, width=width, height=height,
-                          batch=a.batch, init_image=init, strength=a.strength, eta=a.eta, progress=True)
+                          batch=a.batch, init_image=init, strength=a.strength, eta=a.eta, progress=bar)
         except ValueError as e:  # e.g. img2img strength so low that no step is left
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -342,6 +344,28 @@ def main(argv=None) -> int:
             os.replace(tmp, path)  # never leave a half-written PNG behind
             print(path)
     return 0
+
+
+def progress_plan(a, model, pipe, width: int, height: int, batches: int) -> bool:
+    """Whether to show progress (a tqdm bar over the steps of each prompt, on stderr): when stderr is a terminal, or
+    when the request is large: more pixels than 4 images at the model's resolution, or a UNet of over 50M
+    parameters on a CPU. A large request first prints its estimated cost (minisd/perf/estimate.py: FLOPs, a lower
+    bound on the time, memory) and says when its VAE decode begins, which takes long too."""
+    res = model.cfg.resolution
+    big = width * height * a.batch > 4 * res * res or (
+        a.device == "cpu" and sum(p.numel() for p in model.unet.parameters()) > 50e6)
+    if not big:
+        return sys.stderr.isatty()
+    from minisd.perf.estimate import estimate
+    e = estimate(model, width, height, a.batch, a.steps, a.cfg > 1.0, a.device, pipe.dtype, batches)
+    print(e.line() + (" (img2img runs fewer steps)" if a.init else ""), file=sys.stderr, flush=True)
+    decode = pipe.decode
+
+    def decode_said(latents):
+        print(f"VAE decode of {len(latents)} image(s) {width}x{height}...", file=sys.stderr, flush=True)
+        return decode(latents)
+    pipe.decode = decode_said
+    return True
 
 
 def grid(a, model_path: str) -> int:
@@ -374,7 +398,7 @@ def grid(a, model_path: str) -> int:
     prompts = grid_prompts(GRID_PROMPTS)
     pipe = make_pipeline(model, a, dtype=dtype)
     images = pipe(prompts, negative=a.negative or None, steps=steps, sampler=a.sampler, karras=a.karras,
-                  cfg_scale=cfg, seed=a.seed, eta=a.eta)
+                  cfg_scale=cfg, seed=a.seed, eta=a.eta, progress=sys.stderr.isatty())
     sampler = SAMPLER_NAMES[a.sampler] + (" Karras" if a.karras else "")
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", "\n".join(prompts + ([f"Negative prompt: {a.negative}"] if a.negative else []))
