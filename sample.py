@@ -123,7 +123,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "Prompts longer than CLIP's 77-token window are read as A1111 does: split into chunks of 75 tokens, each "
         "encoded on its own (with start and end tokens) and the results concatenated, so every token counts; a "
         "prompt up to 75 tokens is encoded exactly as diffusers does. LDM-256's BERT encoder has one window: a "
-        "longer prompt is cut there, with a warning naming the dropped words.", 100)
+        "longer prompt is cut there, with a warning naming the dropped words.", 100) + "\n" + textwrap.fill(
+        "Progress: a bar over the steps on stderr when it is a terminal. A large request (more pixels than 4 images "
+        "at the model's resolution, or a UNet over 50M parameters on a CPU) first prints its estimated FLOPs, time "
+        "and memory, then shows the bars anyway.", 100)
     a = p.parse_args(argv)
     if a.prompts and a.prompt is not None:
         p.error("give a prompt or --prompts FILE, not both")

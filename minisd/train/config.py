@@ -245,7 +245,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="train.py", description="Fine-tune a LoRA / DoRA / LoHa / LoKr adapter on a folder of "
                 "captioned images. With no arguments: a style LoRA on the embedded world, on the CPU.",
-                argument_default=argparse.SUPPRESS)  # absent flags stay absent, so TOML values survive
+                argument_default=argparse.SUPPRESS,  # absent flags stay absent, so TOML values survive
+                # stopping (minisd/train/signals.py)
+                epilog="Ctrl-C (SIGINT) or SIGTERM: the step in flight finishes, checkpoint.pt is written at that "
+                       "step, and one line gives the command that resumes exactly (also in RUN/stopped.txt); exit "
+                       "code 130 / 143. A second Ctrl-C quits at once, the previous checkpoint intact.")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else f.type.__name__

@@ -427,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minisd.world.pretrain",
                                 description="Train minisd-tiny (VAE, then UNet + CLIP text encoder) from scratch on "
                                             "the procedural world. `python -m minisd.world.pretrain eval --help`: probe "
-                                            "fidelity of a trained model on held-out prompts.",
+                                            "fidelity of a trained model on held-out prompts. It keeps no checkpoints: Ctrl-C or SIGTERM "
+                                            "ends it with one line and leaves --out as it was.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=DEFAULT_OUT, help="minisd folder to write (fp16 weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
