@@ -140,7 +140,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "Prompts longer than CLIP's 77-token window are read as A1111 does: split into chunks of 75 tokens, each "
         "encoded on its own (with start and end tokens) and the results concatenated, so every token counts; a "
         "prompt up to 75 tokens is encoded exactly as diffusers does. LDM-256's BERT encoder has one window: a "
-        "longer prompt is cut there, with a warning naming the dropped words.", 100)
+        "longer prompt is cut there, with a warning naming the dropped words.", 100) + "\n" + textwrap.fill(
+        "Progress: a bar over the steps on stderr when it is a terminal. A large request (more pixels than 4 images "
+        "at the model's resolution, or a UNet over 50M parameters on a CPU) first prints its estimated FLOPs, time "
+        "and memory, then shows the bars anyway.", 100)
     a = p.parse_args(argv)
     if a.prompts and a.prompt is not None:
         p.error("give a prompt or --prompts FILE, not both")
@@ -376,11 +379,13 @@ def main(argv=None) -> int:
           f"{a.batch * len(jobs)} image(s) {width}x{height}, {a.sampler}{' karras' if a.karras else ''}, "
           f"{a.steps} steps, cfg {a.cfg}, seed {a.seed}{', CUDA graph' if a.cuda_graph else ''}"
           f"{', compiled' if a.compile else ''}", file=sys.stderr)
-    for prompt, seed, out_stem in jobs:
+    show = progress_plan(a, model, pipe, width, height, len(jobs))
+    for n, (prompt, seed, out_stem) in enumerate(jobs):
+        bar = (f"prompt {n + 1}/{len(jobs)}" if len(jobs) > 1 else True) if show else False  # over steps, per image
         try:
             images = pipe(prompt, negative=a.negative or None, steps=a.steps, sampler=a.sampler,
                           karras=a.karras, cfg_scale=a.cfg, seed=seed, width=width, height=height,
-                          batch=a.batch, init_image=init, strength=a.strength, eta=a.eta, progress=True)
+                          batch=a.batch, init_image=init, strength=a.strength, eta=a.eta, progress=bar)
         except ValueError as e:  # e.g. img2img strength so low that no step is left
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -423,6 +428,28 @@ def save_png(img, path: str, info) -> bool:
     return False
 
 
+def progress_plan(a, model, pipe, width: int, height: int, batches: int) -> bool:
+    """Whether to show progress (a tqdm bar over the steps of each prompt, on stderr): when stderr is a terminal, or
+    when the request is large: more pixels than 4 images at the model's resolution, or a UNet of over 50M
+    parameters on a CPU. A large request first prints its estimated cost (minisd/perf/estimate.py: FLOPs, a lower
+    bound on the time, memory) and says when its VAE decode begins, which takes long too."""
+    res = model.cfg.resolution
+    big = width * height * a.batch > 4 * res * res or (
+        a.device == "cpu" and sum(p.numel() for p in model.unet.parameters()) > 50e6)
+    if not big:
+        return sys.stderr.isatty()
+    from minisd.perf.estimate import estimate
+    e = estimate(model, width, height, a.batch, a.steps, a.cfg > 1.0, a.device, pipe.dtype, batches)
+    print(e.line() + (" (img2img runs fewer steps)" if a.init else ""), file=sys.stderr, flush=True)
+    decode = pipe.decode
+
+    def decode_said(latents):
+        print(f"VAE decode of {len(latents)} image(s) {width}x{height}...", file=sys.stderr, flush=True)
+        return decode(latents)
+    pipe.decode = decode_said
+    return True
+
+
 def grid(a, model_path: str) -> int:
     """No prompt, minisd-tiny: draw held-out world prompts (compositions it never saw) as a captioned grid.
     --steps, --cfg, --sampler, --seed, --negative and --dtype given explicitly are honoured; --batch, --width and
@@ -456,7 +483,8 @@ def grid(a, model_path: str) -> int:
     pipe = make_pipeline(model, a, dtype=dtype)
     try:
         images = pipe(prompts, negative=a.negative or None, steps=steps, sampler=a.sampler, karras=a.karras,
-                      cfg_scale=cfg, seed=a.seed, eta=a.eta)
+                      cfg_scale=cfg, seed=a.seed, eta=a.eta,
+                      progress=sys.stderr.isatty())
     except ValueError as e:  # e.g. more steps than the schedule's grid holds, or a non-finite result
         print(f"error: {e}", file=sys.stderr)
         return 2

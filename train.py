@@ -8,6 +8,10 @@
     python train.py --method ti                        # textual inversion of the world's subject ('<sks> emblem')
     python train.py --method hypernetwork              # an A1111 hypernetwork for the outlined style
 
+Ctrl-C (SIGINT) or SIGTERM while training: the step in flight finishes, checkpoint.pt is written at that step and
+one line gives the `--resume` command (also in the run folder's stopped.txt); exit code 130 / 143. A second Ctrl-C
+quits at once (the previous checkpoint stays intact). minisd/train/signals.py.
+
 Options: `python train.py --help`, or minisd/train/config.py. The step is minisd/trainer.py, the loop around it
 minisd/train/loop.py, what world runs add minisd/world/validation.py.
 Bad flags, a bad data folder or a bad model end with one `error:` line and exit code 2, checked before the run
@@ -105,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     from minisd.world.validation import is_world_folder, sample_and_score, validation_prompts
     from minisd.formats.safe_write import WriteError, write_text
     from minisd.train.run_folder import RunFolder, preflight
+    from minisd.train.signals import Stopped, raise_on_signals, signal_name
     torch.set_num_threads(cfg.threads)  # default 1, see --help
+    restore_signals = raise_on_signals()  # SIGINT / SIGTERM: one line, never a traceback (signals.py)
     try:
         # torchrun: join the process group; rank 0 checks, makes and locks the run folder (and writes the world data),
         # the others get its folder and config; only rank 0 prints (minisd/train/distributed.py)
@@ -165,6 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DataError, ModelError, TrainError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # a signal during the steps: checkpoint at e.step, the --resume command (and stopped.txt)
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt as e:  # a signal before the steps began or after they ended
+        signum = getattr(e, "signum", 2)
+        print(f"error: stopped by {signal_name(signum)} outside the training steps (a run folder with checkpoint.pt "
+              "continues with --resume)", file=sys.stderr)
+        return 128 + signum
+    finally:
+        restore_signals()
     return 0
 
 

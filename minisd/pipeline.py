@@ -92,7 +92,7 @@ class Pipeline:
                  sampler: str = "ddim", karras: bool = False, cfg_scale: float = 7.5, seed: int = 0,
                  width: int | None = None, height: int | None = None, batch: int = 1,
                  init_image: Image.Image | None = None, strength: float = 0.8, eta: float = 0.0,
-                 progress: bool = False) -> list[Image.Image]:
+                 progress: bool | str = False) -> list[Image.Image]:
         m, cfg = self.model, self.model.cfg
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(batch)]           # batch images per prompt
@@ -133,9 +133,9 @@ class Pipeline:
 
         timesteps = smp.timesteps
         loop = range(start, len(timesteps))
-        if progress:
+        if progress:  # a tqdm bar on stderr; a string names it (sample.py: "image 2/5")
             from tqdm import tqdm
-            loop = tqdm(loop, desc="sampling", unit="step")
+            loop = tqdm(loop, desc=progress if isinstance(progress, str) else "sampling", unit="step")
         for i in loop:
             t = timesteps[i]
             xin = smp.scale_model_input(x, i)

@@ -423,7 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="train.py", description="Fine-tune a LoRA / DoRA / LoHa / LoKr adapter on a folder of "
                 "captioned images (or, with --method, a textual inversion or a hypernetwork: their sections below). "
                 "With no arguments: a style LoRA on the embedded world, on the CPU.",
-                argument_default=argparse.SUPPRESS)  # absent flags stay absent, so TOML values survive
+                argument_default=argparse.SUPPRESS,  # absent flags stay absent, so TOML values survive
+                # stopping (minisd/train/signals.py)
+                epilog="Ctrl-C (SIGINT) or SIGTERM: the step in flight finishes, checkpoint.pt is written at that "
+                       "step, and one line gives the command that resumes exactly (also in RUN/stopped.txt); exit "
+                       "code 130 / 143. A second Ctrl-C quits at once, the previous checkpoint intact.")
     # issue 17: each method's options in a --help section of its own
     sections = {"ti_": p.add_argument_group("textual inversion (--method ti)", METHOD_HELP["ti"]),
                 "hn_": p.add_argument_group("hypernetwork (--method hypernetwork)", METHOD_HELP["hypernetwork"])}

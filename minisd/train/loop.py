@@ -59,6 +59,7 @@ from .full import build_full, format_budget, memory_budget, write_full_outputs
 from . import method_state
 from .method_state import extend_record
 from .val_loss import build_val_loss
+from .signals import StopGuard
 from .validation import validate, validation_prompts
 
 MEMORY_HINT = ("out of memory. Flags that save memory: --gradient-checkpointing, --mixed-precision bf16 "
@@ -384,6 +385,7 @@ class Trainer:
         # (formats/safe_write.py): a kill or a full disk mid-write leaves the previous checkpoint intact, and a
         # link planted at any name is never written through
         self.dist.on_main(write_atomic, state, self.ckpt_path)
+        self.saved_step = self.step  # the step stopped.txt names (signals.py)
 
     def write_loss_log(self) -> None:
         """loss.jsonl rewritten from self.losses: at the start of `run` (a resumed run's file is cut back to its
@@ -452,24 +454,28 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not cfg.progress or not self.dist.is_main)
         self.dist.on_main(self.write_loss_log)
-        try:
-            while self.step < cfg.max_steps:
-                with self.prof.step():
-                    loss = self.train_step()
-                self.losses.append({"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0]})
-                extend_record(self, self.losses[-1])  # prior_loss, val_loss (method_state.py)
-                if self.dist.is_main:  # torchrun: rank 0 alone writes
-                    self.append_loss(self.losses[-1])
-                if cfg.validate_every and self.step % cfg.validate_every == 0:
-                    self.dist.on_main(validate, self, self.val_prompts)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                bar.update(1)
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
-                    self.save_checkpoint()
-        except torch.OutOfMemoryError:
-            raise TrainError(MEMORY_HINT) from None
-        finally:
-            bar.close()
+        # Ctrl-C / SIGTERM: the step in flight finishes, then a checkpoint at that step and `Stopped`; an error that
+        # ends the steps leaves stopped.txt saying why (signals.py). Under torchrun every rank stops at the same step.
+        with StopGuard(self) as stop:
+            try:
+                while self.step < cfg.max_steps:
+                    stop.check()  # a step boundary
+                    with self.prof.step():
+                        loss = self.train_step()
+                    self.losses.append({"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0]})
+                    extend_record(self, self.losses[-1])  # prior_loss, val_loss (method_state.py)
+                    if self.dist.is_main:  # torchrun: rank 0 alone writes
+                        self.append_loss(self.losses[-1])
+                    if cfg.validate_every and self.step % cfg.validate_every == 0:
+                        self.dist.on_main(validate, self, self.val_prompts)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    bar.update(1)
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                        self.save_checkpoint()
+            except torch.OutOfMemoryError:
+                raise TrainError(MEMORY_HINT) from None
+            finally:
+                bar.close()
         if cfg.profile and self.dist.is_main:  # this process's steps only (a resumed run profiles what it trained)
             self.log(self.prof.table())
             with atomic_path(os.path.join(self.run_dir, "profile.json")) as tmp:

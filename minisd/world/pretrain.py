@@ -56,6 +56,13 @@ def _render_chunk(job: tuple) -> tuple[np.ndarray, list]:
 VAE_EXTRA = [("outlined", False), ("striped", False), ("dotted", False), (None, True)]
 
 
+def _worker_signals() -> None:
+    """Render workers leave Ctrl-C to the parent (which ends the pool) and die quietly when it terminates them."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def make_pool(n: int, seed: int = 0, split: str = "train", workers: int = 1, chunk: int = 500,
               styled: bool = False):
     """n rendered world images as uint8 (N, 3, 64, 64) and their attributes. Chunk i uses seed
@@ -71,7 +78,7 @@ def make_pool(n: int, seed: int = 0, split: str = "train", workers: int = 1, chu
     base = seed * 100003 + (50021 if styled else 0)
     jobs = [(min(chunk, n - s), base + i, split, *extra(i)) for i, s in enumerate(range(0, n, chunk))]
     if workers > 1:
-        with mp.get_context("fork").Pool(workers) as pool:
+        with mp.get_context("fork").Pool(workers, initializer=_worker_signals) as pool:
             parts = pool.map(_render_chunk, jobs)
     else:
         parts = [_render_chunk(j) for j in jobs]
@@ -420,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minisd.world.pretrain",
                                 description="Train minisd-tiny (VAE, then UNet + CLIP text encoder) from scratch on "
                                             "the procedural world. `python -m minisd.world.pretrain eval --help`: probe "
-                                            "fidelity of a trained model on held-out prompts.",
+                                            "fidelity of a trained model on held-out prompts. It keeps no checkpoints: Ctrl-C or SIGTERM "
+                                            "ends it with one line and leaves --out as it was.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=DEFAULT_OUT, help="minisd folder to write (fp16 weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -504,11 +512,27 @@ def main(argv: list[str] | None = None) -> int:
     if a.vae_from and phase1:  # phase 1 is skipped: these would do nothing
         p.error(f"--vae-from skips phase 1, so {', '.join('--' + k.replace('_', '-') for k in phase1)} cannot apply")
     print("pretrain settings: " + ", ".join(f"{k}={v}" for k, v in vars(a).items()), flush=True)
-    res = pretrain(a, log=lambda s: print(s, flush=True))
-    if a.eval:
-        for c in (3.0, 5.0):
-            r = probe_fidelity(res["model"], a.eval, 20, c, device=a.device)
-            print(f"probe, {a.eval} held-out prompts, ddim 20 steps, cfg {c}: {r}", flush=True)
+    # Ctrl-C / SIGTERM: pretraining keeps no checkpoints, so a stop ends with one line (no traceback) and --out is
+    # as it was (save_model writes a sibling folder and renames it into place at the end)
+    from ..train.signals import raise_on_signals, signal_name
+    restore_signals, t0, res = raise_on_signals(), time.time(), None
+    try:
+        res = pretrain(a, log=lambda s: print(s, flush=True))
+        if a.eval:
+            for c in (3.0, 5.0):
+                r = probe_fidelity(res["model"], a.eval, 20, c, device=a.device)
+                print(f"probe, {a.eval} held-out prompts, ddim 20 steps, cfg {c}: {r}", flush=True)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", 2)
+        if res is not None:  # stopped during --eval: the model is complete
+            print(f"error: evaluation stopped by {signal_name(signum)}; {a.out} was written before", file=sys.stderr)
+        else:
+            print(f"error: pretraining stopped by {signal_name(signum)} after {time.time() - t0:.0f} s; nothing was "
+                  f"written to {a.out} (pretraining keeps no checkpoints: run it again; --minutes / --vae-minutes "
+                  "cap its length)", file=sys.stderr)
+        return 128 + signum
+    finally:
+        restore_signals()
     return 0
 
 
