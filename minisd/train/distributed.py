@@ -123,6 +123,15 @@ class Dist:
             i += g.numel()
         return float(flat[-1])
 
+    def agree_max(self, value: int, device: torch.device) -> int:
+        """The largest of every rank's value, on every rank: a stop signal that reached one rank stops all of them
+        at the same step boundary (signals.py), so none is left waiting in the next all-reduce."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return int(t)
+
     def check_resume(self, state: dict, path: str) -> None:
         """A checkpoint continues only at the world size that wrote it."""
         saved = int(state.get("world_size", 1))

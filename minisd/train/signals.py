@@ -137,12 +137,16 @@ class StopGuard:
 
     def check(self) -> None:
         """At a step boundary: after a signal, save a checkpoint at the current step and raise `Stopped`."""
+        t = self.trainer
+        dist = getattr(t, "dist", None)
+        if dist is not None and dist.world > 1:  # torchrun: a signal seen by any rank stops every rank here
+            self.signum = dist.agree_max(self.signum or 0, t.device) or None
         if self.signum is None:
             return
-        t = self.trainer
         t.save_checkpoint()
         stop = Stopped(self.signum, t.step, t.run_dir)
-        write_stop_note(t.run_dir, str(stop))
+        if dist is None or dist.is_main:
+            write_stop_note(t.run_dir, str(stop))
         raise stop
 
     def __exit__(self, kind, exc, tb):
