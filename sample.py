@@ -95,12 +95,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "before any work; an input file is never overwritten)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu",
                    help="cpu, cuda, cuda:N or mps; one this machine does not have is refused")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads. Default 1, not torch's one per core: minisd-tiny's ops are too small "
-                        "to gain much from more, a busy core stalls every op of the others at its join (2-core VM "
-                        "under load: 20 training steps took 24 s with 1 thread, 562 s with 2), and the image does "
-                        "not depend on the machine's load (the thread count can change the last bit). On an idle "
-                        "machine with a larger model, set it to the number of free cores")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the cores other processes left free while this command "
+                        "started, read from the kernel's counters over its first second or so, at least 1; "
+                        "minisd/perf/threads.py). Not torch's one per core whatever the load: a busy core stalls "
+                        "every op of the others at its join (2-core VM under load: 20 training steps took 24 s "
+                        "with 1 thread, 562 s with 2). The count used is written into the PNG (Threads: N): it "
+                        "can change the last bit of a pixel")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help=f"UNet / text-encoder precision (default: {DTYPE}; the VAE stays fp32 where it overflows)")
     p.add_argument("--cuda-graph", action="store_true",
@@ -169,7 +170,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.eta is not None and a.sampler != "ddim":
         p.error(f"--eta is DDIM's eta; --sampler {a.sampler} has none")
     a.strength, a.eta = STRENGTH if a.strength is None else a.strength, ETA if a.eta is None else a.eta
-    if a.threads < 1:
+    if a.threads is not None and a.threads < 1:
         p.error(f"--threads must be at least 1, got {a.threads}")
     if not 0.0 < a.strength <= 1.0:
         p.error("--strength must be in (0, 1]")
@@ -201,6 +202,10 @@ def make_pipeline(model, a, **kw):
     from minisd.pipeline import Pipeline
 
     pipe = Pipeline(model, device=a.device, **kw)
+    if a.threads is None:  # the default: the cores left free by others while we started (perf/threads.py)
+        import torch
+        a.threads = a.load_window.threads() if hasattr(a, "load_window") else 1
+        torch.set_num_threads(a.threads)
     if a.compile:
         compile_unet_blocks(pipe.model.unet)
     if a.cuda_graph:
@@ -306,6 +311,8 @@ def parameters_text(a, width: int, height: int, seed: int, model_name: str, extr
                f"Size: {width}x{height}, Model: {model_name}"
     if a.batch > 1:
         settings += f", Batch size: {a.batch}, Batch pos: {pos}"
+    if a.device == "cpu":  # the CPU thread count can change the last bit
+        settings += f", Threads: {a.threads}"
     if a.init:
         settings += f", Denoising strength: {a.strength}"
     lines.append(settings + extra)
@@ -313,9 +320,12 @@ def parameters_text(a, width: int, height: int, seed: int, model_name: str, extr
 
 
 def main(argv=None) -> int:
+    from minisd.perf.threads import LoadWindow
+    window = LoadWindow()  # how busy the machine is while torch imports and the model loads (--threads default)
     a = parse_args(argv)
     import torch
-    torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads or 1)
+    a.load_window = window
     from PIL import PngImagePlugin
 
     from minisd.formats import TINY_RANDOM, load_model
@@ -492,7 +502,8 @@ def grid(a, model_path: str) -> int:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", "\n".join(prompts + ([f"Negative prompt: {a.negative}"] if a.negative else []))
                   + f"\nSteps: {steps}, Sampler: {sampler}, CFG scale: {cfg}, Seed: {a.seed}, "
-                  f"Model: {os.path.basename(os.path.normpath(model_path))}{extra}")
+                  f"Model: {os.path.basename(os.path.normpath(model_path))}"
+                  + (f", Threads: {a.threads}" if a.device == "cpu" else "") + extra)
     if save_png(caption_grid(images, prompts), a.out, info):
         return 2
     print(f"{len(prompts)} held-out world prompts, {steps} steps, cfg {cfg}, seed {a.seed}: "

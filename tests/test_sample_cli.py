@@ -43,7 +43,7 @@ def test_grid_defaults_and_explicit_overrides(tmp_path, recorded):
     assert (default["steps"], default["cfg_scale"], default["negative"], default["dtype"]) == (
         sample.GRID_STEPS, sample.GRID_CFG, None, torch.float32)
     # explicit values equal to the prompt mode's defaults (30, 7.5) were once taken for "not given": now honoured
-    assert sample.main(["--device", "cpu", "--out", str(out), "--steps", "30", "--cfg", "7.5",
+    assert sample.main(["--device", "cpu", "--out", str(out), "--overwrite", "--steps", "30", "--cfg", "7.5",
                         "--negative", "blurry", "--dtype", "bf16", "--sampler", "euler", "--karras"]) == 0
     given = recorded[-1]
     assert (given["steps"], given["cfg_scale"], given["negative"], given["dtype"]) == (30, 7.5, "blurry",
@@ -92,3 +92,21 @@ def test_batch_images_record_what_reproduces_them(tmp_path):
     assert sample.main(common + ["--seed", "5", "--out", str(tmp_path / "one.png")]) == 0
     assert list(Image.open(tmp_path / "one.png").getdata()) != list(Image.open(target).getdata())
     assert "Batch" not in Image.open(tmp_path / "one.png").info["parameters"]
+
+
+@pytest.mark.parametrize("free, flags, expect", [(2, [], 2), (1, [], 1), (2, ["--threads", "1"], 1)])
+def test_thread_default_follows_free_cores(tmp_path, monkeypatch, recorded, free, flags, expect):
+    """--threads absent: the count minisd.perf.threads measured (faked here) is used for the sampling and written
+    into the PNG; given, it wins."""
+    from minisd.perf import threads
+    monkeypatch.setattr(threads.LoadWindow, "threads", lambda self: free)
+    seen = []
+    monkeypatch.setattr(Pipeline, "__call__", lambda self, prompt, **kw: seen.append(torch.get_num_threads())
+                        or [Image.new("RGB", (64, 64), "white") for _ in prompt])
+    out = tmp_path / "g.png"
+    try:
+        assert sample.main(["--device", "cpu", "--out", str(out)] + flags) == 0
+    finally:
+        torch.set_num_threads(1)
+    assert seen == [expect]
+    assert settings_of(out)["Threads"] == str(expect)
