@@ -18,6 +18,8 @@ and metadata, one JSON object under the key "golden": `config` (minisd config di
 The reference models are the oracle tests' own builders (tests/test_*.py) at smaller widths; weights go through
 the same converters the oracle tests check.
 The same library versions on the same machine write the same bytes.
+Not from here: `kohya_sd1_locon.safetensors` and `kohya_sdxl.safetensors` are written by kohya sd-scripts' own code
+(`python tools/check_kohya_fixture.py SD_SCRIPTS_CHECKOUT --write tests/golden`; sd-scripts is not a pip package).
 """
 from __future__ import annotations
 
