@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import train
 from conftest import ROOT
@@ -118,7 +119,7 @@ def test_output_paths_are_checked_before_any_work(tmp_path, done_run, data_dir, 
     ro.mkdir()
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "latents.safetensors").write_bytes(b"the user's, not a cache")
+    save_file({"w": torch.ones(2)}, str(cache / "latents.safetensors"))  # someone's tensors, not a cache
     run = copy_run(done_run, tmp_path / "run")
     os.symlink(str(ro), os.path.join(run, "validation"))
     before = tree(str(tmp_path))

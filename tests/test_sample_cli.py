@@ -43,7 +43,7 @@ def test_grid_defaults_and_explicit_overrides(tmp_path, recorded):
     assert (default["steps"], default["cfg_scale"], default["negative"], default["dtype"]) == (
         sample.GRID_STEPS, sample.GRID_CFG, None, torch.float32)
     # explicit values equal to the prompt mode's defaults (30, 7.5) were once taken for "not given": now honoured
-    assert sample.main(["--device", "cpu", "--out", str(out), "--steps", "30", "--cfg", "7.5",
+    assert sample.main(["--device", "cpu", "--out", str(out), "--overwrite", "--steps", "30", "--cfg", "7.5",
                         "--negative", "blurry", "--dtype", "bf16", "--sampler", "euler", "--karras"]) == 0
     given = recorded[-1]
     assert (given["steps"], given["cfg_scale"], given["negative"], given["dtype"]) == (30, 7.5, "blurry",
