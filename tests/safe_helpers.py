@@ -1,6 +1,6 @@
-"""Shared by tests/test_safe_writes.py and tests/test_safe_train.py: run a command as a subprocess (optionally with a
-fault injected by a small patch run before it), judge a refusal the way the audit of issue 15 did, and snapshot
-folders so "nothing that was there destroyed, nothing left" can be asserted."""
+"""Shared by tests/test_safe_writes.py and tests/test_safe_train.py: run a command (as a process, or its `main` in this
+process), judge a refusal the way the audit of issue 15 did, and snapshot folders so "nothing that was there
+destroyed, nothing left" can be asserted."""
 import importlib
 import os
 import subprocess
@@ -9,50 +9,11 @@ from types import SimpleNamespace
 
 from conftest import ROOT
 
-# Runs a command's file as __main__ after `patch` (Python source) has run in the same process: how a full disk or a
-# read-only folder is simulated (the tests run as root, for whom permission bits do not bind).
-WRAP = """
-import errno, os, sys, runpy
-{patch}
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
-# OSError(ENOSPC) on the N-th call of a writer `module.attr(obj_or_self, path, ...)`, after writing some bytes to the
-# path as a full disk would: the partial file must be removed and what was there kept.
-ENOSPC = """
-import importlib
-_mod = importlib.import_module({module!r})
-_owner = _mod if {cls!r} is None else getattr(_mod, {cls!r})
-_real, _calls = getattr(_owner, {attr!r}), [0]
-def _full(*args, **kw):
-    _calls[0] += 1
-    if _calls[0] == {nth}:
-        path = args[{path_arg}]
-        with open(path, "wb") as f:
-            f.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-    return _real(*args, **kw)
-setattr(_owner, {attr!r}, _full)
-"""
-
-# os.access says "not writable" for one folder, as it does for a user without write permission
-READ_ONLY = """
-_real_access = os.access
-def _access(p, mode, *a, **k):
-    if os.path.realpath(p) == os.path.realpath({folder!r}) and mode & os.W_OK:
-        return False
-    return _real_access(p, mode, *a, **k)
-os.access = _access
-"""
-
-
-def run_cmd(script: str, *args, cwd=None, patch: str | None = None, timeout=300) -> subprocess.CompletedProcess:
-    path = os.path.join(ROOT, script)
-    cmd = [sys.executable, path, *args] if patch is None else [sys.executable, "-c", WRAP.format(patch=patch), path,
-                                                                *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or ROOT, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": ROOT})
+def run_cmd(script: str, *args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    """The command as a real process (its own interpreter, working directory and exit code)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd or ROOT, timeout=timeout, env={**os.environ, "PYTHONPATH": ROOT})
 
 
 def call(capfd, script: str, *args, cwd=None) -> SimpleNamespace:

@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import train
 from conftest import ROOT
@@ -93,16 +94,22 @@ def test_a_refused_run_leaves_nothing_behind(tmp_path, done_run, data_dir, capfd
     cases = [  # (flags, words): a world run with a bad model (before: an empty run folder was left), bad data,
         (world_flags + ["--model", str(tmp_path / "nope")], ["nope"]),  # and a refusal inside the Trainer
         (FAST + ["--data", str(work / "empty")], ["no image"]),
-        (FAST + ["--data", plain, "--validate-every", "1"], ["--validation-prompts"])]
+        (FAST + ["--data", plain, "--validate-every", "1"], ["--validation-prompts"]),
+        (world_flags + ["--model", "tiny-random", "--validate-every", "1", "--validation-prompts",
+                        str(tmp_path / "none.txt")], ["none.txt"])]  # refused by the Trainer, after the world data
     for flags, words in cases:
         refused(call(capfd, "train.py", *flags, "--out", work / "run"), *words)
         assert sorted(os.listdir(work)) == ["empty"]
+    (work / "given").mkdir()  # an empty folder given as --out is free; refused, it is left empty again
+    for flags, words in cases:
+        refused(call(capfd, "train.py", *flags, "--out", work / "given"), *words)
+        assert os.listdir(work / "given") == []
     # with --overwrite the earlier run stays whole when the new one is refused, before or after the folder swap
     run = copy_run(done_run, work / "old")
     before = tree(run)
     for flags, words in cases[::2]:
         refused(call(capfd, "train.py", *flags, "--out", run, "--overwrite"), *words)
-        assert tree(run) == before and sorted(os.listdir(work)) == ["empty", "old"]
+        assert tree(run) == before and sorted(os.listdir(work)) == ["empty", "given", "old"]
 
 
 def test_output_paths_are_checked_before_any_work(tmp_path, done_run, data_dir, capfd, monkeypatch):
@@ -112,7 +119,7 @@ def test_output_paths_are_checked_before_any_work(tmp_path, done_run, data_dir, 
     ro.mkdir()
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "latents.safetensors").write_bytes(b"the user's, not a cache")
+    save_file({"w": torch.ones(2)}, str(cache / "latents.safetensors"))  # someone's tensors, not a cache
     run = copy_run(done_run, tmp_path / "run")
     os.symlink(str(ro), os.path.join(run, "validation"))
     before = tree(str(tmp_path))

@@ -112,8 +112,11 @@ def check_folder_dest(path: str, overwrite: bool = False, kind: Kind | None = No
     if os.path.lexists(path) and not os.path.isdir(path):
         raise WriteError(f"{path} is a file; a folder is needed here")
     check_parent(path)
-    if not os.path.isdir(path) or not os.listdir(path):
-        return
+    try:
+        if not os.path.isdir(path) or not os.listdir(path):
+            return
+    except OSError as e:
+        raise WriteError(f"{path}: cannot read the folder ({e.strerror})") from None
     if not overwrite:
         raise WriteError(f"{path} exists and is not empty: pass --overwrite to replace it, or choose another folder")
     real = _real(path)

@@ -21,9 +21,9 @@ What is cached, and why it keeps the recipe of uncached training:
 In memory by default. With --cache-dir the caches are safetensors files there (`latents.safetensors`,
 `text.safetensors`), each with a fingerprint in its metadata: a hash of the encoder weights (and autocast dtype),
 the image files' bytes and crop targets (resolution, buckets) or the captions' token ids. A later run reuses a
-file only when its fingerprint equals the one it computes; otherwise the cache is recomputed and replaced - only a
-file that is a minisd cache (its metadata says so): anything else at those names is the user's and refused before
-the run starts (`check_cache_dir`). Files are written through formats/safe_write.py (a fresh private temporary
+file only when its fingerprint equals the one it computes; otherwise the cache is recomputed and replaced - a stale
+or damaged cache, never a link or a safetensors file without a cache fingerprint (someone's weights), which are
+refused before the run starts (`check_cache_dir`). Files are written through formats/safe_write.py (a fresh private temporary
 file renamed into place: never through a planted link, never half-written).
 
 Shapes: N = examples, C = latent channels, h, w = latent size, T = tokens, D = text width, P = pooled width.
@@ -112,12 +112,15 @@ def read_cache(path: str, fp: str, log) -> dict | None:
     return None
 
 
-def is_cache_file(path: str) -> bool:
-    """A file minisd wrote as a cache (its safetensors metadata holds a fingerprint)."""
+def is_foreign_file(path: str) -> bool:
+    """A file at a cache name that is not minisd's to replace: a link, not a regular file, or a readable safetensors
+    file without a cache fingerprint (someone's weights). A damaged file is taken for a damaged cache (recomputed)."""
+    if os.path.islink(path) or not os.path.isfile(path):
+        return True
     try:
         with safe_open(path, "pt") as f:
-            return "fingerprint" in (f.metadata() or {})
-    except Exception:  # damaged or not safetensors: not provably ours
+            return "fingerprint" not in (f.metadata() or {})
+    except Exception:  # damaged or not safetensors: nothing a reader could use, the cache that was there
         return False
 
 
@@ -131,7 +134,7 @@ def check_cache_dir(folder: str | None) -> None:
     check_parent(os.path.join(folder, CACHE_FILES[0]))
     for name in CACHE_FILES:
         p = os.path.join(folder, name)
-        if os.path.lexists(p) and (os.path.islink(p) or not is_cache_file(p)):
+        if os.path.lexists(p) and is_foreign_file(p):
             raise WriteError(f"--cache-dir: {p} exists and is not a minisd cache; it is never replaced (move it, or "
                              "choose another --cache-dir)")
 
@@ -139,7 +142,7 @@ def check_cache_dir(folder: str | None) -> None:
 def write_cache(path: str, tensors: dict, fp: str, what: str) -> None:
     """Write through a fresh private temporary file renamed into place, so a killed run never leaves half a cache
     and a planted link is never written through; a file there that is not a minisd cache is never replaced."""
-    if os.path.lexists(path) and (os.path.islink(path) or not is_cache_file(path)):
+    if os.path.lexists(path) and is_foreign_file(path):
         raise WriteError(f"{path} exists and is not a minisd cache; it is never replaced")
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"fingerprint": fp, "minisd": what})

@@ -53,6 +53,9 @@ def preflight(cfg, run_dir: str, world_data: bool):
             raise WriteError(f"{sub} is not a folder of the run (a link or a file); move it away to resume")
     else:
         check_folder_dest(run_dir, cfg.overwrite, RUN, protect=inputs(cfg, world_data))
+    for flag, path in (("--vae", cfg.vae), ("--init-adapter", cfg.init_adapter)):
+        if path and not os.path.exists(path):
+            raise ValueError(f"{flag} {path}: no such file or folder")
     if not world_data:
         check_data(cfg.data)
     check_cache_dir(cfg.cache_dir)
@@ -79,7 +82,7 @@ class RunFolder:
 
     def __init__(self, cfg, run_dir: str):
         self.path, self.resume = os.path.abspath(run_dir), bool(cfg.resume)
-        self.made, self.old, self.begun = False, None, False
+        self.made, self.adopted, self.old, self.begun = False, False, None, False
         self.lock = self.old_lock = None
 
     def __enter__(self) -> "RunFolder":
@@ -97,15 +100,15 @@ class RunFolder:
             os.makedirs(parent, exist_ok=True)
             os.mkdir(self.path)
             self.made = True
-        except FileExistsError:  # an empty folder that was there, or another train.py just made it
-            pass
+        except FileExistsError:  # an empty folder that was there (emptied again if refused), or another train.py's
+            self.adopted = True
         except OSError as e:
             self._undo()
             raise WriteError(f"{self.path}: cannot make the run folder ({e.strerror})") from None
         try:
             self.lock = RunLock(self.path).acquire()
         except WriteError:
-            self.made = False  # someone else's now: never remove it
+            self.made = self.adopted = False  # someone else's now: never touch it
             self._undo()
             raise
         return self
@@ -125,6 +128,11 @@ class RunFolder:
         if self.made:
             shutil.rmtree(self.path, ignore_errors=True)
             self.made = False
+        elif self.adopted:  # the empty folder that was there: emptied again
+            for name in os.listdir(self.path):
+                p = os.path.join(self.path, name)
+                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+            self.adopted = False
         if self.old:
             try:
                 os.rename(self.old, self.path)

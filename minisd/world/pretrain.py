@@ -38,7 +38,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .. import world
 from ..config import WEIGHTS_DIR, WORLD_TINY, ModelConfig
-from ..model import StableDiffusion, save_model
+from ..formats.safe_write import MINISD, WriteError, atomic_folder, check_folder_dest
+from ..model import StableDiffusion, write_model_files
 from ..schedule import NoiseSchedule
 
 DEFAULT_OUT = os.path.join(WEIGHTS_DIR, "minisd-tiny")
@@ -417,8 +418,10 @@ def pretrain(a: argparse.Namespace, log=print) -> dict:
     model = model.float().cpu().eval()
     info = {"vae": vae_stats, "unet": unet_stats, "scale_factor": scale, "pool": len(images),
             "seconds": time.time() - t0}
-    if a.out:
-        save_model(model, a.out, dtype=torch.float16)
+    if a.out:  # formats/safe_write.py: an existing folder only with --overwrite, and only an earlier minisd folder
+        with atomic_folder(a.out, getattr(a, "overwrite", False), MINISD,
+                           protect=[getattr(a, "vae_from", None), getattr(a, "init", None)]) as tmp:
+            write_model_files(model, tmp, dtype=torch.float16)
         log(f"saved {a.out}")
     return {"model": model, **info}
 
@@ -431,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "ends it with one line and leaves --out as it was.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=DEFAULT_OUT, help="minisd folder to write (fp16 weights)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that is an earlier minisd folder holding nothing else (a model "
+                        "card is the user's: move it first); default: refuse an existing --out before training")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pool", type=int, default=60000, help="train-split images rendered once and reused")
@@ -511,6 +517,11 @@ def main(argv: list[str] | None = None) -> int:
               if getattr(a, k) != p.get_default(k)]
     if a.vae_from and phase1:  # phase 1 is skipped: these would do nothing
         p.error(f"--vae-from skips phase 1, so {', '.join('--' + k.replace('_', '-') for k in phase1)} cannot apply")
+    try:  # before hours of training, not after
+        check_folder_dest(a.out, a.overwrite, MINISD, protect=[a.vae_from, a.init])
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("pretrain settings: " + ", ".join(f"{k}={v}" for k, v in vars(a).items()), flush=True)
     # Ctrl-C / SIGTERM: pretraining keeps no checkpoints, so a stop ends with one line (no traceback) and --out is
     # as it was (save_model writes a sibling folder and renames it into place at the end)
