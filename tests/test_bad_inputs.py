@@ -151,6 +151,34 @@ def corpus(tmp_path_factory):
         "sched_key": edited_model(base, d / "m12", source={"scheduler": {"rescale_betas_zero_snr": True}}),
         "sched_unknown": edited_model(base, d / "m13", source={"scheduler": {"frobnicate": 1}}),
     }
+    # a single file whose metadata carries a broken config, and diffusers folders with broken component configs
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from minisd.formats import load_model
+    from minisd.formats.export import export_diffusers, export_single_file
+    model = load_model(base)
+    export_single_file(model, base, str(d / "tiny.safetensors"))
+    with safe_open(str(d / "tiny.safetensors"), "pt") as f:
+        meta = f.metadata()
+    cfg = json.loads(meta["minisd_config"])
+    cfg["unet"]["num_res_blocks"] = [1, "many"]
+    save_file(load_file(str(d / "tiny.safetensors")), str(d / "meta.safetensors"),
+              metadata={**meta, "minisd_config": json.dumps(cfg)})
+    models["single_meta"] = str(d / "meta.safetensors")
+    export_diffusers(model, str(d / "diff"))
+
+    def diffusers(name, file, edit):
+        shutil.copytree(d / "diff", d / name)
+        p = os.path.join(d, name, file)
+        v = edit(json.load(open(p)))
+        with open(p, "w") as f:
+            f.write(v if isinstance(v, str) else json.dumps(v))
+        models[name] = str(d / name)
+    diffusers("diff_unet", "unet/config.json", _set(["block_out_channels"], [32, "64"]))
+    diffusers("diff_vae", "vae/config.json", _set(["block_out_channels"], [0, 32]))
+    diffusers("diff_index", "model_index.json", lambda c: "[" * 50000 + "]" * 50000)
+    diffusers("diff_sched", "scheduler/scheduler_config.json", _set(["clip_sample"], True))
+    diffusers("diff_te", "text_encoder/config.json", _set(["hidden_size"], None))
     return {"dir": d, "base": base, "models": models}
 
 
@@ -187,7 +215,10 @@ def test_sample_refuses_bad_flags_and_files(corpus):
             "nan_weight": ("unet.safetensors", "NaN"), "int_weight": ("unet.safetensors", "int32"),
             "vocab_broken": ("tokenizer", "tokenizer"), "vocab_no_eos": ("tokenizer", "<|endoftext|>"),
             "vocab_range": ("tokenizer", "zzz"), "sched_key": ("source.json", "rescale_betas_zero_snr"),
-            "sched_unknown": ("source.json", "frobnicate")}
+            "sched_unknown": ("source.json", "frobnicate"), "single_meta": ("meta.safetensors", "num_res_blocks"),
+            "diff_unet": ("unet/config.json", "channel"), "diff_vae": ("vae/config.json", "vae"),
+            "diff_index": ("model_index.json", "nested"), "diff_sched": ("scheduler_config.json", "clip_sample"),
+            "diff_te": ("text_encoder/config.json", "hidden_size")}
     n_flags = len(cases)
     cases += [(["x", "--steps", "1", "--out", out, "--model", m[n]], os.path.basename(m[n])) for n in want]
     results = run_cases("sample.py", [c for c, _ in cases], d)

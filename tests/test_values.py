@@ -205,3 +205,18 @@ def test_non_finite_decode_is_refused_not_saved_black():
         next(model.vae.decoder.parameters()).view(-1)[0] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf"):
         pipe.decode(latents)
+
+
+def test_fifo_in_a_data_folder_is_skipped_not_opened(tmp_path):
+    """A FIFO named like an image inside --data: listed as skipped, never opened (an open would block)."""
+    from minisd.train.data import CaptionDataset
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a grey square")
+    os.mkfifo(tmp_path / "b.png")
+    signal.alarm(20)
+    try:
+        ds = CaptionDataset(str(tmp_path), resolution=16)
+    finally:
+        signal.alarm(0)
+    assert [os.path.basename(e.path) for e in ds.examples] == ["a.png"]
+    assert ds.skipped == [("b.png", "not a regular file (a FIFO)")]

@@ -111,10 +111,19 @@ def schedule_config_from_diffusers(d: dict) -> ScheduleConfig:
                           set_alpha_to_one=d.get("set_alpha_to_one", True))
 
 
+NUMERIC_KEYS = ("_channels", "_size", "_layers", "_heads", "_dim", "_groups", "_per_block", "_eps", "_factor",
+                "_timesteps", "_start", "_end", "_offset", "_embeddings")
+
+
 def _component(build, path: str, what: str, d: dict | None = None):
     """build(the JSON config at `path`), checked field by field (config.check_config); a missing key, a wrong type
     or a value out of range is one ModelError naming the file and the field."""
     d = _read_json(path) if d is None else d
+    for k, v in d.items():  # a size, count or factor holds numbers (or null), one or a list (of lists) of them
+        items = [y for x in (v if isinstance(v, list) else [v]) for y in (x if isinstance(x, list) else [x])]
+        if k.endswith(NUMERIC_KEYS) and not all(x is None or isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                for x in items):
+            raise ModelError(f"{path}: {k} must be a number or a list of numbers, got {json.dumps(v)[:60]}")
     try:
         cfg = build(d)
         check_config(cfg, what)

@@ -240,7 +240,12 @@ def load_single_file(path: str, family: str | None = None, prediction: str | Non
     if family not in (None, "auto") and family != fam:
         raise ModelError(f"{path}: keys say {fam}, but --family {family} was given")
     if "minisd_config" in info:   # a file minisd exported carries its exact architecture
-        cfg = ModelConfig.from_dict(json.loads(info["minisd_config"]))
+        try:  # metadata is input too: one line naming the file and the field
+            cfg = ModelConfig.from_dict(json.loads(info["minisd_config"]))
+        except RecursionError:
+            raise ModelError(f"{path}: metadata minisd_config: nested too deeply") from None
+        except (ValueError, TypeError, KeyError) as e:
+            raise ModelError(f"{path}: metadata minisd_config: {e}") from None
     else:
         cfg = config_for(fam, sd, prediction)
     split = split_checkpoint(sd, fam, cfg, ema=ema)

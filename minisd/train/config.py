@@ -4,7 +4,9 @@ Precedence, lowest first: the dataclass defaults < the run's saved config.json (
 (--config FILE) < command-line flags. The command line is generated from the fields (minGPT's merge-from-args
 idea on a dataclass): field `min_snr_gamma` is flag `--min-snr-gamma`, a bool field gets `--x / --no-x`. The
 help text of each flag is the `help` metadata of its field. The resolved config is printed at start and written
-to `<run dir>/config.json`, which is also what --resume reads back.
+to `<run dir>/config.json`, which is also what --resume reads back. Every value is checked where it enters, whatever
+its source (values.py: types, finite numbers, ranges, the device; a resume that would change the checkpoint's
+meaning is refused before anything is written).
 """
 from __future__ import annotations
 
@@ -61,7 +63,8 @@ class TrainConfig:
     overwrite: bool = opt(False, "replace an existing --out that is an earlier run folder holding only what train.py "
                                  "writes (never one holding --data, --model or the working directory); the old run "
                                  "is removed only once the new one has started (default: refuse an existing --out)")
-    resolution: int = opt(0, "training resolution in pixels (0: the model's native resolution)")
+    resolution: int = opt(0, "training resolution in pixels, a multiple of VAE factor x UNet down-sampling (64 for "
+                              "SD/SDXL; 0: the model's native resolution)")
     repeats: int = opt(1, "times each image is seen per epoch (times a kohya concept folder's own count)")
     random_crop: bool = opt(False, "random instead of centre crop")
     flip: float = opt(0.0, "probability of a horizontal flip")
@@ -125,28 +128,28 @@ class TrainConfig:
                                  "N(0, 0.01²), biases 0; the default)")
     hn_activate_output: bool = opt(False, "hypernetwork: the activation after the last Linear too (default off)")
     # --- optimisation
-    lr: float = opt(1e-3, "learning rate of the UNet adapters (prodigy: use 1.0)")
+    lr: float = opt(1e-3, "learning rate of the UNet adapters, > 0 (prodigy: use 1.0)")
     te_lr: Optional[float] = opt(None, "learning rate of the text-encoder adapters (default: --lr; needs "
                                        "--train-text-encoder)")
     te1_lr: Optional[float] = opt(None, "learning rate of the first text encoder's adapters (SDXL: CLIP-L; "
                                         "default: --te-lr; needs --train-text-encoder)")
     te2_lr: Optional[float] = opt(None, "learning rate of the second text encoder's adapters (SDXL: OpenCLIP "
-                                        "bigG; default: --te-lr; needs --train-text-encoder)")
+                                        "bigG; default: --te-lr; needs --train-text-encoder and a model with two)")
     optimizer: str = opt("adamw", "|".join(CHOICES["optimizer"]))
     weight_decay: float = opt(1e-2, "AdamW weight decay")
     lr_scheduler: str = opt("constant", "|".join(CHOICES["lr_scheduler"]) + " (after the warmup)")
-    warmup_steps: int = opt(0, "linear LR warmup steps")
+    warmup_steps: int = opt(0, "linear LR warmup steps (>= 0)")
     max_steps: int = opt(200, "optimizer steps")
     batch_size: int = opt(4, "images per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    max_grad_norm: float = opt(1.0, "gradient clipping (0: off)")
+    max_grad_norm: float = opt(1.0, "gradient clipping, >= 0 (0: off)")
     ema_decay: float = opt(0.0, "EMA of the adapter weights, e.g. 0.999; the final files and after-grid use it, "
                                 "lora_raw.safetensors keeps the raw weights (0: off)")
     ema_warmup: bool = opt(True, "EMA decay warmup min(decay, (1+s)/(10+s)), so short runs forget the initial "
                                  "adapter (minisd/train/ema.py; --no-ema-warmup needs --ema-decay)")
     # --- recipe
     prediction: str = opt("auto", "training target: auto (the model's) | epsilon | v_prediction")
-    min_snr_gamma: float = opt(0.0, "Min-SNR-γ loss weighting (Hang et al. 2023; 5 is usual; 0: off)")
+    min_snr_gamma: float = opt(0.0, "Min-SNR-γ loss weighting, >= 0 (Hang et al. 2023; 5 is usual; 0: off)")
     noise_offset: float = opt(0.0, "noise offset (0.05-0.1 helps very dark/bright images; 0: off)")
     zero_terminal_snr: bool = opt(False, "rescale the schedule to zero terminal SNR (Lin et al. 2023)")
     input_perturbation: float = opt(0.0, "input perturbation γ: noisy input from ε + γ·ξ, target ε (Ning et al. "
@@ -169,7 +172,7 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile each UNet block and the VAE encoder: Inductor fuses the norms, "
                                "activations, adds and casts around the convs and matmuls, and saves less for backward. "
                                "The first steps compile (minutes on a GPU); with --cuda-graph the fastest path")
-    device: str = opt("auto", "cpu | cuda | auto")
+    device: str = opt("auto", "cpu | cuda | cuda:N | mps | auto (a device this machine lacks is refused)")
     threads: int = opt(1, "torch CPU threads. Default 1, not torch's one per core: on a busy CPU every extra "
                           "thread stalls each op at its join (2-core VM under load: 20 steps of `python train.py` "
                           "24 s with 1 thread, 562 s with 2, the same losses); on an idle machine, up to the number "

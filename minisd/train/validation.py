@@ -30,11 +30,11 @@ from .rng import rng_state, set_rng_state
 def parse_prompts(spec: str) -> list[str]:
     """`a cat|a dog` -> ["a cat", "a dog"]; a .txt file (or any existing file) -> its non-empty lines."""
     if spec.endswith(".txt") or os.path.isfile(spec):
-        try:
-            with open(spec, encoding="utf-8") as f:
-                prompts = [line.strip() for line in f]
-        except OSError as e:
-            raise ValueError(f"--validation-prompts {spec}: {e.strerror}") from None
+        from ..formats.images import read_text_file
+        try:  # a regular UTF-8 file: a FIFO would block the read
+            prompts = [line.strip() for line in read_text_file(spec).splitlines()]
+        except ValueError as e:
+            raise ValueError(f"--validation-prompts {spec}: {e}") from None
     else:
         prompts = [p.strip() for p in spec.split("|")]
     prompts = [p for p in prompts if p]
