@@ -1,6 +1,7 @@
 """What a sampling request will cost, before it runs: FLOPs and peak activation memory of one UNet call and of the
 VAE decode, and a time from this device's measured matmul speed. sample.py prints it for large requests, where a
-4096x4096 image on a CPU would otherwise sit silent for minutes (or hours) before its first progress update.
+4096x4096 image on a CPU would otherwise sit silent for minutes (or hours) before its first progress update. It
+changes nothing: the model it is given is only read.
 
 How: the model's architecture is built again on PyTorch's "meta" device (shapes without data, so nothing is
 computed and nothing allocated) and run once at the requested shape:

@@ -9,7 +9,7 @@
 
 `StopGuard` is the loop's side: a context around the steps that installs the handlers, and `check()` called between
 steps. Any exception that ends the steps (a NaN loss, a full disk, out of memory) also leaves stopped.txt, so a run
-folder without lora.safetensors always says why. Outside the loop (loading, the world's before/after samples),
+folder that stopped says why (unless it was SIGKILL, which no process can catch; its last checkpoint still resumes). Outside the loop (loading, the world's before/after samples),
 `raise_on_signals()` turns both signals into `Interrupted`, a KeyboardInterrupt, so the commands end with one line.
 """
 from __future__ import annotations
