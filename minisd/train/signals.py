@@ -9,8 +9,9 @@
 
 `StopGuard` is the loop's side: a context around the steps that installs the handlers, and `check()` called between
 steps. Any exception that ends the steps (a NaN loss, a full disk, out of memory) also leaves stopped.txt, so a run
-folder that stopped says why (unless it was SIGKILL, which no process can catch; its last checkpoint still resumes). Outside the loop (loading, the world's before/after samples),
-`raise_on_signals()` turns both signals into `Interrupted`, a KeyboardInterrupt, so the commands end with one line.
+folder that stopped says why (unless by SIGKILL, which no process can catch; its last checkpoint still resumes).
+Outside the loop (loading, the world's before/after samples), `raise_on_signals()` turns both signals into
+`Interrupted`, a KeyboardInterrupt, so the commands end with one line.
 """
 from __future__ import annotations
 
