@@ -151,8 +151,7 @@ class StopGuard:
             signal.signal(s, h)
         if exc is not None and not isinstance(exc, Stopped):  # NaN loss, full disk, out of memory, ...
             t = self.trainer
-            why = " ".join(str(exc).split()) or kind.__name__
-            if isinstance(exc, KeyboardInterrupt):
-                why = "KeyboardInterrupt"
-            write_stop_note(t.run_dir, f"stopped by an error after step {t.step}: {why}; {self._resume_part()}")
+            why = (f"{kind.__name__}" if isinstance(exc, KeyboardInterrupt) or not str(exc).strip()
+                   else "an error: " + " ".join(str(exc).split()))
+            write_stop_note(t.run_dir, f"stopped by {why} after step {t.step}; {self._resume_part()}")
         return False
