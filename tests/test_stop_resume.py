@@ -20,7 +20,7 @@ from conftest import ROOT
 import train
 from minisd import world
 import minisd.train.loop as loop
-from minisd.train.signals import resume_command
+from minisd.train.signals import resume_command, write_stop_note
 
 torch.set_num_threads(1)
 # tiny-random at 32 px (4x4 latents), one image per step: ~0.06 s a step on one CPU thread. The LR is constant, so
@@ -144,7 +144,7 @@ def test_second_sigint_quits_at_once(tmp_path, data_dir):
     # the second signal came within step k + 1: no checkpoint at k + 1, the one at k complete and loadable
     assert len(_losses(run)) == k and k >= 1, (k, text)
     line = text.strip().splitlines()[-1]
-    assert line.startswith(f"stopped at once by a second SIGINT during step {k + 1}; the checkpoint holds step {k}; "
+    assert line.startswith(f"stopped at once by a second SIGINT after step {k}; the checkpoint holds step {k}; "
                            "resume with: python "), text
     assert open(os.path.join(run, "stopped.txt")).read() == line + "\n"
     # the step in flight did not finish (no loss line, no checkpoint for it: a finished step would have ended in a
@@ -233,3 +233,16 @@ def test_pretrain_stops_with_one_line(tmp_path, phase):
     assert len(errors) == 1 and errors[0].startswith(f"error: pretraining stopped by {sig.name} after "), text
     assert f"nothing was written to {out}" in errors[0]
     assert not out.exists() and os.listdir(tmp_path) == ["pretrain.log"]
+
+
+def test_stop_note_never_writes_through_a_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(victim, run / f"stopped.txt.{os.getpid()}.tmp")   # a planted temporary file
+    os.symlink(victim, run / "stopped.txt")                      # and a planted note
+    write_stop_note(str(run), "stopped by SIGINT at step 3")
+    assert victim.read_text() == "keep me"
+    assert not (run / "stopped.txt").is_symlink() and (run / "stopped.txt").read_text() == "stopped by SIGINT at step 3\n"
+    assert sorted(os.listdir(run)) == ["stopped.txt"]

@@ -66,6 +66,10 @@ def write_stop_note(run_dir: str, line: str) -> None:
     path = os.path.join(run_dir, STOP_NOTE)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
+        try:
+            os.remove(tmp)  # a leftover of a crashed process with this id (a link is removed, not followed)
+        except FileNotFoundError:
+            pass
         with open(tmp, "x") as f:  # exclusive: never written through a planted file or link
             f.write(line + "\n")
         os.replace(tmp, path)
@@ -118,11 +122,11 @@ class StopGuard:
         t = self.trainer
         if self.signum is None:
             self.signum = signum
-            print(f"\n{signal_name(signum)}: stopping after step {t.step + 1} (checkpoint, then exit); "
+            print(f"\n{signal_name(signum)}: stopping at the end of this step (checkpoint, then exit); "
                   f"{signal_name(signum)} again to quit at once", file=self.err, flush=True)
             return
         # second signal: no more work. Whatever checkpoint.pt holds is complete (atomic rename).
-        line = f"stopped at once by a second {signal_name(signum)} during step {t.step + 1}; {self._resume_part()}"
+        line = f"stopped at once by a second {signal_name(signum)} after step {t.step}; {self._resume_part()}"
         write_stop_note(t.run_dir, line)
         print(line, file=self.err, flush=True)
         os._exit(128 + signum)
