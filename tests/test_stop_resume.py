@@ -244,5 +244,6 @@ def test_stop_note_never_writes_through_a_link(tmp_path):
     os.symlink(victim, run / "stopped.txt")                      # and a planted note
     write_stop_note(str(run), "stopped by SIGINT at step 3")
     assert victim.read_text() == "keep me"
-    assert not (run / "stopped.txt").is_symlink() and (run / "stopped.txt").read_text() == "stopped by SIGINT at step 3\n"
+    note = run / "stopped.txt"
+    assert not note.is_symlink() and note.read_text() == "stopped by SIGINT at step 3\n"
     assert sorted(os.listdir(run)) == ["stopped.txt"]
