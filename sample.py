@@ -513,4 +513,8 @@ def grid(a, model_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (a PNG only ever appears whole, by a rename)
+        print("error: stopped by SIGINT", file=sys.stderr)
+        sys.exit(130)

@@ -17,9 +17,9 @@ The folder is the architecture diagram: a book and its appendices. The chapters,
 The appendices, which a first reading can skip (chapters import only chapters):
     formats/       official layouts in and out: single files, diffusers folders, key tables, export, LoRA files
     adapters/      adapter machinery: injection, merge, extraction, LoHa / LoKr layers
-    train/         training plumbing: options, data, buckets, caches, EMA, validation, optimizers
+    train/         training plumbing: options, data, buckets, caches, EMA, validation, optimizers, stopping
     perf/          speed and memory, applied from outside the chapters: CUDA graphs, compile, checkpointing,
-                   VAE slicing / tiling, the profiler (each file says what it changes)
+                   VAE slicing / tiling, the profiler, cost estimates (each file says what it changes)
     world/         the embedded procedural world: dataset, probe, pretraining and recipes of minisd-tiny
 tests/test_layout.py keeps this true.
 """

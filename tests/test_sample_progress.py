@@ -7,10 +7,12 @@ import fcntl
 import os
 import pty
 import re
+import signal
 import struct
 import subprocess
 import sys
 import termios
+import time
 
 import torch
 import torch.nn.functional as F
@@ -127,3 +129,22 @@ def test_live_bytes_by_hand():
     flops, peak = _measure(lambda: F.scaled_dot_product_attention(q, k, v))
     assert flops == 2 * 6 * 50 * 20 * (8 + 4)                # QKᵀ: 2·N·M·hd, then ·V: 2·N·M·hdv, per head
     assert peak == 6 * 50 * 4 * 4 + 6 * 50 * 4              # output (B, nh, N, hdv) and the fp32 log-sum-exp
+
+
+def test_ctrl_c_is_one_line(tmp_path):
+    proc = subprocess.Popen(SAMPLE + ["--steps", "1000", "--width", "192", "--height", "112", "--out",
+                                      str(tmp_path / "a.png")], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # the estimate comes before the steps
+            if line.startswith("estimate: "):
+                break
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "error: stopped by SIGINT", err
+    assert out == "" and not (tmp_path / "a.png").exists()

@@ -1,7 +1,8 @@
 """Appendix: speed and memory, applied from outside the chapters. CUDA graphs (`graphs.py`: record a call's kernels
 once and replay them; graphed sampling and training steps), torch.compile of the UNet's blocks and the VAE encoder
 (`compile.py`), gradient checkpointing (`checkpoint.py`), VAE slicing and tiling (`vae_memory.py`), the per-stage
-step profiler (`profiler.py`) and the CPU thread count of a short job (`threads.py`). A chapter reads as the plain
-algorithm and never imports from here; each file here
-imports only chapters and says in its docstring what it changes: nothing, the rounding order, or an approximation.
+step profiler (`profiler.py`), the cost of a sampling request before it runs (`estimate.py`), the CPU thread count of
+a short job (`threads.py`) and the 8-bit frozen base (`quant.py`: int8 / fp8 weights dequantised in each forward).
+A chapter reads as the plain algorithm and never imports from here; each file here imports only chapters and says
+in its docstring what it changes: nothing, the rounding order, or an approximation.
 """

@@ -1,6 +1,7 @@
 """What a sampling request will cost, before it runs: FLOPs and peak activation memory of one UNet call and of the
 VAE decode, and a time from this device's measured matmul speed. sample.py prints it for large requests, where a
-4096x4096 image on a CPU would otherwise sit silent for minutes (or hours) before its first progress update.
+4096x4096 image on a CPU would otherwise sit silent for minutes (or hours) before its first progress update. It
+changes nothing: the model it is given is only read.
 
 How: the model's architecture is built again on PyTorch's "meta" device (shapes without data, so nothing is
 computed and nothing allocated) and run once at the requested shape:
@@ -11,8 +12,8 @@ computed and nothing allocated) and run once at the requested shape:
   * memory: `_Live` adds each new tensor's bytes when an op makes it and subtracts them when Python frees it; the
     peak is what inference needs on top of the weights. Attention is taken as the fused kernel computes it (the
     output and a row statistic, no N x M matrix), which is what the CPU's flash kernel and the GPU kernels do;
-  * time: the FLOPs of every UNet call and the decode over the speed of a fp32 1024x1024 matmul on the device, a
-    lower bound (convolutions and attention run below peak matmul speed).
+  * time: the FLOPs of every UNet call and the decode over the speed of a 1024x1024 matmul in the UNet's dtype on
+    the device, a lower bound (convolutions and attention run below peak matmul speed).
 """
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ class Estimate:
     calls: int          # UNet calls of one batch
     batches: int        # batches of the request (sample.py --prompts: one per line)
     weights: int        # bytes of the UNet + VAE weights as loaded
-    flops_per_s: float  # the device's fp32 matmul speed, measured
+    flops_per_s: float  # the device's matmul speed in the UNet's dtype, measured
+    dtype: str = "fp32"
 
     @property
     def seconds(self) -> float:
@@ -106,7 +108,8 @@ class Estimate:
         each = f"{self.batches} x (" if self.batches > 1 else ""
         return (f"estimate: {each}{self.calls} UNet calls of {tflop(self.unet_flops)} and a VAE decode of "
                 f"{tflop(self.decode_flops)}{')' if each else ''}; at this device's {self.flops_per_s / 1e9:.0f} "
-                f"GFLOP/s (fp32 matmul) at least {duration(self.seconds)}; memory about {self.peak / 2**30:.1f} GiB "
+                f"GFLOP/s ({self.dtype} matmul) at least {duration(self.seconds)}; "
+                f"memory about {self.peak / 2**30:.1f} GiB "
                 f"(weights {self.weights / 2**30:.2f}, UNet activations {self.unet_peak / 2**30:.1f}, "
                 f"decode {self.decode_peak / 2**30:.1f})")
 
@@ -120,9 +123,9 @@ def tflop(x: float) -> str:
     return f"{x / 1e12:.3g} TFLOP" if x < 1e15 else f"{x / 1e12:.0f} TFLOP"
 
 
-def matmul_speed(device, n: int = 1024, reps: int = 3) -> float:
-    """FLOP/s of a fp32 n x n matmul on the device, the best of reps (about 0.1 s on one CPU core)."""
-    a = torch.randn(n, n, device=device)
+def matmul_speed(device, dtype=torch.float32, n: int = 1024, reps: int = 3) -> float:
+    """FLOP/s of an n x n matmul in dtype on the device, the best of reps (about 0.1 s for fp32 on one CPU core)."""
+    a = torch.randn(n, n, device=device).to(dtype)
     best = float("inf")
     for _ in range(reps):
         if a.is_cuda:
@@ -144,14 +147,16 @@ def estimate(model, width: int, height: int, images: int, steps: int, guided: bo
     cfg, f = model.cfg, model.vae_scale
     B = images * (2 if guided else 1)
     with torch.device("meta"):
-        unet, vae = UNetModel(cfg.unet).to(dtype), AutoencoderKL(cfg.vae)
+        vae_dtype = next(model.vae.parameters()).dtype  # the decode runs in the VAE's own dtype (often fp32)
+        unet, vae = UNetModel(cfg.unet).to(dtype), AutoencoderKL(cfg.vae).to(vae_dtype)
         x = torch.empty(B, cfg.unet.in_channels, height // f, width // f, dtype=dtype)          # (2B, C, h, w)
         t = torch.empty(B)
         ctx = torch.empty(B, 77, cfg.unet.context_dim, dtype=dtype)                            # (2B, T, D)
         y = torch.empty(B, cfg.unet.adm_in_channels, dtype=dtype) if cfg.unet.adm_in_channels else None
-        z = torch.empty(images, cfg.vae.embed_dim, height // f, width // f)                    # (B, 4, h, w)
+        z = torch.empty(images, cfg.vae.embed_dim, height // f, width // f, dtype=vae_dtype)   # (B, 4, h, w)
     unet_flops, unet_peak = _measure(lambda: unet(x, t, ctx, y=y))
     decode_flops, decode_peak = _measure(lambda: vae.decode(z))
     size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
     return Estimate(unet_flops, unet_peak, decode_flops, decode_peak, steps, batches,
-                    size(model.unet) + size(model.vae), flops_per_s or matmul_speed(device))
+                    size(model.unet) + size(model.vae), flops_per_s or matmul_speed(device, dtype),
+                    {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype])

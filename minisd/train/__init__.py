@@ -1,7 +1,14 @@
-"""Appendix: the training plumbing around the training step of trainer.py. Options (`config.py`: TrainConfig, from
-TOML and flags), the captioned-image dataset and its loader (`data.py`), aspect-ratio buckets (`buckets.py`), latent
-and text caches (`cache.py`), the EMA of the adapter weights (`ema.py`), validation images during a run
-(`validation.py`), the optimizers beyond torch's: 8-bit AdamW (`adamw8bit.py`) and Prodigy (`prodigy.py`), and
-knowledge distillation by block removal (`distill.py`: recipes, loss, hooks; `distill_loop.py`: the teacher /
-student run of train.py --distill).
+"""Appendix: the training plumbing around the training step of trainer.py.
+
+The run: options (`config.py`: TrainConfig, from TOML and flags; `values.py`: value checks of flags and saved
+configs; `methods.py`: the methods' option checks), the loop (`loop.py`: Trainer), the run folder made only after
+every check and locked (`run_folder.py`), a clean stop on Ctrl-C / SIGTERM at a step boundary with a checkpoint
+(`signals.py`), validation images (`validation.py`) and the held-out validation loss (`val_loss.py`).
+Data: the captioned-image dataset and its loader (`data.py`), aspect-ratio buckets (`buckets.py`), latent and text
+caches (`cache.py`). Optimisation: EMA of the trained weights (`ema.py`), 8-bit AdamW (`adamw8bit.py`), Prodigy
+(`prodigy.py`), the step inside the backward (`fused.py`), data parallel over processes (`distributed.py`).
+Methods besides adapters (`targets.py` picks the adapters' layers): full fine-tune (`full.py`), DreamBooth prior
+preservation (`dreambooth.py`), textual inversion (`textual_inversion.py`), hypernetworks (`hypernetwork.py`),
+what each adds to a checkpoint (`method_state.py`), and knowledge distillation by block removal (`distill.py`:
+recipes, loss, hooks; `distill_loop.py`: the teacher / student run of train.py --distill).
 """

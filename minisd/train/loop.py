@@ -12,7 +12,8 @@ then `run()` takes optimizer steps until max_steps: grad_accum micro-batches, ea
 clipping, the update, EMA (ema.py), the LR schedule; a loss.jsonl line per step, a validation grid every
 --validate-every steps (validation.py), a checkpoint every --save-every steps. A checkpoint holds everything needed
 to continue exactly: adapters, optimizer, LR schedule, grad scaler, data position, EMA shadow and every RNG
-(rng.py), so a resumed run repeats the losses of an uninterrupted one (bitwise on the CPU). At the end:
+(rng.py), so a resumed run repeats the losses of an uninterrupted one (bitwise on the CPU); Ctrl-C or SIGTERM
+stops at a step boundary with one (signals.py). At the end:
 lora.safetensors (minisd), lora_kohya.safetensors (A1111 / ComfyUI), loss.png.
 
 --cuda-graph replays each micro-batch's forward and backward from one recording (minisd/perf/graphs.py `StepGraph`

@@ -9,8 +9,9 @@
 
 `StopGuard` is the loop's side: a context around the steps that installs the handlers, and `check()` called between
 steps. Any exception that ends the steps (a NaN loss, a full disk, out of memory) also leaves stopped.txt, so a run
-folder without lora.safetensors always says why. Outside the loop (loading, the world's before/after samples),
-`raise_on_signals()` turns both signals into `Interrupted`, a KeyboardInterrupt, so the commands end with one line.
+folder that stopped says why (unless by SIGKILL, which no process can catch; its last checkpoint still resumes).
+Outside the loop (loading, the world's before/after samples), `raise_on_signals()` turns both signals into
+`Interrupted`, a KeyboardInterrupt, so the commands end with one line.
 """
 from __future__ import annotations
 
@@ -65,6 +66,10 @@ def write_stop_note(run_dir: str, line: str) -> None:
     path = os.path.join(run_dir, STOP_NOTE)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
+        try:
+            os.remove(tmp)  # a leftover of a crashed process with this id (a link is removed, not followed)
+        except FileNotFoundError:
+            pass
         with open(tmp, "x") as f:  # exclusive: never written through a planted file or link
             f.write(line + "\n")
         os.replace(tmp, path)
@@ -117,11 +122,11 @@ class StopGuard:
         t = self.trainer
         if self.signum is None:
             self.signum = signum
-            print(f"\n{signal_name(signum)}: stopping after step {t.step + 1} (checkpoint, then exit); "
+            print(f"\n{signal_name(signum)}: stopping at the end of this step (checkpoint, then exit); "
                   f"{signal_name(signum)} again to quit at once", file=self.err, flush=True)
             return
         # second signal: no more work. Whatever checkpoint.pt holds is complete (atomic rename).
-        line = f"stopped at once by a second {signal_name(signum)} during step {t.step + 1}; {self._resume_part()}"
+        line = f"stopped at once by a second {signal_name(signum)} after step {t.step}; {self._resume_part()}"
         write_stop_note(t.run_dir, line)
         print(line, file=self.err, flush=True)
         os._exit(128 + signum)
@@ -154,8 +159,7 @@ class StopGuard:
             signal.signal(s, h)
         if exc is not None and not isinstance(exc, Stopped):  # NaN loss, full disk, out of memory, ...
             t = self.trainer
-            why = " ".join(str(exc).split()) or kind.__name__
-            if isinstance(exc, KeyboardInterrupt):
-                why = "KeyboardInterrupt"
-            write_stop_note(t.run_dir, f"stopped by an error after step {t.step}: {why}; {self._resume_part()}")
+            why = (f"{kind.__name__}" if isinstance(exc, KeyboardInterrupt) or not str(exc).strip()
+                   else "an error: " + " ".join(str(exc).split()))
+            write_stop_note(t.run_dir, f"stopped by {why} after step {t.step}; {self._resume_part()}")
         return False
