@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .methods import validate_methods
+from .methods import HELP_SECTIONS, validate_methods
 
 CHOICES = {
     "network": ("lora", "dora", "loha", "lokr"),
@@ -68,7 +68,7 @@ class TrainConfig:
     network: str = opt("lora", "adapter kind: " + "|".join(CHOICES["network"]))
     rank: int = opt(8, "adapter rank (LoRA dim)")
     alpha: float = opt(8.0, "adapter alpha; the update is scaled by alpha/rank")
-    targets: str = opt("attn-mlp", "UNet layers to adapt: attn1 (self-attention q,k,v,out) | attn2 (cross-attention) "
+    targets: str = opt("attn-mlp", "UNet layers to adapt (default attn-mlp): attn1 (self-attention q,k,v,out) | attn2 (cross-attention) "
                                    "| attn (both) | attn-mlp (+ ff, proj_in/out) | full (+ ResBlock and resampling "
                                    "convs) | re:REGEX (every Linear/Conv2d whose module path the expression matches, "
                                    "re.search; minisd/train/targets.py)")
@@ -134,7 +134,7 @@ class TrainConfig:
     vae_slicing: bool = opt(False, "encode one image at a time (less VAE memory, same latents)")
     vae_tiling: bool = opt(False, "encode in overlapping tiles (large images; latents close, not equal)")
     # --- methods (issue 17): full fine-tune, DreamBooth, held-out validation loss
-    method: str = opt("adapter", "what trains: adapter (the --network kind, frozen base) | full (every UNet weight, "
+    method: str = opt("adapter", "what trains: adapter (default: the --network kind, frozen base) | full (every UNet weight, "
                                  "with --train-text-encoder the text encoder(s) too; writes model/ and "
                                  "model.safetensors; minisd/train/full.py)")
     instance_prompt: Optional[str] = opt(None, "DreamBooth: every image of --data trains on this prompt (e.g. 'a sks "
@@ -143,14 +143,14 @@ class TrainConfig:
                                             "class images are read from --class-data or drawn by the base model")
     class_data: Optional[str] = opt(None, "folder of class images (needs --class-prompt): used as they are, or filled "
                                           "up to --num-class-images by the base model (cached, resumable)")
-    num_class_images: int = opt(50, "class images for prior preservation (needs --class-prompt)")
-    prior_loss_weight: float = opt(1.0, "λ of the prior-preservation term: loss = L_instance + λ·L_prior (needs "
-                                        "--class-prompt)")
+    num_class_images: int = opt(50, "class images for prior preservation (default 50; needs --class-prompt)")
+    prior_loss_weight: float = opt(1.0, "λ of the prior-preservation term: loss = L_instance + λ·L_prior (default 1, "
+                                        "the paper's; needs --class-prompt)")
     val_loss_every: int = opt(0, "held-out validation loss every N steps, fixed noise and timesteps, in loss.jsonl "
-                                 "and loss.png (0: off; minisd/train/val_loss.py)")
+                                 "and loss.png (default 0: off; minisd/train/val_loss.py)")
     val_data: Optional[str] = opt(None, "held-out image folder of the validation loss (needs --val-loss-every)")
     val_fraction: float = opt(0.0, "hold this fraction of --data out of training for the validation loss instead "
-                                   "of --val-data (needs --val-loss-every)")
+                                   "of --val-data (default 0; needs --val-loss-every)")
     # --- bookkeeping
     seed: int = opt(0, "seed of data order, noise, timesteps and adapter init")
     save_every: int = opt(100, "checkpoint every N steps (0: only at the end)")
@@ -269,18 +269,23 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="train.py", description="Fine-tune a LoRA / DoRA / LoHa / LoKr adapter on a folder of "
-                "captioned images. With no arguments: a style LoRA on the embedded world, on the CPU.",
+    p = _Parser(prog="train.py", description="Fine-tune a LoRA / DoRA / LoHa / LoKr adapter (or, with --method "
+                "full, the model itself; DreamBooth with --class-prompt) on a folder of captioned images. With no arguments: a style LoRA on the embedded world, on the CPU.",
                 argument_default=argparse.SUPPRESS)  # absent flags stay absent, so TOML values survive
+    sections = {}  # issue 17: each method's flags under a --help section of their own (methods.py HELP_SECTIONS)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else f.type.__name__
+        title = next((t for t, (names, _) in HELP_SECTIONS.items() if f.name in names), None)
+        if title is not None and title not in sections:
+            sections[title] = p.add_argument_group(title, HELP_SECTIONS[title][1])
+        where = sections.get(title, p)
         if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+            where.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
         else:
             conv = {"int": int, "float": float}.get(kind.replace("Optional[", "").rstrip("]"), str)
-            p.add_argument(flag, type=conv, metavar=f.name.upper(), help=f.metadata["help"],
-                           choices=CHOICES.get(f.name))
+            where.add_argument(flag, type=conv, metavar=f.name.upper(), help=f.metadata["help"],
+                               choices=CHOICES.get(f.name))
     return p
 
 

@@ -10,6 +10,27 @@ from __future__ import annotations
 
 import dataclasses
 
+# --help sections of the methods: title -> (fields, text)
+HELP_SECTIONS = {
+    "target choice": (("targets", "exclude"), "Which UNet layers get adapters: a preset, attn1 / attn2, or a "
+                      "regular expression over module paths (minisd/train/targets.py); a selection that adapts "
+                      "nothing is an error."),
+    "full fine-tune": (("method",), "--method full trains every UNet weight (fp32 master weights; with "
+                       "--train-text-encoder the text encoders too) with the usual memory tools (--optimizer "
+                       "adamw8bit, --gradient-checkpointing, --mixed-precision bf16, --ema-decay); prints the memory "
+                       "budget at start; writes RUN/model/ and RUN/model.safetensors (minisd/train/full.py)."),
+    "DreamBooth (Ruiz et al. 2022)": (("instance_prompt", "class_prompt", "class_data", "num_class_images",
+                                       "prior_loss_weight"),
+                                      "Identifier prompt for the instance images, and prior preservation: "
+                                      "loss = L_instance + λ·L_prior on class images drawn by the base model "
+                                      "(cached in --class-data, resumable) or read from it; with adapters or "
+                                      "--method full (minisd/train/dreambooth.py)."),
+    "held-out validation loss": (("val_loss_every", "val_data", "val_fraction"),
+                                 "The loss on held-out images with fixed noise and timesteps, every N steps, "
+                                 "beside the training loss in loss.jsonl and loss.png; changes no random stream "
+                                 "(minisd/train/val_loss.py)."),
+}
+
 # options that only mean something for adapter layers: refused with --method full (no flag is a silent no-op)
 ADAPTER_OPTIONS = ("network", "rank", "alpha", "targets", "exclude", "init", "init_adapter", "dropout",
                    "rank_dropout", "module_dropout", "conv_rank", "conv_alpha")
