@@ -1,4 +1,5 @@
-"""Fine-tune a LoRA / DoRA / LoHa / LoKr adapter on a frozen Stable Diffusion model.
+"""Fine-tune a LoRA / DoRA / LoHa / LoKr adapter on a frozen Stable Diffusion model, or (--method full) the model
+itself; DreamBooth prior preservation with --class-prompt (minisd/train/full.py, dreambooth.py).
 
     python train.py                                   # an "outlined" style LoRA on the embedded world, CPU, ~2.5 min
     python train.py --data DIR --model weights/sd15 --rank 16 --max-steps 2000 --mixed-precision bf16
@@ -44,8 +45,11 @@ def prepare(cfg, flags: dict) -> str:
         # the world style run. A style changes how a shape is drawn, not only what the words mean, so the ResBlock
         # convs train too ("full"), with a high LR decayed by a cosine. Chosen from a sweep of 36 runs on the
         # embedded model (docs/WORLD.md): 300 steps fit the 3-minute CPU budget and reach the probe's targets.
-        for name, value in (("targets", "full"), ("lr", 3e-3), ("max_steps", 300), ("lr_scheduler", "cosine")):
-            if name not in flags and not (name == "targets" and cfg.method != "adapter"):  # adapters only
+        # A full fine-tune (--method full) changes millions of weights, not a few thousand: no adapter targets, and a
+        # far smaller LR (1e-4, not tuned: bench/methods_grid.py measures the methods)
+        recipe = (("targets", "full"), ("lr", 3e-3)) if cfg.method == "adapter" else (("lr", 1e-4),)
+        for name, value in recipe + (("max_steps", 300), ("lr_scheduler", "cosine")):
+            if name not in flags:
                 setattr(cfg, name, value)
         cfg.data = os.path.join(run_dir, "data")
         cfg.validate()  # again, now that the world's defaults are in (e.g. --conv-rank needs --targets full)
