@@ -1,7 +1,8 @@
 """Full fine-tuning: every weight of the UNet trains (with --train-text-encoder, every weight of the text encoder(s)
 too), instead of small adapters beside a frozen base. `train.py --method full`.
 
-This is how Stable Diffusion itself was trained and how its community fine-tunes (and DreamBooth in its paper,
+This is how Stable Diffusion itself was trained (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
+Diffusion Models": the UNet trained on frozen VAE latents) and how its community fine-tunes (and DreamBooth in its paper,
 Ruiz et al. 2022, "DreamBooth: Fine Tuning Text-to-Image Diffusion Models for Subject-Driven Generation") were
 made: the loss is the same (minisd/trainer.py, Ho et al. 2020 Eq. 14), only the set of trained tensors differs.
 The VAE stays frozen (it defines the latent space the UNet works in).
@@ -215,7 +216,7 @@ def format_budget(b: dict, cfg) -> str:
         f"  gradients    {g('gradients')}   (fp32)",
         f"  optimizer    {g('optimizer')}   ({cfg.optimizer})",
         *([f"  EMA          {g('ema')}   (fp32 shadow)"] if b["ema"] else []),
-        (f"  activations  {g('activations')}   (estimate: UNet leaf outputs in {dtype}"
+        (f"  activations  {g('activations')}   (estimate: what the UNet saves for backward, {dtype}"
          + (", checkpointed blocks)" if cfg.gradient_checkpointing else ")")) if b["activations"] is not None
         else "  activations       n/a   (the UNet could not be traced on the meta device)",
         f"  total        {g('total')}" + ("" if b["activations"] is not None else "   (without activations)")])
