@@ -68,8 +68,8 @@ class TrainConfig:
     network: str = opt("lora", "adapter kind: " + "|".join(CHOICES["network"]))
     rank: int = opt(8, "adapter rank (LoRA dim)")
     alpha: float = opt(8.0, "adapter alpha; the update is scaled by alpha/rank")
-    targets: str = opt("attn-mlp", "UNet layers to adapt (default attn-mlp): attn1 (self-attention q,k,v,out) | attn2 (cross-attention) "
-                                   "| attn (both) | attn-mlp (+ ff, proj_in/out) | full (+ ResBlock and resampling "
+    targets: str = opt("attn-mlp", "UNet layers to adapt (default attn-mlp): attn1 (self-attention q,k,v,out) | "
+                                   "attn2 (cross-attention) | attn (both) | attn-mlp (+ ff, proj_in/out) | full (+ ResBlock and resampling "
                                    "convs) | re:REGEX (every Linear/Conv2d whose module path the expression matches, "
                                    "re.search; minisd/train/targets.py)")
     exclude: Optional[str] = opt(None, "REGEX: leave out the module paths it matches (re.search), after --targets; "
@@ -134,8 +134,8 @@ class TrainConfig:
     vae_slicing: bool = opt(False, "encode one image at a time (less VAE memory, same latents)")
     vae_tiling: bool = opt(False, "encode in overlapping tiles (large images; latents close, not equal)")
     # --- methods (issue 17): full fine-tune, DreamBooth, held-out validation loss
-    method: str = opt("adapter", "what trains: adapter (default: the --network kind, frozen base) | full (every UNet weight, "
-                                 "with --train-text-encoder the text encoder(s) too; writes model/ and "
+    method: str = opt("adapter", "what trains: adapter (default: the --network kind, frozen base) | full (every "
+                                 "UNet weight, with --train-text-encoder the text encoder(s) too; writes model/ and "
                                  "model.safetensors; minisd/train/full.py)")
     instance_prompt: Optional[str] = opt(None, "DreamBooth: every image of --data trains on this prompt (e.g. 'a sks "
                                                "emblem') instead of its caption (minisd/train/dreambooth.py)")
@@ -270,7 +270,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="train.py", description="Fine-tune a LoRA / DoRA / LoHa / LoKr adapter (or, with --method "
-                "full, the model itself; DreamBooth with --class-prompt) on a folder of captioned images. With no arguments: a style LoRA on the embedded world, on the CPU.",
+                "full, the model itself; DreamBooth with --class-prompt) on a folder of captioned images. "
+                "With no arguments: a style LoRA on the embedded world, on the CPU.",
                 argument_default=argparse.SUPPRESS)  # absent flags stay absent, so TOML values survive
     sections = {}  # issue 17: each method's flags under a --help section of their own (methods.py HELP_SECTIONS)
     for f in dataclasses.fields(TrainConfig):

@@ -2,8 +2,8 @@
 too), instead of small adapters beside a frozen base. `train.py --method full`.
 
 This is how Stable Diffusion itself was trained (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
-Diffusion Models": the UNet trained on frozen VAE latents) and how its community fine-tunes (and DreamBooth in its paper,
-Ruiz et al. 2022, "DreamBooth: Fine Tuning Text-to-Image Diffusion Models for Subject-Driven Generation") were
+Diffusion Models": the UNet trained on frozen VAE latents) and how its community fine-tunes (and DreamBooth in its
+paper, Ruiz et al. 2022, "DreamBooth: Fine Tuning Text-to-Image Diffusion Models for Subject-Driven Generation") were
 made: the loss is the same (minisd/trainer.py, Ho et al. 2020 Eq. 14), only the set of trained tensors differs.
 The VAE stays frozen (it defines the latent space the UNet works in).
 
@@ -197,8 +197,9 @@ def memory_budget(trainer) -> dict:
            "optimizer": optimizer_bytes(params, cfg.optimizer),
            "ema": 4 * sum(p.numel() for p in params) if cfg.ema_decay > 0 else 0,
            "activations": 0}
+    batch = cfg.batch_size * (2 if cfg.class_prompt else 1)  # DreamBooth: a class batch beside each instance batch
     try:
-        out["activations"] = unet_activation_bytes(m, cfg.batch_size, trainer.resolution, dtype,
+        out["activations"] = unet_activation_bytes(m, batch, trainer.resolution, dtype,
                                                    cfg.gradient_checkpointing)
     except Exception:  # an estimate only: a UNet the meta device cannot trace says "n/a" rather than stopping the run
         out["activations"] = None

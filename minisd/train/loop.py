@@ -294,7 +294,8 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Everything needed to continue exactly, written to a temporary file and renamed (atomic)."""
-        state = {"step": self.step, "losses": self.losses, **trainable_state(self),  # adapter or weights (methods.py)
+        # trainable_state: the adapter, or the fully fine-tuned weights, + DreamBooth's class loader (method_state.py)
+        state = {"step": self.step, "losses": self.losses, **trainable_state(self),
                  "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                  "scaler": self.scaler.state_dict(), "loader": self.loader.state_dict(), "rng": rng_state(self.gen)}
         if self.ema:
@@ -320,7 +321,7 @@ class Trainer:
         if not os.path.isfile(self.ckpt_path):
             raise TrainError(f"{self.run_dir}: no checkpoint.pt to resume from")
         s = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-        load_trainable_state(self, s)  # in place: optimizer refs hold (methods.py)
+        load_trainable_state(self, s)  # in place: optimizer refs hold (method_state.py)
         self.opt.load_state_dict(s["optimizer"])
         self.sched.load_state_dict(s["scheduler"])
         # the LR of the next step from *this* config's schedule (a resume may extend --max-steps)
@@ -345,8 +346,9 @@ class Trainer:
             self.log(f"full fine-tune: {n_train:,} trainable parameters (UNet"
                      + (" + text encoders)" if cfg.train_text_encoder else ")"))
         else:
-            self.log(f"adapters: {cfg.network} rank {cfg.rank} alpha {cfg.alpha} on {len(self.unet_layers)} UNet layers"
-                     f" ({cfg.targets}) + {len(self.te_layers)} text-encoder layers, {n_train:,} trainable parameters")
+            self.log(f"adapters: {cfg.network} rank {cfg.rank} alpha {cfg.alpha} on {len(self.unet_layers)} UNet "
+                     f"layers ({cfg.targets}) + {len(self.te_layers)} text-encoder layers, {n_train:,} trainable "
+                     "parameters")
         self.log(self.data.summary())
         offload_cached(self)  # cached VAE / text encoders leave the GPU for the loop
         from tqdm import tqdm
@@ -357,7 +359,7 @@ class Trainer:
                 with self.prof.step():
                     loss = self.train_step()
                 self.losses.append({"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0]})
-                extend_record(self, self.losses[-1])  # prior_loss, val_loss (methods.py)
+                extend_record(self, self.losses[-1])  # prior_loss, val_loss (method_state.py)
                 self.append_loss(self.losses[-1])
                 if cfg.validate_every and self.step % cfg.validate_every == 0:
                     validate(self, self.val_prompts)
