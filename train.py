@@ -47,7 +47,7 @@ def prepare(cfg, flags: dict) -> str:
         # embedded model (docs/WORLD.md): 300 steps fit the 3-minute CPU budget and reach the probe's targets.
         # A full fine-tune (--method full) changes millions of weights, not a few thousand: no adapter targets, and a
         # far smaller LR (1e-4, not tuned: bench/methods_grid.py measures the methods)
-        recipe = (("targets", "full"), ("lr", 3e-3)) if cfg.method == "adapter" else (("lr", 1e-4),)
+        recipe = (("targets", "full"), ("lr", 3e-3)) if cfg.method == "lora" else (("lr", 1e-4),)
         for name, value in recipe + (("max_steps", 300), ("lr_scheduler", "cosine")):
             if name not in flags:
                 setattr(cfg, name, value)

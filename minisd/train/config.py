@@ -27,7 +27,7 @@ CHOICES = {
     "prediction": ("auto", "epsilon", "v_prediction"),
     "init": ("kaiming", "gaussian"),
     "vae_dtype": ("auto", "fp32", "fp16", "bf16"),
-    "method": ("adapter", "full"),  # issue 17: what trains (minisd/train/full.py)
+    "method": ("lora", "full"),  # issue 17: what trains; lora = the --network adapter (minisd/train/full.py)
 }
 
 
@@ -134,7 +134,7 @@ class TrainConfig:
     vae_slicing: bool = opt(False, "encode one image at a time (less VAE memory, same latents)")
     vae_tiling: bool = opt(False, "encode in overlapping tiles (large images; latents close, not equal)")
     # --- methods (issue 17): full fine-tune, DreamBooth, held-out validation loss
-    method: str = opt("adapter", "what trains: adapter (default: the --network kind, frozen base) | full (every "
+    method: str = opt("lora", "what trains: lora (default: the --network adapter, frozen base) | full (every "
                                  "UNet weight, with --train-text-encoder the text encoder(s) too; writes model/ and "
                                  "model.safetensors; minisd/train/full.py)")
     instance_prompt: Optional[str] = opt(None, "DreamBooth: every image of --data trains on this prompt (e.g. 'a sks "

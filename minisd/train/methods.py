@@ -1,7 +1,7 @@
 """The option checks of the fine-tuning methods of issue 17 (`validate_methods`, called by TrainConfig.validate);
 what they add to checkpoints and loss.jsonl is method_state.py.
 
-    adapter (default)   LoRA / DoRA / LoHa / LoKr beside a frozen base (minisd/trainer.py, minisd/adapters/)
+    lora (default)      the --network adapter: LoRA / DoRA / LoHa / LoKr beside a frozen base (minisd/trainer.py, minisd/adapters/)
     --method full       every UNet weight trains (minisd/train/full.py)
     --class-prompt      DreamBooth prior preservation, with adapters or full (minisd/train/dreambooth.py)
     --val-loss-every    held-out validation loss (minisd/train/val_loss.py)
@@ -45,7 +45,7 @@ def validate_methods(cfg) -> None:
     from .targets import check_spec
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     changed = lambda *names: [n for n in names if getattr(cfg, n) != defaults[n]]  # noqa: E731
-    if cfg.method not in ("adapter", "full"):
+    if cfg.method not in ("lora", "full"):
         return  # another method's own checks (the config's CHOICES name the valid ones)
     check_spec(cfg.targets, cfg.exclude)
     if cfg.method == "full":
