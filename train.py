@@ -1,4 +1,5 @@
-"""Fine-tune a LoRA / DoRA / LoHa / LoKr adapter on a frozen Stable Diffusion model.
+"""Fine-tune a LoRA / DoRA / LoHa / LoKr adapter on a frozen Stable Diffusion model, or (--method full) the model
+itself; DreamBooth prior preservation with --class-prompt (minisd/train/full.py, dreambooth.py).
 
     python train.py                                   # an "outlined" style LoRA on the embedded world, CPU, ~2.5 min
     python train.py --data DIR --model weights/sd15 --rank 16 --max-steps 2000 --mixed-precision bf16
@@ -70,9 +71,10 @@ def prepare(cfg, flags: dict) -> tuple[str, dict | None]:
         # the world style run. A style changes how a shape is drawn, not only what the words mean, so the ResBlock
         # convs train too ("full"), with a high LR decayed by a cosine. Chosen from a sweep of 36 runs on the
         # embedded model (docs/WORLD.md): 300 steps fit the 3-minute CPU budget and reach the probe's targets.
-        defaults = dict(lr=3e-3, max_steps=300, lr_scheduler="cosine")
-        if cfg.method == "adapter":
-            defaults["targets"] = "full"
+        # A full fine-tune (--method full) changes millions of weights, not a few thousand: no adapter targets, and a
+        # far smaller LR (1e-4, not tuned: bench/methods_grid.py measures the methods)
+        defaults = dict(lr=3e-3, targets="full") if cfg.method == "lora" else dict(lr=1e-4)
+        defaults.update(max_steps=300, lr_scheduler="cosine")
     for name, value in defaults.items():
         if name not in flags:
             setattr(cfg, name, value)

@@ -34,6 +34,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,7 @@ def _subject_cells() -> dict:
     prior = ["--class-prompt", CLASS_PROMPT, "--class-data", "{class_data}", "--num-class-images", "{n_class}"]
     full = ["--method", "full", "--lr", "5e-5", "--lr-scheduler", "cosine"]
     lora = ["--lr", "3e-3", "--lr-scheduler", "cosine", "--targets", "full"]
+    ti = ["--method", "ti", "--ti-token", "<sks>", "--ti-init", "circle", "--lr", "5e-3"]
     return {
         "subject-lora": ("subject", lora),
         "subject-full": ("subject", full),
@@ -74,15 +76,16 @@ def _subject_cells() -> dict:
         "db-full-prior": ("subject", full + ["--instance-prompt", SUBJECT_PROMPT] + prior),
         "db-lora-noprior": ("subject", lora + ["--instance-prompt", SUBJECT_PROMPT]),
         "db-lora-prior": ("subject", lora + ["--instance-prompt", SUBJECT_PROMPT] + prior),
-        # textual inversion / hypernetworks: train.py flags of the `ti` branch (issue 17); refused where absent
-        "ti": ("subject", ["--method", "ti", "--token", "sks", "--init-word", "emblem", "--lr", "5e-3"]),
-        "ti-normreg": ("subject", ["--method", "ti", "--token", "sks", "--init-word", "emblem", "--lr", "5e-3",
-                                   "--ti-norm-weight", "1e-3"]),
-        "hypernetwork": ("subject", ["--method", "hypernetwork", "--lr", "1e-4"]),
+        # textual inversion / hypernetworks: train.py flags of the `ti` branch (issue 17; refused where absent). A
+        # TI token must be a new word, so its cells' subject data and prompts say "<sks> emblem" (`TOKENS`)
+        "ti": ("subject", ti),
+        "ti-normreg": ("subject", ti + ["--ti-norm-weight", "0.01"]),
+        "hypernetwork": ("subject", ["--method", "hypernetwork", "--lr", "1e-3", "--lr-scheduler", "cosine"]),
     }
 
 
 CELLS = {**_style_cells(), **_subject_cells()}
+TOKENS = {"ti": "<sks>", "ti-normreg": "<sks>"}  # the subject's word in a cell's data and prompts (default sks)
 
 
 # ------------------------------------------------------------------------------------------- one run
@@ -110,24 +113,23 @@ def _lora(path, base, load_model):
     return model
 
 
-def _embedding(path, base, load_model):
+def _embedding(path, base, load_model, token="<sks>"):
     from minisd.adapters.embeddings import load_embedding
     model = load_model(base)
-    load_embedding(model, path, "sks")
+    load_embedding(model, path, token)
     return model
 
 
-def _hypernetwork(path, base, load_model):  # the `ti` branch's loader, where present
-    from minisd.adapters import hypernetwork  # noqa: F401  (ImportError: not in this checkout)
+def _hypernetwork(path, base, load_model):  # the `ti` branch's reader (ImportError where absent)
+    from minisd.adapters.hypernetwork import load_hypernetwork
     model = load_model(base)
-    hypernetwork.apply_hypernetwork(model, path)
+    load_hypernetwork(model, path)
     return model
 
 
 # (glob in the run folder, loader); model/ first: a full fine-tune's folder holds the whole model
-LOADERS = [("model/config.json", _full), ("lora.safetensors", _lora),
-           ("hypernetwork*.safetensors", _hypernetwork), ("*embedding*.safetensors", _embedding),
-           ("learned_embeds.safetensors", _embedding)]
+LOADERS = [("model/config.json", _full), ("lora.safetensors", _lora), ("hypernetwork.safetensors", _hypernetwork),
+           ("embedding.safetensors", _embedding), ("learned_embeds.safetensors", _embedding)]
 
 
 def _draw(model, prompts, args, device) -> list:
@@ -145,6 +147,7 @@ def score_run(run: str, task: str, seed: int, args, device: str) -> dict:
     from minisd import world
     from minisd.world.probe import frac, load_probe, read, score
     model, main_file = load_result_model(run, args.model)
+    token = TOKENS.get(os.path.basename(os.path.dirname(run)), world.SUBJECT_TOKEN)
     probe = load_probe()
     n, out = args.n_eval, {}
     plain = world.sample(n, seed=20_000 + seed, split="heldout")
@@ -155,7 +158,7 @@ def score_run(run: str, task: str, seed: int, args, device: str) -> dict:
         out.update({k: got[k] for k in ("style_adoption", "shape", "colour", "position", "all")})
         out.update({"leak": res["style_leak"], "plain_shape": res["shape"], "plain_colour": res["colour"]})
     else:
-        subj = world.sample(n, seed=10_000 + seed, split="heldout", subject=True)
+        subj = world.sample(n, seed=10_000 + seed, split="heldout", subject=True, token=token)
         got = score(_draw(model, [c for _, c in subj], args, device), [a for a, _ in subj], probe)
         out.update({"subject": got["subject"], "size": got["size"], "position": got["position"],
                     "background": got["background"]})
@@ -174,16 +177,17 @@ def _folder_mb(folder: str) -> float:
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 1e6
 
 
-def make_data(args, task: str) -> str:
+def make_data(args, task: str, token: str = "sks") -> str:
     """The task's training folder under OUT/data (written once; world.write_folder is a pure function of its seed)."""
     from minisd import world
-    folder = os.path.join(args.out, "data", task)
+    folder = os.path.join(args.out, "data", task if token == world.SUBJECT_TOKEN or task == "style"
+                          else f"{task}-{token.strip('<>')}-token")
     if not os.path.isfile(os.path.join(folder, "attributes.jsonl")):
         tmp = folder + f".tmp{os.getpid()}"
         if task == "style":
             world.write_folder(tmp, args.n_images, seed=0, split="train", style="outlined")
         else:
-            world.write_folder(tmp, args.n_subject, seed=0, split="train", subject=True)
+            world.write_folder(tmp, args.n_subject, seed=0, split="train", subject=True, token=token)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process wrote it first
@@ -202,7 +206,7 @@ def run_one(cell: str, seed: int, args) -> dict:
             return json.load(f)
     subs = {"class_data": os.path.join(args.out, "data", "class-images"), "n_class": str(args.n_class)}
     flags = [f.format(**subs) for f in flags]
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", args.model, "--data", make_data(args, task),
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", args.model, "--data", make_data(args, task, TOKENS.get(cell, "sks")),
            "--out", run, "--seed", str(seed), "--max-steps", str(args.steps), "--no-samples", "--no-progress",
            "--threads", str(args.threads), "--device", args.device, "--save-every", "0", *flags]
     os.makedirs(run, exist_ok=True)
@@ -324,7 +328,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
         for cell, (task, flags) in CELLS.items():
-            print(f"{cell:22s} {task:8s} {' '.join(flags)}")
+            print(f"{cell:22s} {task:8s} {shlex.join(flags)}")
         return 0
     if args.worker:  # one (cell, seed), in this process
         import torch
@@ -333,8 +337,8 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     os.makedirs(args.out, exist_ok=True)
-    for task in dict.fromkeys(CELLS[c][0] for c in args.cells):  # data first, once, before the parallel runs
-        make_data(args, task)
+    for task, token in dict.fromkeys((CELLS[c][0], TOKENS.get(c, "sks")) for c in args.cells):
+        make_data(args, task, token)  # data first, once, before the parallel runs
     jobs = [(c, s) for c in args.cells for s in args.seeds]
     print(f"{len(jobs)} runs ({len(args.cells)} cells x {len(args.seeds)} seeds), {args.jobs} at a time, "
           f"{args.steps} steps each, on {args.device}; results in {args.out}", flush=True)

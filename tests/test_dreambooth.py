@@ -58,13 +58,13 @@ def _hand_loss(m, ab_table, g, pixels, prompt):
     return ((pred - eps) ** 2).mean().item()
 
 
-@pytest.mark.parametrize("method", ["adapter", "full"])
+@pytest.mark.parametrize("method", ["lora", "full"])
 def test_prior_term_by_hand(tmp_path, dirs, method):
     inst, cls = dirs
     lam = 0.3
     t = _trainer(tmp_path, inst, "--instance-prompt", "a sks emblem", "--class-prompt", "an emblem", "--class-data",
                  cls, "--num-class-images", "4", "--prior-loss-weight", str(lam), "--method", method)
-    if method == "adapter":  # LoRA B = 0 at init would make the adapters invisible: give them values
+    if method == "lora":  # LoRA B = 0 at init would make the adapters invisible: give them values
         g0 = torch.Generator().manual_seed(3)
         with torch.no_grad():
             for n, p in t.model.named_parameters():
@@ -120,13 +120,13 @@ def test_own_class_folder_too_small_is_one_line(tmp_path, dirs, capsys):
     assert rc == 2 and err.startswith("error:") and "holds 5 images of your own" in err and "\n" not in err, err
 
 
-@pytest.mark.parametrize("method", ["full", "adapter"])
+@pytest.mark.parametrize("method", ["full", "lora"])
 def test_dreambooth_resume_exact_with_val_loss(tmp_path, dirs, method):
     inst, cls = dirs
     flags = ["--max-steps", "5", "--seed", "4", "--flip", "0.5", "--instance-prompt", "a sks emblem",
              "--class-prompt", "an emblem", "--class-data", cls, "--num-class-images", "5", "--prior-loss-weight",
              "0.7", "--val-loss-every", "2", "--val-data", cls, "--method", method]
-    if method == "adapter":
+    if method == "lora":
         flags += ["--dropout", "0.2", "--train-text-encoder"]
     full = _trainer(tmp_path / "full", inst, *flags)
     full.run()

@@ -248,7 +248,7 @@ def test_bad_flags_are_one_line(tmp_path, data_dir, capsys):
              (["--hn-layers", "1,x,1"], "--hn-layers must be comma-separated numbers"),
              (["--hn-dropout", "0,0.3"], "dropout structure"),
              (["--hn-sizes", "77"], "match no attention layer"),
-             (["--train-text-encoder"], "--train-text-encoder applies to --method adapter")]
+             (["--train-text-encoder"], "--train-text-encoder applies to --method lora")]
     for i, (flags, message) in enumerate(cases):
         assert train.main(base + ["--out", str(tmp_path / str(i))] + flags) == 2, flags
         err = capsys.readouterr().err.strip()

@@ -189,7 +189,7 @@ def one_line_error(capsys) -> str:
 
 def test_bad_flags_are_one_line(tmp_path, data_dir, capsys):
     base = FAST + ["--data", data_dir, "--max-steps", "1"]
-    cases = [(["--rank", "4"], "--rank applies to --method adapter"),
+    cases = [(["--rank", "4"], "--rank applies to --method lora"),
              (["--ti-token", "a b"], "--ti-token must be one word"),
              (["--ti-vectors", "0"], "--ti-vectors must be >= 1"),
              (["--ti-norm-weight", "-1"], "--ti-norm-weight must be >= 0"),
@@ -200,7 +200,7 @@ def test_bad_flags_are_one_line(tmp_path, data_dir, capsys):
         assert message in one_line_error(capsys), flags
     # a TI flag without --method ti
     assert train.main([a for a in base if a not in ("--method", "ti")] + ["--ti-vectors", "2"]) == 2
-    assert "--ti-vectors applies to --method ti, not --method adapter" in one_line_error(capsys)
+    assert "--ti-vectors applies to --method ti, not --method lora" in one_line_error(capsys)
 
 
 def test_ldm_is_refused(tmp_path, data_dir, capsys):

@@ -21,7 +21,7 @@ from typing import Optional
 from ..formats.checks import read_json
 from ..formats.images import read_text_file
 from .values import check_resume, check_type, validate_values
-from .methods import validate_methods
+from .methods import HELP_SECTIONS, validate_methods
 
 CHOICES = {
     "network": ("lora", "dora", "loha", "lokr"),
@@ -35,7 +35,7 @@ CHOICES = {
     "base_dtype": ("auto", "int8", "fp8"),  # more than one GPU / small GPU (issue 19)
     "noise_streams": ("auto", "batch", "sample"),
     # issue 17: training methods besides the adapters (textual inversion, hypernetworks)
-    "method": ("adapter", "full", "ti", "hypernetwork"),  # full.py, textual_inversion.py, hypernetwork.py
+    "method": ("lora", "full", "ti", "hypernetwork"),  # full.py, textual_inversion.py, hypernetwork.py
     "hn_activation": ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "gelu", "silu", "mish",
                       "softsign", "hardswish", "prelu", "selu"),
     "hn_init": ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"),
@@ -84,8 +84,8 @@ class TrainConfig:
     network: str = opt("lora", "adapter kind: " + "|".join(CHOICES["network"]))
     rank: int = opt(8, "adapter rank (LoRA dim)")
     alpha: float = opt(8.0, "adapter alpha; the update is scaled by alpha/rank")
-    targets: str = opt("attn-mlp", "UNet layers to adapt: attn1 (self-attention q,k,v,out) | attn2 (cross-attention) "
-                                   "| attn (both) | attn-mlp (+ ff, proj_in/out) | full (+ ResBlock and resampling "
+    targets: str = opt("attn-mlp", "UNet layers to adapt (default attn-mlp): attn1 (self-attention q,k,v,out) | "
+                                   "attn2 (cross-attention) | attn (both) | attn-mlp (+ ff, proj_in/out) | full (+ ResBlock and resampling "
                                    "convs) | re:REGEX (every Linear/Conv2d whose module path the expression matches, "
                                    "re.search; minisd/train/targets.py)")
     exclude: Optional[str] = opt(None, "REGEX: leave out the module paths it matches (re.search), after --targets; "
@@ -101,13 +101,14 @@ class TrainConfig:
                                          "0: no adapters on 3x3 convs)")
     conv_alpha: Optional[float] = opt(None, "alpha of the 3x3 conv adapters (default: --alpha; needs --targets "
                                             "full)")
-    # --- issue 17: the method. adapter: the adapter above (--network); full, ti, hypernetwork: see below
-    method: str = opt("adapter", "what trains: adapter (the --network kind on a frozen base, default) | full (every "
-                                 "UNet weight, with --train-text-encoder the text encoder(s) too; writes model/ and "
-                                 "model.safetensors; minisd/train/full.py) | ti (textual inversion: new token vectors "
-                                 "only, minisd/train/textual_inversion.py) | hypernetwork (A1111's MLPs on the keys' and "
-                                 "values' inputs, minisd/adapters/hypernetwork.py). Without --data, ti learns the world's "
-                                 "subject (captions '<token> emblem'), hypernetwork the --style")
+    # --- issue 17: the method. lora: the adapter above (--network); full, ti, hypernetwork: see below
+    method: str = opt("lora", "what trains: lora (the --network adapter, lora / dora / loha / lokr, on a frozen "
+                              "base; default) | full (every UNet weight, with --train-text-encoder the text "
+                              "encoder(s) too; writes model/ and model.safetensors; minisd/train/full.py) | ti "
+                              "(textual inversion: new token vectors only, minisd/train/textual_inversion.py) | "
+                              "hypernetwork (A1111's MLPs on the keys' and values' inputs, "
+                              "minisd/adapters/hypernetwork.py). Without --data, ti learns the world's subject "
+                              "(captions '<token> emblem'), hypernetwork the --style")
     ti_token: str = opt("<sks>", "textual inversion: the new token, written in the captions (default <sks>)")
     ti_vectors: int = opt(1, "textual inversion: vectors per token, a token of n vectors is n new ids (default 1)")
     ti_init: str = opt("circle", "textual inversion: word whose token embedding(s) initialise the vectors (a word of "
@@ -203,14 +204,14 @@ class TrainConfig:
                                             "class images are read from --class-data or drawn by the base model")
     class_data: Optional[str] = opt(None, "folder of class images (needs --class-prompt): used as they are, or filled "
                                           "up to --num-class-images by the base model (cached, resumable)")
-    num_class_images: int = opt(50, "class images for prior preservation (needs --class-prompt)")
-    prior_loss_weight: float = opt(1.0, "λ of the prior-preservation term: loss = L_instance + λ·L_prior (needs "
-                                        "--class-prompt)")
+    num_class_images: int = opt(50, "class images for prior preservation (default 50; needs --class-prompt)")
+    prior_loss_weight: float = opt(1.0, "λ of the prior-preservation term: loss = L_instance + λ·L_prior (default 1, "
+                                        "the paper's; needs --class-prompt)")
     val_loss_every: int = opt(0, "held-out validation loss every N steps, fixed noise and timesteps, in loss.jsonl "
-                                 "and loss.png (0: off; minisd/train/val_loss.py)")
+                                 "and loss.png (default 0: off; minisd/train/val_loss.py)")
     val_data: Optional[str] = opt(None, "held-out image folder of the validation loss (needs --val-loss-every)")
     val_fraction: float = opt(0.0, "hold this fraction of --data out of training for the validation loss instead "
-                                   "of --val-data (needs --val-loss-every)")
+                                   "of --val-data (default 0; needs --val-loss-every)")
     # --- bookkeeping
     seed: int = opt(0, "seed of data order, noise, timesteps and adapter init")
     save_every: int = opt(100, "checkpoint every N steps (0: only at the end)")
@@ -312,7 +313,7 @@ class TrainConfig:
             raise ValueError(f"{', '.join('--' + n.replace('_', '-') for n in changed('output_weight', 'feature_weight'))}"
                              " would be ignored without --distill small|tiny")
         if self.distill is not None:  # the student trains in full: adapter options and what the step cannot do
-            if self.method != "adapter" or self.class_prompt or self.val_loss_every:
+            if self.method != "lora" or self.class_prompt or self.val_loss_every:
                 raise ValueError("--distill trains a student on its own: not with --method, --class-prompt or "
                                  "--val-loss-every")
             if self.output_weight < 0 or self.feature_weight < 0:
@@ -358,13 +359,13 @@ class TrainConfig:
 
     def validate_method(self, changed) -> None:
         """issue 17: each method's options are refused with another method; the methods' own value checks."""
-        own = {"adapter": changed("network", "rank", "alpha", "targets", "train_text_encoder", "init", "init_adapter",
+        own = {"lora": changed("network", "rank", "alpha", "targets", "train_text_encoder", "init", "init_adapter",
                                "dropout", "rank_dropout", "module_dropout", "conv_rank", "conv_alpha"),
                "ti": changed("ti_token", "ti_vectors", "ti_init", "ti_norm_weight"),
                "hypernetwork": changed("hn_sizes", "hn_layers", "hn_activation", "hn_layer_norm", "hn_dropout",
                                        "hn_init", "hn_activate_output")}
         for method, given in own.items():
-            if given and method != self.method and not (method == "adapter" and self.method == "full"):
+            if given and method != self.method and not (method == "lora" and self.method == "full"):
                 names = ", ".join("--" + n.replace("_", "-") for n in given)
                 raise ValueError(f"{names} {'applies' if len(given) == 1 else 'apply'} to --method {method}, not "
                                  f"--method {self.method}")
@@ -423,27 +424,35 @@ METHOD_HELP = {  # issue 17: the --help sections of the methods besides the adap
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="train.py", description="Fine-tune a LoRA / DoRA / LoHa / LoKr adapter on a folder of "
-                "captioned images (or, with --method, a textual inversion or a hypernetwork: their sections below). "
-                "With no arguments: a style LoRA on the embedded world, on the CPU.",
+    p = _Parser(prog="train.py", description="Fine-tune a LoRA / DoRA / LoHa / LoKr adapter (or, with --method, "
+                "the model itself, a textual inversion or a hypernetwork; DreamBooth with --class-prompt) on a folder "
+                "of captioned images. With no arguments: a style LoRA on the embedded world, on the CPU.",
                 argument_default=argparse.SUPPRESS,  # absent flags stay absent, so TOML values survive
                 # stopping (minisd/train/signals.py)
                 epilog="Ctrl-C (SIGINT) or SIGTERM: the step in flight finishes, checkpoint.pt is written at that "
                        "step, and one line gives the command that resumes exactly (also in RUN/stopped.txt); exit "
                        "code 130 / 143. A second Ctrl-C quits at once, the previous checkpoint intact.")
-    # issue 17: each method's options in a --help section of its own
-    sections = {"ti_": p.add_argument_group("textual inversion (--method ti)", METHOD_HELP["ti"]),
-                "hn_": p.add_argument_group("hypernetwork (--method hypernetwork)", METHOD_HELP["hypernetwork"])}
-    for f in dataclasses.fields(TrainConfig):
+    # issue 17: each method's flags under a --help section of their own (methods.py HELP_SECTIONS, METHOD_HELP)
+    fields = dataclasses.fields(TrainConfig)
+    groups = {**HELP_SECTIONS,
+              "textual inversion (--method ti)": (tuple(f.name for f in fields if f.name.startswith("ti_")),
+                                                  METHOD_HELP["ti"]),
+              "hypernetwork (--method hypernetwork)": (tuple(f.name for f in fields if f.name.startswith("hn_")),
+                                                       METHOD_HELP["hypernetwork"])}
+    sections = {}
+    for f in fields:
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else f.type.__name__
-        target = next((g for prefix, g in sections.items() if f.name.startswith(prefix)), p)
+        title = next((t for t, (names, _) in groups.items() if f.name in names), None)
+        if title is not None and title not in sections:
+            sections[title] = p.add_argument_group(title, groups[title][1])
+        where = sections.get(title, p)
         if kind == "bool":
-            target.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+            where.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
         else:
             conv = {"int": int, "float": float}.get(kind.replace("Optional[", "").rstrip("]"), str)
-            target.add_argument(flag, type=conv, metavar=f.name.upper(), help=f.metadata["help"],
-                                choices=[c for c in CHOICES[f.name] if c is not None] if f.name in CHOICES else None)
+            where.add_argument(flag, type=conv, metavar=f.name.upper(), help=f.metadata["help"],
+                               choices=[c for c in CHOICES[f.name] if c is not None] if f.name in CHOICES else None)
     return p
 
 

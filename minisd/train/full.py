@@ -1,8 +1,9 @@
 """Full fine-tuning: every weight of the UNet trains (with --train-text-encoder, every weight of the text encoder(s)
 too), instead of small adapters beside a frozen base. `train.py --method full`.
 
-This is how Stable Diffusion itself was trained and how its community fine-tunes (and DreamBooth in its paper,
-Ruiz et al. 2022, "DreamBooth: Fine Tuning Text-to-Image Diffusion Models for Subject-Driven Generation") were
+This is how Stable Diffusion itself was trained (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
+Diffusion Models": the UNet trained on frozen VAE latents) and how its community fine-tunes (and DreamBooth in its
+paper, Ruiz et al. 2022, "DreamBooth: Fine Tuning Text-to-Image Diffusion Models for Subject-Driven Generation") were
 made: the loss is the same (minisd/trainer.py, Ho et al. 2020 Eq. 14), only the set of trained tensors differs.
 The VAE stays frozen (it defines the latent space the UNet works in).
 
@@ -18,13 +19,13 @@ draws by hand, computed from the parameter counts and dtypes:
     optimizer    AdamW 8 bytes per trained value (m, v in fp32); 8-bit AdamW 2 bytes + 8 bytes per block of 256
                  (two fp32 absmax) for tensors of ≥ 4096 values, 8 bytes below; Prodigy 16 (x0, s, m, v)
     EMA          4 bytes per trained value (--ema-decay: the fp32 shadow)
-    activations  an estimate (`activation_bytes`): one UNet forward at the run's batch and resolution is traced on
-                 the meta device (no memory, no compute) and the output of every leaf module is counted, in the
-                 autocast dtype (fp32 without); autograd keeps about that much for backward (some ops keep their
-                 inputs instead, SDPA keeps q, k, v, out: the same order). With gradient checkpointing only each
-                 block's input is kept, plus the largest block's activations while it is recomputed. The text
-                 encoders' and the VAE's activations are not counted (small beside the UNet's, and the VAE runs
-                 without grad).
+    activations  an estimate (`activation_bytes`): one UNet forward at the run's batch and resolution, in the
+                 autocast dtype (fp32 without), runs on the meta device (no memory, no compute) and every tensor
+                 autograd saves for the backward is counted once, parameters not (what bench/saved.py measures on
+                 a real step). With gradient checkpointing only each block's input is kept, plus the largest
+                 block's saved tensors while it is recomputed. Not counted: fp32 copies that autocast makes around
+                 norms, the backward's own temporaries, the text encoders (small beside the UNet) and the VAE (no
+                 grad). SDXL 1024 px bs1 with LoRA: 6.82 GiB measured by bench/saved.py under bf16 autocast.
 
 Outputs (in the run folder): `model/` (a minisd folder: `sample.py --model RUN/model`), `model.safetensors` (the
 official single-file layout A1111 / ComfyUI load, minisd/formats/export.py), both in fp32 and, with --ema-decay,
@@ -37,6 +38,7 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..model import StableDiffusion, empty_weights, read_extras, save_model
 from ..perf.checkpoint import set_gradient_checkpointing
@@ -105,47 +107,62 @@ def optimizer_bytes(params, optimizer: str) -> int:
     return total
 
 
-def activation_bytes(module: nn.Module, inputs: tuple, dtype: torch.dtype, blocks: list[str] | None = None) -> int:
-    """Estimated activation memory of one forward of `module` (built on the meta device) on meta `inputs`: the
-    outputs of every leaf module, at `dtype`'s size. `blocks` (module paths): gradient checkpointing of those blocks,
-    so only their inputs are kept, plus the largest block's own activations (its recompute in backward); leaves
-    outside every block count in full."""
-    size = torch.empty((), dtype=dtype).element_size()
-    per_leaf: list[tuple[str, int]] = []
-    block_inputs = []
+def activation_bytes(module: nn.Module, inputs: tuple, blocks: list[str] | None = None) -> int:
+    """Estimated activation memory of one training forward of `module` on `inputs` (run it on the meta device: no
+    memory, no compute): the bytes of the floating-point tensors autograd saves for backward (`saved_tensors_hooks`),
+    each tensor once, parameters and views of them not counted (they are the weights). `blocks` (module paths): gradient
+    checkpointing of those blocks, which then keep only their inputs, plus the largest block's own saved tensors
+    (alive while it is recomputed in backward); what runs outside every block counts in full."""
+    params = {id(p) for p in module.parameters()}
+    keep, seen = [], set()                  # keep: the ids of `seen` stay unique while we count
+    per_block: dict = {None: 0}
+    current = [None]
+    block_inputs = [0]
+
+    def pack(t):
+        if (id(t) in seen or id(t) in params or (t._base is not None and id(t._base) in params)
+                or not t.is_floating_point()):  # integer bookkeeping (indices, RNG seeds of fused kernels): bytes
+            return t
+        seen.add(id(t))
+        keep.append(t)
+        per_block[current[0]] = per_block.get(current[0], 0) + t.numel() * t.element_size()
+        return t
+
     hooks = []
     for name, mod in module.named_modules():
-        if not list(mod.children()):
-            hooks.append(mod.register_forward_hook(
-                lambda mod, inp, out, name=name: per_leaf.append((name, _numel(out)))))
         if blocks and name in blocks:
-            hooks.append(mod.register_forward_hook(
-                lambda mod, inp, out: block_inputs.append(_numel(inp))))
+            def enter(mod, args, kwargs, name=name):
+                current[0] = name
+                block_inputs[0] += sum(a.numel() * a.element_size() for a in list(args) + list(kwargs.values())
+                                       if torch.is_tensor(a) and a.is_floating_point())
+            hooks.append(mod.register_forward_pre_hook(enter, with_kwargs=True))
+            hooks.append(mod.register_forward_hook(lambda *a: current.__setitem__(0, None)))
+    sdpa = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _fused_attention  # for the trace only (see `_fused_attention`)
     try:
-        with torch.no_grad():
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             module(*inputs)
     finally:
+        F.scaled_dot_product_attention = sdpa
         for h in hooks:
             h.remove()
     if not blocks:
-        return size * sum(n for _, n in per_leaf)
-    inside = {b: 0 for b in blocks}
-    outside = 0
-    for name, n in per_leaf:
-        owner = next((b for b in blocks if name == b or name.startswith(b + ".")), None)
-        if owner is None:
-            outside += n
-        else:
-            inside[owner] += n
-    return size * (outside + sum(block_inputs) + max(inside.values()))
+        return sum(per_block.values())
+    inside = [v for k, v in per_block.items() if k is not None]
+    return per_block[None] + block_inputs[0] + max(inside, default=0)
 
 
-def _numel(x) -> int:
-    if torch.is_tensor(x):
-        return x.numel()
-    if isinstance(x, (tuple, list)):
-        return sum(_numel(v) for v in x)
-    return 0
+def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+    """SDPA as a GPU runs it in training (the memory-efficient kernel: backward keeps q, k, v, the output and the
+    log-sum-exp), not as the meta device's math fallback would (the B·nh·N·N score matrix), so a meta trace counts
+    what a real step saves."""
+    if attn_mask is not None or dropout_p or not q.is_meta:
+        return _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, is_causal,
+                                                                   scale=scale)[0]
+
+
+_SDPA = F.scaled_dot_product_attention
 
 
 def unet_activation_bytes(model: StableDiffusion, batch: int, resolution: int, dtype: torch.dtype,
@@ -165,7 +182,7 @@ def unet_activation_bytes(model: StableDiffusion, batch: int, resolution: int, d
     if checkpointing:  # what minisd/perf/checkpoint.py wraps: every input, middle and output block
         blocks = ([f"input_blocks.{i}" for i in range(len(unet.input_blocks))] + ["middle_block"]
                   + [f"output_blocks.{i}" for i in range(len(unet.output_blocks))])
-    return activation_bytes(unet, (x, t, ctx) if y is None else (x, t, ctx, y), dtype, blocks)
+    return activation_bytes(unet, (x, t, ctx) if y is None else (x, t, ctx, y), blocks)
 
 
 def memory_budget(trainer) -> dict:
@@ -179,9 +196,14 @@ def memory_budget(trainer) -> dict:
     out = {"weights": weights, "gradients": 4 * sum(p.numel() for p in params),
            "optimizer": optimizer_bytes(params, cfg.optimizer),
            "ema": 4 * sum(p.numel() for p in params) if cfg.ema_decay > 0 else 0,
-           "activations": unet_activation_bytes(m, cfg.batch_size, trainer.resolution, dtype,
-                                                cfg.gradient_checkpointing)}
-    out["total"] = sum(out.values())
+           "activations": 0}
+    batch = cfg.batch_size * (2 if cfg.class_prompt else 1)  # DreamBooth: a class batch beside each instance batch
+    try:
+        out["activations"] = unet_activation_bytes(m, batch, trainer.resolution, dtype,
+                                                   cfg.gradient_checkpointing)
+    except Exception:  # an estimate only: a UNet the meta device cannot trace says "n/a" rather than stopping the run
+        out["activations"] = None
+    out["total"] = sum(v for v in out.values() if v is not None)
     out["trained_params"] = sum(p.numel() for p in params)
     return out
 
@@ -195,9 +217,10 @@ def format_budget(b: dict, cfg) -> str:
         f"  gradients    {g('gradients')}   (fp32)",
         f"  optimizer    {g('optimizer')}   ({cfg.optimizer})",
         *([f"  EMA          {g('ema')}   (fp32 shadow)"] if b["ema"] else []),
-        f"  activations  {g('activations')}   (estimate: UNet leaf outputs in {dtype}"
-        + (", checkpointed blocks)" if cfg.gradient_checkpointing else ")"),
-        f"  total        {g('total')}"])
+        (f"  activations  {g('activations')}   (estimate: what the UNet saves for backward, {dtype}"
+         + (", checkpointed blocks)" if cfg.gradient_checkpointing else ")")) if b["activations"] is not None
+        else "  activations       n/a   (the UNet could not be traced on the meta device)",
+        f"  total        {g('total')}" + ("" if b["activations"] is not None else "   (without activations)")])
 
 
 # ------------------------------------------------------------------------------------------- outputs

@@ -152,7 +152,7 @@ class Trainer:
         self.method = None  # textual inversion / hypernetwork: the object that owns their tensors
         if cfg.method == "full":  # full fine-tune (full.py): the model's own weights train, no adapter layers
             return build_full(self)
-        if cfg.method != "adapter":  # issue 17: textual inversion / hypernetwork train their own tensors
+        if cfg.method not in ("lora", "full"):  # issue 17: textual inversion / hypernetwork train their own tensors
             return self.build_method()
         torch.manual_seed(cfg.seed)  # adapter init (load_model may have seeded the global RNG itself)
         # 3x3 convs (only "full" targets them): --conv-rank / --conv-alpha, default --rank / --alpha; 0 skips them

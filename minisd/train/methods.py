@@ -1,7 +1,7 @@
 """The option checks of the fine-tuning methods of issue 17 (`validate_methods`, called by TrainConfig.validate);
 what they add to checkpoints and loss.jsonl is method_state.py.
 
-    adapter (default)   LoRA / DoRA / LoHa / LoKr beside a frozen base (minisd/trainer.py, minisd/adapters/)
+    lora (default)      the --network adapter: LoRA / DoRA / LoHa / LoKr beside a frozen base (minisd/trainer.py, minisd/adapters/)
     --method full       every UNet weight trains (minisd/train/full.py)
     --class-prompt      DreamBooth prior preservation, with adapters or full (minisd/train/dreambooth.py)
     --val-loss-every    held-out validation loss (minisd/train/val_loss.py)
@@ -9,6 +9,27 @@ what they add to checkpoints and loss.jsonl is method_state.py.
 from __future__ import annotations
 
 import dataclasses
+
+# --help sections of the methods: title -> (fields, text)
+HELP_SECTIONS = {
+    "target choice": (("targets", "exclude"), "Which UNet layers get adapters: a preset, attn1 / attn2, or a "
+                      "regular expression over module paths (minisd/train/targets.py); a selection that adapts "
+                      "nothing is an error."),
+    "full fine-tune": (("method",), "--method full trains every UNet weight (fp32 master weights; with "
+                       "--train-text-encoder the text encoders too) with the usual memory tools (--optimizer "
+                       "adamw8bit, --gradient-checkpointing, --mixed-precision bf16, --ema-decay); prints the memory "
+                       "budget at start; writes RUN/model/ and RUN/model.safetensors (minisd/train/full.py)."),
+    "DreamBooth (Ruiz et al. 2022)": (("instance_prompt", "class_prompt", "class_data", "num_class_images",
+                                       "prior_loss_weight"),
+                                      "Identifier prompt for the instance images, and prior preservation: "
+                                      "loss = L_instance + λ·L_prior on class images drawn by the base model "
+                                      "(cached in --class-data, resumable) or read from it; with adapters or "
+                                      "--method full (minisd/train/dreambooth.py)."),
+    "held-out validation loss": (("val_loss_every", "val_data", "val_fraction"),
+                                 "The loss on held-out images with fixed noise and timesteps, every N steps, "
+                                 "beside the training loss in loss.jsonl and loss.png; changes no random stream "
+                                 "(minisd/train/val_loss.py)."),
+}
 
 # options that only mean something for adapter layers: refused with --method full (no flag is a silent no-op)
 ADAPTER_OPTIONS = ("network", "rank", "alpha", "targets", "exclude", "init", "init_adapter", "dropout",
@@ -24,7 +45,7 @@ def validate_methods(cfg) -> None:
     from .targets import check_spec
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     changed = lambda *names: [n for n in names if getattr(cfg, n) != defaults[n]]  # noqa: E731
-    if cfg.method not in ("adapter", "full"):
+    if cfg.method not in ("lora", "full"):
         return  # another method's own checks (the config's CHOICES name the valid ones)
     check_spec(cfg.targets, cfg.exclude)
     if cfg.method == "full":

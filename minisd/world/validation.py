@@ -30,7 +30,7 @@ def validation_prompts(cfg) -> list[str]:
     """The prompts of the validation grids: --validation-prompts, else (world runs) held-out prompts in the style."""
     if cfg.validation_prompts or not is_world_folder(cfg.data):
         return given_prompts(cfg)
-    if getattr(cfg, "method", "adapter") == "ti":  # issue 17: a textual inversion learns the subject, named by its token
+    if getattr(cfg, "method", "lora") == "ti":  # issue 17: a textual inversion learns the subject, named by its token
         return [c for _, c in sample(WORLD_PROMPTS, seed=10_000 + cfg.seed, split="heldout", subject=True,
                                      token=cfg.ti_token)]
     # the seed of the before/after grids' held-out prompts: the validation grid shows their first few
