@@ -255,3 +255,13 @@ def test_bad_flags_are_one_line(tmp_path, data_dir, capsys):
         assert err.startswith("error:") and "\n" not in err and message in err, (flags, err)
     assert train.main([a for a in base if a not in ("--method", "hypernetwork")] + ["--hn-layer-norm"]) == 2
     assert "--hn-layer-norm applies to --method hypernetwork" in capsys.readouterr().err
+
+
+def test_cli_world_run(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert train.main(FAST + ["--max-steps", "2", "--n-images", "4", "--out", out, "--hn-activation", "swish"]) == 0
+    text = capsys.readouterr().out
+    assert "hypernetwork.safetensors" in text and "swish" in text
+    hn = read_hypernetwork(os.path.join(out, "hypernetwork.safetensors"))
+    assert hn.step == 2 and isinstance(hn.layers["32"][0].linear[1], nn.Hardswish)  # A1111's "swish"
+    assert not os.path.exists(os.path.join(out, "lora.safetensors"))
