@@ -22,7 +22,6 @@ from minisd.adapters.hypernetwork import (Hypernetwork, HypernetworkModule, atta
                                           read_hypernetwork)
 from minisd.attention import CrossAttention  # noqa: E402
 from minisd.formats import load_model  # noqa: E402
-from minisd.formats.lora_read import AdapterError  # noqa: E402
 from minisd.pipeline import Pipeline  # noqa: E402
 from minisd.train.config import parse_config  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
@@ -136,7 +135,8 @@ def a1111_file(path, dim=96, seed=0, old_keys=False):
     if old_keys:  # the oldest files: linear1 (d -> 2d) / linear2 (2d -> d), no activation
         sds = [collections.OrderedDict([("linear1.weight", torch.randn(2 * dim, dim)),
                                         ("linear1.bias", torch.randn(2 * dim)),
-                                        ("linear2.weight", torch.randn(dim, 2 * dim)), ("linear2.bias", torch.randn(dim))])
+                                        ("linear2.weight", torch.randn(dim, 2 * dim)),
+                                        ("linear2.bias", torch.randn(dim))])
                for _ in range(2)]
         torch.save({dim: tuple(sds), "step": 3, "name": "old"}, path)
         return sds

@@ -86,8 +86,8 @@ class TrainConfig:
     # --- issue 17: the method. lora: the adapter above (--network). ti, hypernetwork: no adapter layers, see below
     method: str = opt("lora", "what trains: lora (the --network adapter, default) | ti (textual inversion: new token "
                               "vectors only, minisd/train/textual_inversion.py) | hypernetwork (A1111's MLPs on the "
-                              "keys' and values' inputs, minisd/adapters/hypernetwork.py). Without --data, ti learns the "
-                              "world's subject (captions '<token> emblem'), hypernetwork the --style")
+                              "keys' and values' inputs, minisd/adapters/hypernetwork.py). Without --data, ti learns "
+                              "the world's subject (captions '<token> emblem'), hypernetwork the --style")
     ti_token: str = opt("<sks>", "textual inversion: the new token, written in the captions (default <sks>)")
     ti_vectors: int = opt(1, "textual inversion: vectors per token, a token of n vectors is n new ids (default 1)")
     ti_init: str = opt("circle", "textual inversion: word whose token embedding(s) initialise the vectors (a word of "
@@ -100,7 +100,8 @@ class TrainConfig:
     hn_layers: str = opt("1,2,1", "hypernetwork: layer structure, widths as multiples of the input width (first and "
                                   "last 1; default 1,2,1)")
     hn_activation: str = opt("linear", "hypernetwork: activation after each hidden Linear: "
-                                       + "|".join(CHOICES["hn_activation"]) + " (swish is Hardswish, as in A1111; default linear = none)")
+                                       + "|".join(CHOICES["hn_activation"])
+                                       + " (swish is Hardswish, as in A1111; default linear = none)")
     hn_layer_norm: bool = opt(False, "hypernetwork: LayerNorm after every Linear (default off)")
     hn_dropout: Optional[str] = opt(None, "hypernetwork: dropout structure, one probability per --hn-layers entry "
                                           "(first and last 0), e.g. '0,0.3,0'; default: none")
