@@ -22,7 +22,6 @@ from minisd.adapters.hypernetwork import (Hypernetwork, HypernetworkModule, atta
                                           read_hypernetwork)
 from minisd.attention import CrossAttention  # noqa: E402
 from minisd.formats import load_model  # noqa: E402
-from minisd.formats.lora_read import AdapterError  # noqa: E402
 from minisd.pipeline import Pipeline  # noqa: E402
 from minisd.train.config import parse_config  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
@@ -136,7 +135,8 @@ def a1111_file(path, dim=96, seed=0, old_keys=False):
     if old_keys:  # the oldest files: linear1 (d -> 2d) / linear2 (2d -> d), no activation
         sds = [collections.OrderedDict([("linear1.weight", torch.randn(2 * dim, dim)),
                                         ("linear1.bias", torch.randn(2 * dim)),
-                                        ("linear2.weight", torch.randn(dim, 2 * dim)), ("linear2.bias", torch.randn(dim))])
+                                        ("linear2.weight", torch.randn(dim, 2 * dim)),
+                                        ("linear2.bias", torch.randn(dim))])
                for _ in range(2)]
         torch.save({dim: tuple(sds), "step": 3, "name": "old"}, path)
         return sds
@@ -255,3 +255,13 @@ def test_bad_flags_are_one_line(tmp_path, data_dir, capsys):
         assert err.startswith("error:") and "\n" not in err and message in err, (flags, err)
     assert train.main([a for a in base if a not in ("--method", "hypernetwork")] + ["--hn-layer-norm"]) == 2
     assert "--hn-layer-norm applies to --method hypernetwork" in capsys.readouterr().err
+
+
+def test_cli_world_run(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert train.main(FAST + ["--max-steps", "2", "--n-images", "4", "--out", out, "--hn-activation", "swish"]) == 0
+    text = capsys.readouterr().out
+    assert "hypernetwork.safetensors" in text and "swish" in text
+    hn = read_hypernetwork(os.path.join(out, "hypernetwork.safetensors"))
+    assert hn.step == 2 and isinstance(hn.layers["32"][0].linear[1], nn.Hardswish)  # A1111's "swish"
+    assert not os.path.exists(os.path.join(out, "lora.safetensors"))

@@ -238,3 +238,17 @@ def test_sd2_openclip(tmp_path, data_dir):
     m2 = load_model(str(tmp_path / "sd2"))
     load_embedding(m2, out["embedding"], "<sks>")
     assert np.array_equal(ref, np.asarray(Pipeline(m2, dtype=torch.float32)(PROMPT, **kw)[0]))
+
+
+def test_cli_world_run(tmp_path, capsys):
+    """`train.py --method ti` without --data: the world's subject captioned with the token, scored before / after."""
+    out = str(tmp_path / "run")
+    flags = [a for a in FAST if a != "--no-samples"]
+    assert train.main(flags + ["--max-steps", "2", "--n-images", "4", "--out", out, "--n-eval", "2",
+                               "--sample-steps", "2", "--ti-token", "<zq>"]) == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "captioned '<zq> emblem'" in text and "probe after: subject" in text
+    assert open(os.path.join(out, "data", "00000.txt")).read().count("<zq> emblem") == 1
+    for f in ("embedding.safetensors", "learned_embeds.safetensors", "probe_after.json", "loss.png"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    assert not os.path.exists(os.path.join(out, "lora.safetensors"))

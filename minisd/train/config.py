@@ -121,7 +121,8 @@ class TrainConfig:
     hn_layers: str = opt("1,2,1", "hypernetwork: layer structure, widths as multiples of the input width (first and "
                                   "last 1; default 1,2,1)")
     hn_activation: str = opt("linear", "hypernetwork: activation after each hidden Linear: "
-                                       + "|".join(CHOICES["hn_activation"]) + " (swish is Hardswish, as in A1111; default linear = none)")
+                                       + "|".join(CHOICES["hn_activation"])
+                                       + " (swish is Hardswish, as in A1111; default linear = none)")
     hn_layer_norm: bool = opt(False, "hypernetwork: LayerNorm after every Linear (default off)")
     hn_dropout: Optional[str] = opt(None, "hypernetwork: dropout structure, one probability per --hn-layers entry "
                                           "(first and last 0), e.g. '0,0.3,0'; default: none")

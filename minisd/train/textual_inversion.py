@@ -23,7 +23,8 @@ How only those rows train: the table itself stays frozen (its extra rows hold th
 the table, so every other row stays bit-for-bit what it was (weight decay, Adam's update of a zero gradient: none
 of it reaches them). At the end the learnt vectors are written into the table's new rows too and saved as
 
-    embedding.safetensors           A1111 / kohya: {"emb_params": [n, D]}; SDXL {"clip_l": [n, 768], "clip_g": [n, 1280]}
+    embedding.safetensors           A1111 / kohya: {"emb_params": [n, D]};
+                                    SDXL {"clip_l": [n, 768], "clip_g": [n, 1280]}
     learned_embeds.safetensors      diffusers: {"<sks>": [n, D]} (SDXL: encoder 1's; learned_embeds_2.safetensors
                                     encoder 2's, as diffusers' textual_inversion_sdxl.py writes them)
 
