@@ -66,12 +66,37 @@ def _worker(rank: int, world: int, port: int, jobs: list) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    distributed.init_from_env("cpu")
+    d = distributed.init_from_env("cpu")
     try:
         for flags, out, resume in jobs:
-            _run(flags, out, resume)
+            if flags == "checks":
+                _checks(d, out)
+            else:
+                _run(flags, out, resume)
     finally:
         distributed.shutdown()
+
+
+def _checks(d, out: str) -> None:
+    """The collectives on their own, results in out/checks_<rank>.json."""
+    res = {}
+    # reduce_step: a gradient on one rank is summed with zeros; a tensor without one on every rank keeps None
+    a, b, c = (torch.zeros(3, requires_grad=True) for _ in range(3))
+    a.grad = torch.full((3,), 1.0 + d.rank)
+    if d.rank == 1:
+        b.grad = torch.full((3,), 5.0)
+    loss = d.reduce_step([a, b, c], 0.25 * (d.rank + 1))
+    res["reduce"] = [a.grad.tolist(), b.grad.tolist(), c.grad is None, loss]
+    # on_main: rank 0's result reaches every rank; its error is one line on the others
+    res["result"] = d.on_main(lambda: f"from rank {d.rank}")
+    try:
+        d.on_main(lambda: 1 / 0)
+    except distributed.DistError as e:
+        res["error"] = str(e)
+    except ZeroDivisionError:
+        res["error"] = "ZeroDivisionError on rank 0"
+    os.makedirs(out, exist_ok=True)
+    json.dump(res, open(os.path.join(out, f"checks_{d.rank}.json"), "w"))
 
 
 def spawn(jobs: list, world: int = 2) -> None:
@@ -88,30 +113,32 @@ def weights(out: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The two-process runs, started once: plain (4 steps), plain stopped at 2 and resumed to 4, buckets (3)."""
+    """The two-process runs, started once: plain (3 steps), plain stopped at 1 and resumed to 3, buckets (3), the
+    collectives on their own."""
     root = tmp_path_factory.mktemp("dist")
     data = world.write_folder(str(root / "world"), 6, seed=0, style="striped")
     buckets = bucket_folder(str(root / "bucket_data"))
     plain = ["--data", data, "--batch-size", "2", "--save-every", "0"] + PLAIN
     bflags = ["--data", buckets, "--batch-size", "2", "--buckets", "--bucket-step", "16", "--save-every", "0",
               "--max-steps", "3", "--max-grad-norm", "0"]
-    spawn([(plain + ["--max-steps", "4"], str(root / "d_plain"), False),
-           (plain + ["--max-steps", "2"], str(root / "d_half"), False),
-           (plain + ["--max-steps", "4"], str(root / "d_half"), True),
-           (bflags, str(root / "d_buckets"), False)])
+    spawn([(plain + ["--max-steps", "3"], str(root / "d_plain"), False),
+           (plain + ["--max-steps", "1"], str(root / "d_half"), False),
+           (plain + ["--max-steps", "3"], str(root / "d_half"), True),
+           (bflags, str(root / "d_buckets"), False),
+           ("checks", str(root / "checks"), False)])
     return dict(root=root, data=data, buckets=buckets, plain=plain, bflags=bflags)
 
 
 def test_two_ranks_equal_one_process_with_twice_the_batch(runs, tmp_path):
     single = ["--data", runs["data"], "--batch-size", "4", "--noise-streams", "sample", "--save-every", "0",
-              "--max-steps", "4"] + PLAIN
+              "--max-steps", "3"] + PLAIN
     _run(single, str(tmp_path / "one"))
     a, b = losses(str(runs["root"] / "d_plain")), losses(str(tmp_path / "one"))
     wa, wb = weights(str(runs["root"] / "d_plain")), weights(str(tmp_path / "one"))
     dl = max(abs(x - y) for x, y in zip(a, b))
     dw = max((wa[k] - wb[k]).abs().max().item() for k in wb)
     print(f"plain: losses {a}, max |Δloss| {dl:.2e}, max |Δw| {dw:.2e}")
-    assert len(a) == len(b) == 4 and dl <= LOSS_TOL and dw <= WEIGHT_TOL
+    assert len(a) == len(b) == 3 and dl <= LOSS_TOL and dw <= WEIGHT_TOL
     # the adapters moved (a test of equal nothing would pass too)
     assert max(wb[k].abs().max().item() for k in wb if "lora_up" in k) > 1e-4
     # the one-process run's own batch stream differs (so the per-sample streams are what makes them equal)
@@ -138,8 +165,8 @@ def test_resume_at_same_world_size_is_exact_and_other_size_is_refused(runs, tmp_
     ck = torch.load(os.path.join(half, "checkpoint.pt"), weights_only=True)
     assert ck["world_size"] == 2 and len(ck["rng_ranks"]) == 2
     # rank 0 alone wrote: one line per step, no temporary files left
-    assert len(losses(full)) == 4 and not [f for f in os.listdir(full) if f.endswith(".tmp")]
-    rc = train.main(["--resume", half, "--max-steps", "6"])
+    assert len(losses(full)) == 3 and not [f for f in os.listdir(full) if f.endswith(".tmp")]
+    rc = train.main(["--resume", half, "--max-steps", "5"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error:") and "\n" not in err and "2 process(es)" in err, err
 
@@ -163,3 +190,10 @@ def test_torchrun_train_py(runs, tmp_path):
     assert losses(out) == losses(str(runs["root"] / "d_plain"))[:2]
     for f in ("lora.safetensors", "lora_kohya.safetensors", "checkpoint.pt", "config.json", "loss.png"):
         assert os.path.isfile(os.path.join(out, f)), f
+
+
+def test_collectives_sum_gradients_and_carry_rank_0s_result_and_error(runs):
+    r0, r1 = (json.load(open(runs["root"] / "checks" / f"checks_{r}.json")) for r in (0, 1))
+    assert r0["reduce"] == r1["reduce"] == [[3.0] * 3, [5.0] * 3, True, 0.75]
+    assert r0["result"] == r1["result"] == "from rank 0"
+    assert r0["error"] == "ZeroDivisionError on rank 0" and r1["error"] == "rank 0: division by zero"

@@ -32,11 +32,13 @@ def _trainer(tmp_path, data_dir, *flags):
 
 
 # adamw8bit at rank 64: the 64x64 adapters reach its 8-bit state (min_8bit_size 4096), the rest keep fp32 state
-@pytest.mark.parametrize("optimizer, rank", [("adamw", "2"), ("adamw8bit", "64")])
-def test_fused_equals_unfused_and_holds_one_gradient_at_a_time(tmp_path, data_dir, optimizer, rank):
+# and with gradient checkpointing (the hooks fire inside the recomputing backward)
+@pytest.mark.parametrize("optimizer, rank, more", [("adamw", "2", []), ("adamw8bit", "64", []),
+                                                   ("adamw", "2", ["--gradient-checkpointing"])])
+def test_fused_equals_unfused_and_holds_one_gradient_at_a_time(tmp_path, data_dir, optimizer, rank, more):
     runs = {}
     for fused in (False, True):
-        t = _trainer(tmp_path / str(fused), data_dir, "--optimizer", optimizer, "--rank", rank,
+        t = _trainer(tmp_path / str(fused), data_dir, "--optimizer", optimizer, "--rank", rank, *more,
                      *(["--fused-backward"] if fused else []))
         # count the gradient bytes alive whenever a tensor's gradient completes (the fused hook counts its own)
         peak = [0]

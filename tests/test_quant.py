@@ -168,7 +168,8 @@ def test_adapter_trained_on_int8_base_is_the_same_file_and_merges_into_the_plain
     effect_plain, effect_q = unmerged - base_out, q_adapted - q_base
     rel_effect = ((effect_plain - effect_q).norm() / effect_q.norm()).item()
     rel_merge = ((merged - unmerged).norm() / (unmerged - base_out).norm()).item()
-    print(f"adapter effect: |Δ| {effect_q.norm():.3e} on int8, relative difference on the plain base {rel_effect:.2e}; "
+    print(f"adapter effect: |Δ| {effect_q.norm():.3e} on int8, relative difference on the plain base "
+          f"{rel_effect:.2e}; "
           f"merged vs unmerged (relative to the effect) {rel_merge:.2e}")
     assert effect_q.norm() > 1e-3 * base_out.norm()  # it trained
     # measured: effect difference 2.4e-2 (the int8 rounding of the base under the adapter), merged vs unmerged
