@@ -7,7 +7,6 @@
     one line; rank 0 alone writes the files; torchrun + train.py runs end to end."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -36,12 +35,6 @@ PLAIN = ["--grad-accum", "2", "--max-grad-norm", "0.01", "--flip", "0.3", "--cap
 LOSS_TOL, WEIGHT_TOL = 1e-6, 2e-6
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bucket_folder(path: str) -> str:
     """Five captioned images of four aspect ratios (buckets with 1-2 images: uneven and empty rank slices)."""
     os.makedirs(path, exist_ok=True)
@@ -62,10 +55,11 @@ def _run(flags: list[str], out: str, resume: bool = False) -> dict | None:
     return t.run()
 
 
-def _worker(rank: int, world: int, port: int, jobs: list) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _worker(rank: int, world: int, store: str, jobs: list) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    # a file rendezvous (no port to pick, so no port another process can take first); then what torchrun runs
+    torch.distributed.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
     d = distributed.init_from_env("cpu")
     try:
         for flags, out, resume in jobs:
@@ -99,8 +93,8 @@ def _checks(d, out: str) -> None:
     json.dump(res, open(os.path.join(out, f"checks_{d.rank}.json"), "w"))
 
 
-def spawn(jobs: list, world: int = 2) -> None:
-    mp.spawn(_worker, args=(world, free_port(), jobs), nprocs=world, join=True)
+def spawn(jobs: list, store: str, world: int = 2) -> None:
+    mp.spawn(_worker, args=(world, store, jobs), nprocs=world, join=True)
 
 
 def losses(out: str) -> list[float]:
@@ -125,7 +119,7 @@ def runs(tmp_path_factory):
            (plain + ["--max-steps", "1"], str(root / "d_half"), False),
            (plain + ["--max-steps", "3"], str(root / "d_half"), True),
            (bflags, str(root / "d_buckets"), False),
-           ("checks", str(root / "checks"), False)])
+           ("checks", str(root / "checks"), False)], str(root / "store"))
     return dict(root=root, data=data, buckets=buckets, plain=plain, bflags=bflags)
 
 
@@ -180,9 +174,8 @@ def test_batch_streams_refused_with_two_processes():
 def test_torchrun_train_py(runs, tmp_path):
     """The command of the README: torchrun starts train.py twice; the run equals the spawned one (same flags)."""
     out = str(tmp_path / "tr")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), os.path.join(ROOT, "train.py")] + FAST + runs["plain"] + ["--max-steps", "2",
-                                                                                      "--out", out]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train.py")] + FAST + runs["plain"] + ["--max-steps", "2", "--out", out]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]

@@ -149,6 +149,8 @@ def init_from_env(device: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not tdist.is_initialized():
         cuda = torch.cuda.is_available() and device != "cpu"
+        if cuda:  # before any collective: NCCL's object collectives run on the current device, one per rank
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         tdist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     if world > 1:
         _CURRENT = Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
