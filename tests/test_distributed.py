@@ -192,3 +192,11 @@ def test_collectives_sum_gradients_and_carry_rank_0s_result_and_error(runs):
     assert r0["reduce"] == r1["reduce"] == [[3.0] * 3, [5.0] * 3, True, 0.75]
     assert r0["result"] == r1["result"] == "from rank 0"
     assert r0["error"] == "ZeroDivisionError on rank 0" and r1["error"] == "rank 0: division by zero"
+
+
+def test_one_process_options_refused_under_torchrun(tmp_path, monkeypatch):
+    """--fused-backward and --cuda-graph step or record inside the backward, before the all-reduce: refused."""
+    monkeypatch.setattr(distributed, "_CURRENT", distributed.Dist(rank=0, world=2))
+    cfg, _ = parse_config(FAST + ["--fused-backward", "--max-grad-norm", "0", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="need one process"):
+        Trainer(cfg, str(tmp_path), log=lambda s: None)
