@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if cfg.from_scratch and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("error: --from-scratch runs in one process (pretraining under torchrun is not written)", file=sys.stderr)
+        return 2
     if cfg.from_scratch:
         try:
             from minisd.world.pretrain import main as pretrain

@@ -168,9 +168,25 @@ def test_adapter_trained_on_int8_base_is_the_same_file_and_merges_into_the_plain
     effect_plain, effect_q = unmerged - base_out, q_adapted - q_base
     rel_effect = ((effect_plain - effect_q).norm() / effect_q.norm()).item()
     rel_merge = ((merged - unmerged).norm() / (unmerged - base_out).norm()).item()
-    print(f"adapter effect: |Δ| {effect_q.norm():.3e} on int8, relative difference on the plain base {rel_effect:.2e}; "
+    print(f"adapter effect: |Δ| {effect_q.norm():.3e} on int8, relative difference on the plain base "
+          f"{rel_effect:.2e}; "
           f"merged vs unmerged (relative to the effect) {rel_merge:.2e}")
     assert effect_q.norm() > 1e-3 * base_out.norm()  # it trained
     # measured: effect difference 2.4e-2 (the int8 rounding of the base under the adapter), merged vs unmerged
     # 1.1e-2 (bf16 rounding of the merged weights); bounds 2.5x
     assert rel_effect < 0.06 and rel_merge < 0.03
+
+
+def test_train_py_world_run_on_an_fp8_base_with_the_fused_backward(tmp_path, capsys):
+    """The command line end to end: an fp8 base under bf16 autocast, the fused backward, the world run's before/after
+    grids (the sampling pipeline casts the UNet with `.to(dtype)`: codes and scales must survive it)."""
+    import train
+    out = str(tmp_path / "run")
+    rc = train.main(["--model", "tiny-random", "--threads", "1", "--no-progress", "--batch-size", "2", "--rank", "2",
+                     "--max-steps", "2", "--n-images", "4", "--n-eval", "2", "--sample-steps", "2", "--out", out,
+                     "--base-dtype", "fp8", "--mixed-precision", "bf16", "--fused-backward", "--max-grad-norm", "0"])
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    assert "base-dtype: " in text.out and "stored as fp8" in text.out
+    for f in ("lora.safetensors", "samples_before.png", "samples_after.png", "checkpoint.pt"):
+        assert os.path.isfile(os.path.join(out, f)), f

@@ -7,10 +7,10 @@ untouched, and the adapter file is the same as over an unquantized base.
 
 Per output channel o (a row of a Linear's [out, in] weight, a filter of a Conv's [out, in, kh, kw] one):
 
-    int8 (absmax, symmetric):  s_o = max_i |W_oi| / 127,   q_oi = round(W_oi / s_o) ∈ [−127, 127],   Ŵ_oi = s_o · q_oi
+    int8 (absmax, symmetric):  s_o = max_i |W_oi| / 127,  q_oi = round(W_oi / s_o) ∈ [−127, 127],  Ŵ_oi = s_o · q_oi
                                so |W_oi − Ŵ_oi| ≤ s_o / 2
     fp8 e4m3 (OCP float8):     s_o = max_i |W_oi| / 448,   q_oi = fp8(W_oi / s_o),                 Ŵ_oi = s_o · q_oi
-                               3 mantissa bits: |W_oi − Ŵ_oi| ≤ 2⁻⁴·|W_oi| (normal), ≤ 2⁻¹⁰·s_o (subnormal)
+                               3 mantissa bits: |W_oi − Ŵ_oi| ≤ 2⁻⁴·|W_oi| (normal), 2⁻¹⁰·s_o (subnormal)
 
 Bytes: 1 per weight + 4 per output channel (the fp32 scale), against 2 per weight in bf16: about half.
 

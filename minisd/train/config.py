@@ -185,17 +185,17 @@ class TrainConfig:
                          "under --mixed-precision bf16, else fp32. bf16 is safe - it cannot overflow as fp16 does - "
                          "and much faster on a GPU; fp16 only with an fp16-safe VAE)")
     # --- more than one GPU / small GPU (issue 19): minisd/perf/quant.py, minisd/train/fused.py, distributed.py
-    base_dtype: str = opt("auto", "storage of the frozen UNet / text-encoder Linear and Conv weights: auto (the "
-                                  "--mixed-precision dtype, else fp32) | int8 (per-channel absmax) | fp8 (e4m3, "
-                                  "per-channel scale); 8-bit halves them against bf16, dequantised in each forward "
-                                  "(minisd/perf/quant.py); the adapters stay fp32 and the adapter file is the same")
+    base_dtype: str = opt("auto", "storage of the frozen UNet / text-encoder Linear and Conv weights: auto "
+                                  "(default: the --mixed-precision dtype, else fp32) | int8 (per-channel absmax) | "
+                                  "fp8 (e4m3, per-channel scale); 8-bit halves them against bf16, dequantised in "
+                                  "each forward (minisd/perf/quant.py); the adapters stay fp32, the file the same")
     fused_backward: bool = opt(False, "step each trainable tensor inside the backward as soon as its gradient is "
-                                      "complete and free the gradient (adamw / adamw8bit; needs --grad-accum 1, "
-                                      "--max-grad-norm 0, no fp16; minisd/train/fused.py)")
+                                      "complete and free the gradient (default off; adamw / adamw8bit; needs "
+                                      "--grad-accum 1, --max-grad-norm 0, no fp16; minisd/train/fused.py)")
     noise_streams: str = opt("auto", "where a step's noise and timesteps come from: batch (one stream for the whole "
                                      "batch) | sample (one per sample, keyed by its data position: N processes of "
-                                     "batch B draw what one of batch N*B does) | auto (sample under torchrun with "
-                                     "more than one process, else batch)")
+                                     "batch B draw what one of batch N*B does) | auto (the default: sample under "
+                                     "torchrun with more than one process, else batch)")
     vae_slicing: bool = opt(False, "encode one image at a time (less VAE memory, same latents)")
     vae_tiling: bool = opt(False, "encode in overlapping tiles (large images; latents close, not equal)")
     # --- methods (issue 17): full fine-tune, DreamBooth, held-out validation loss

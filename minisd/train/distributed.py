@@ -115,11 +115,15 @@ class Dist:
         if self.world == 1:
             return loss
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.flatten().float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
+        dev = grads[0].device
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dev)
+        flat = torch.cat([g.flatten().float() for g in grads] + [has, torch.tensor([loss], device=dev)])
         tdist.all_reduce(flat)  # SUM: each rank's loss was already scaled by its share
         i = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[i:i + g.numel()].view_as(g).to(g.dtype)
+        for k, (p, g) in enumerate(zip(params, grads)):
+            # a tensor no rank computed a gradient for (module dropout skipped it) keeps none: the optimizer skips
+            # it, as one process would
+            p.grad = flat[i:i + g.numel()].view_as(g).to(g.dtype) if flat[-1 - len(params) + k] > 0 else None
             i += g.numel()
         return float(flat[-1])
 
@@ -154,6 +158,8 @@ def init_from_env(device: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not tdist.is_initialized():
         cuda = torch.cuda.is_available() and device != "cpu"
+        if cuda:  # before any collective: NCCL's object collectives run on the current device, one per rank
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         tdist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     if world > 1:
         _CURRENT = Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))

@@ -30,7 +30,8 @@ class FusedBackward:
 
     def __init__(self, opt: torch.optim.Optimizer, params: list[torch.Tensor]):
         self.opt, self.params = opt, list(params)
-        self.group_of = {p: g for g in opt.param_groups for p in g["params"]}
+        # by index: load_state_dict (a resume) replaces the group dicts, and the LR schedule writes to the new ones
+        self.group_of = {p: i for i, g in enumerate(opt.param_groups) for p in g["params"]}
         self.peak_grad_bytes = 0
         self.handles = [p.register_post_accumulate_grad_hook(self.step_one) for p in self.params]
 
@@ -43,7 +44,7 @@ class FusedBackward:
         self.peak_grad_bytes = max(self.peak_grad_bytes, self.live_grad_bytes())
         groups = self.opt.param_groups
         # a one-tensor view of p's group: the same hyperparameters (lr as the LR schedule set it), the same state
-        self.opt.param_groups = [{**self.group_of[p], "params": [p]}]
+        self.opt.param_groups = [{**groups[self.group_of[p]], "params": [p]}]
         try:
             self.opt.step()
         finally:

@@ -18,6 +18,11 @@ lora.safetensors (minisd), lora_kohya.safetensors (A1111 / ComfyUI), loss.png.
 
 --cuda-graph replays each micro-batch's forward and backward from one recording (minisd/perf/graphs.py `StepGraph`
 wraps the same `training_loss`); --profile times the stages of every step (minisd/perf/profiler.py).
+
+More than one GPU / small GPU (issue 19): under torchrun `self.dist` (distributed.py) shards the data, keys the noise
+per sample, sums the gradients over the ranks after the backward and lets rank 0 alone write; --base-dtype int8 / fp8
+stores the frozen base in 8 bits (minisd/perf/quant.py); --fused-backward steps each tensor inside the backward
+(fused.py).
 """
 from __future__ import annotations
 
