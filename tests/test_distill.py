@@ -308,8 +308,8 @@ def test_resume_is_exact(teacher_dir, data_dir, tmp_path):
     assert got == want  # bitwise on the CPU
     a = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=True)
     b = torch.load(os.path.join(tmp_path / "full", "checkpoint.pt"), weights_only=True)
-    for k in b["adapter"]:
-        assert torch.equal(a["adapter"][k], b["adapter"][k]), k
+    for k in b["student"]:
+        assert torch.equal(a["student"][k], b["student"][k]), k
     for x, y in zip(a["ema"]["shadow"], b["ema"]["shadow"]):
         assert torch.equal(x, y)
 

@@ -82,6 +82,10 @@ class Trainer:
 
     prompts: cfg -> the validation grid's prompts (default: --validation-prompts); train.py passes the embedded
     world's, which has held-out prompts of its own (minisd/world/validation.py)."""
+    # what the methods of issue 17 set in the builders; none for a plain adapter run (or a distillation's student)
+    method = None    # textual inversion / hypernetwork: the object that owns their tensors
+    prior = None     # DreamBooth prior preservation (dreambooth.py)
+    val_loss = None  # held-out validation loss (val_loss.py)
 
     def __init__(self, cfg: TrainConfig, run_dir: str, log=print, prompts=validation_prompts, model=None):
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
@@ -117,9 +121,13 @@ class Trainer:
         # the step's settings besides the model, the noise schedule, the batch and the draws
         self.step_options = dict(noise_offset=cfg.noise_offset, input_perturbation=cfg.input_perturbation,
                                  min_snr_gamma=cfg.min_snr_gamma, amp_dtype=self.amp_dtype,
-                                 train_text_encoder=cfg.train_text_encoder or bool(self.method and self.method.train_text_encoder))  # adapters, full, TI
+                                 train_text_encoder=self.text_encoder_trains())  # adapters, full, TI
         # --cuda-graph: forward + backward of a micro-batch replayed from one recording
         self.graph = StepGraph(self.forward_backward, self.gen, self.device, warmup=2) if cfg.cuda_graph else None
+
+    def text_encoder_trains(self) -> bool:
+        """Gradients flow through the text encoder(s): their adapters, a full fine-tune's weights, TI's vectors."""
+        return bool(self.cfg.train_text_encoder or (self.method and self.method.train_text_encoder))
 
     # ------------------------------------------------------------------------------------------- builders
     def build_model(self) -> None:
@@ -269,7 +277,7 @@ class Trainer:
     def encode_text(self, captions: list[str]):
         """Captions -> (context (B, T, D), pooled (B, P) or None); with grad only if the TE has adapters."""
         m = self.model
-        with torch.set_grad_enabled(self.cfg.train_text_encoder or bool(self.method and self.method.train_text_encoder)):
+        with torch.set_grad_enabled(self.text_encoder_trains()):
             return m.encode_text([ids.to(self.device) for ids in m.tokenize(captions)])
 
     def micro_batch(self, batch: dict) -> MicroBatch:
