@@ -21,7 +21,7 @@ from minisd import model as model_module
 from minisd.formats import export
 from minisd.config import TINY
 from minisd.formats.export import export_diffusers, export_single_file
-from minisd.formats.safe_write import RunLock, WriteError, atomic_path
+from minisd.formats.safe_write import RunLock, WriteError, atomic_path, is_io_error
 from minisd.model import StableDiffusion, is_minisd_folder, save_model
 from minisd.trainer import TARGETS
 
@@ -291,3 +291,25 @@ def test_run_lock_refuses_a_second_holder_and_ignores_a_dead_one(tmp_path):
     (tmp_path / RunLock.NAME).write_text(dead.stdout)  # a lock file left by a process that is gone
     with RunLock(str(tmp_path)):
         assert (tmp_path / RunLock.NAME).read_text().strip() == str(os.getpid())
+
+
+def test_storage_errors_of_every_writer_are_recognised():
+    """What a full disk looks like from each writer (Linux's /dev/full answers every write with ENOSPC): torch.save
+    reports it as a RuntimeError of its C++ writer, pillow and Python as OSError; each becomes one WriteError line."""
+    errors = []
+    for write in (lambda: torch.save({"a": torch.zeros(1000)}, "/dev/full"),
+                  lambda: Image.new("RGB", (256, 256)).save("/dev/full", format="PNG")):
+        with pytest.raises(Exception) as e:
+            write()
+        errors.append(e.value)
+    assert isinstance(errors[0], RuntimeError) and isinstance(errors[1], OSError)
+    assert all(is_io_error(e) for e in errors) and not is_io_error(ValueError("a bug"))
+
+
+def test_pretrain_out_is_checked_before_training(tmp_path, capfd):
+    """train.py --from-scratch (minisd/world/pretrain.py) refuses an existing --out before hours of training."""
+    mine = user_folder(tmp_path / "mine")
+    before = tree(str(tmp_path))
+    p = call(capfd, "train.py", "--from-scratch", "--out", mine, "--overwrite", "--device", "cpu")
+    refused(p, "minisd folder")
+    assert "pretrain settings" not in p.stdout and tree(str(tmp_path)) == before
