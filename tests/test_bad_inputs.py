@@ -335,6 +335,8 @@ def test_resume_refusals_change_nothing(corpus, run_folder, tmp_path):
         (["--resume", copy("steps_type", config=lambda c: {**c, "max_steps": True})], "max_steps"),
         (["--resume", copy("lr_nan", config=lambda c: {**c, "lr": "nan"})], "lr"),
         (["--resume", copy("deep", config=lambda c: "[" * 100000 + "]" * 100000)], "config.json"),
+        (["--resume", copy("scratch", config=lambda c: {**c, "from_scratch": True})], "from_scratch"),
+        (["--resume", copy("table", config=lambda c: {**c, "rank": {"a": [1]}})], "rank"),
     ]
 
     def snapshot(folder):
