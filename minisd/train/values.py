@@ -56,7 +56,7 @@ def check_type(field: dataclasses.Field, value, where: str) -> None:
           "float": isinstance(value, (int, float)) and not isinstance(value, bool)}[kind]
     if not ok:
         want = {"bool": "true or false", "str": "a string", "int": "a whole number", "float": "a number"}[kind]
-        shown = repr(value) if not isinstance(value, (dict, list)) else f"a {'table' if isinstance(value, dict) else 'list'}"
+        shown = "a table" if isinstance(value, dict) else "a list" if isinstance(value, list) else repr(value)
         raise ValueError(f"{what} must be {want}{' or null' if optional else ''}, got {shown[:80]}")
     if kind == "float" and not math.isfinite(value):
         raise ValueError(f"{what} must be a finite number, got {value}")
