@@ -279,6 +279,18 @@ def test_train_refuses_bad_values_before_the_run_folder(corpus, tmp_path):
         assert_refused(argv, r, dest=argv[argv.index("--out") + 1] if "--data" not in argv else None, must=must)
 
 
+def test_train_refuses_what_only_the_model_can_tell(corpus, tmp_path):
+    """Values checked against the loaded model: a --resolution the UNet cannot take (tiny-random: multiples of
+    VAE factor 2 x UNet down-sampling 2 = 4), one whose VAE activations alone cannot fit, --te2-lr on a model with
+    one text encoder. (The run folder is the business of the destination checks, not asserted here.)"""
+    base = ["--model", "tiny-random", "--n-images", "4", "--max-steps", "1", "--no-samples"]
+    cases = [(base + ["--resolution", "30", "--out", str(tmp_path / "a")], "multiples of 4"),
+             (base + ["--resolution", "60000", "--batch-size", "64", "--out", str(tmp_path / "b")], "GiB"),
+             (base + ["--train-text-encoder", "--te2-lr", "1e-4", "--out", str(tmp_path / "c")], "--te2-lr")]
+    for (argv, must), r in zip(cases, run_cases("train.py", [c for c, _ in cases], corpus["dir"])):
+        assert_refused(argv, r, must=must)
+
+
 @pytest.fixture(scope="module")
 def run_folder(corpus):
     """A real 2-step run on tiny-random (checkpoint at step 2), the base of the resume cases."""
@@ -323,6 +335,8 @@ def test_resume_refusals_change_nothing(corpus, run_folder, tmp_path):
         (["--resume", copy("steps_type", config=lambda c: {**c, "max_steps": True})], "max_steps"),
         (["--resume", copy("lr_nan", config=lambda c: {**c, "lr": "nan"})], "lr"),
         (["--resume", copy("deep", config=lambda c: "[" * 100000 + "]" * 100000)], "config.json"),
+        (["--resume", copy("scratch", config=lambda c: {**c, "from_scratch": True})], "from_scratch"),
+        (["--resume", copy("table", config=lambda c: {**c, "rank": {"a": [1]}})], "rank"),
     ]
 
     def snapshot(folder):

@@ -39,7 +39,8 @@ def test_sample_init_reads_16bit_as_train_data_does(tmp_path):
     from minisd.train.data import open_rgb
     a = (np.arange(120, dtype=np.uint32).reshape(10, 12) * 547).astype(np.uint16)
     Image.fromarray(a).save(tmp_path / "g.png")
-    assert np.array_equal(np.asarray(open_rgb(str(tmp_path / "g.png"))), np.asarray(read_image(str(tmp_path / "g.png"))))
+    path = str(tmp_path / "g.png")
+    assert np.array_equal(np.asarray(open_rgb(path)), np.asarray(read_image(path)))
 
 
 def test_reader_refuses_what_must_not_be_opened(tmp_path):

@@ -27,7 +27,7 @@ def read_embedding(path: str) -> dict[str, torch.Tensor]:
     """{"clip_l" / "clip_g" / "" (the only encoder): [n, D] fp32} of a TI file."""
     if path.endswith((".pt", ".bin", ".ckpt")):
         if not os.path.isfile(path):
-            raise AdapterError(f"{path}: no such file")
+            raise AdapterError(f"{path}: " + ("not a regular file" if os.path.exists(path) else "no such file"))
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:

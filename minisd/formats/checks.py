@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from .images import check_regular
+from .images import open_regular
 
 
 def number(name: str, value, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
@@ -113,10 +113,9 @@ def read_json(path: str, what: str = "JSON file") -> dict:
     """The JSON object in `path`: regular file, UTF-8, valid JSON, an object at the top; ValueError otherwise.
     Nesting deeper than Python's recursion limit is refused, not a RecursionError traceback."""
     try:
-        check_regular(path)
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             data = json.loads(f.read().decode("utf-8"))
-    except ValueError as e:  # check_regular's reasons, JSONDecodeError, UnicodeDecodeError
+    except ValueError as e:  # open_regular's reasons, JSONDecodeError, UnicodeDecodeError
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise ValueError(f"{path}: not a valid {what} ({why})") from None
     except RecursionError:

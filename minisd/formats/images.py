@@ -2,8 +2,8 @@
 
 A picture from disk is input like any other, so it is checked before it is trusted:
 
-    not a regular file        refused before it is opened: a FIFO, a device or a socket would block the read
-                              forever (os.stat then S_ISREG; the file is opened without following a swap)
+    not a regular file        refused: a FIFO, a device or a socket would block the read forever (opened with
+                              O_NONBLOCK and checked with fstat on the open descriptor: S_ISREG)
     decompression bomb        refused: more than MAX_PIXELS pixels (the header says so before any pixel is
                               decoded; PIL's own limit only warns below twice its value)
     truncated / corrupt       refused (every pixel is decoded now, not at first use)
@@ -47,6 +47,21 @@ def check_regular(path: str) -> os.stat_result:
     return st
 
 
+def open_regular(path: str):
+    """A binary file object of `path`, which must be a regular file. Opened with O_NONBLOCK (a FIFO then opens at
+    once instead of waiting for a writer) and checked with fstat on the open descriptor, so a file swapped for a
+    FIFO between a check and the open is caught too. Raises ValueError with the reason."""
+    check_regular(path)  # the friendly reasons: missing, a folder, a FIFO, ...
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise ValueError(f"cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError("not a regular file")
+    return os.fdopen(fd, "rb")
+
+
 def to_8bit(img: Image.Image) -> Image.Image:
     """16-bit grey (I;16*, or I holding 16-bit values) -> 8-bit grey "L": round(v * 255 / 65535) per pixel, i.e.
     the value's fraction of full scale kept. A mode-I picture whose values all fit in 8 bits is read as 8-bit."""
@@ -59,9 +74,9 @@ def to_8bit(img: Image.Image) -> Image.Image:
 
 def read_image(path: str, min_side: int = 1, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open any picture as an upright 8-bit RGB image (module docstring). Raises ValueError with the reason."""
-    check_regular(path)
+    f = open_regular(path)
     try:
-        with open(path, "rb") as f, warnings.catch_warnings():
+        with f, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(f)
             w, h = img.size  # from the header: nothing decoded yet
@@ -95,12 +110,13 @@ def read_image(path: str, min_side: int = 1, max_pixels: int = MAX_PIXELS) -> Im
 def read_text_file(path: str, limit: int = 64 << 20) -> str:
     """A UTF-8 text file (metadata.jsonl, a caption, a prompts file, a TOML config): regular files only, at most
     `limit` bytes. Raises ValueError with the reason."""
-    st = check_regular(path)
-    if st.st_size > limit:
-        raise ValueError(f"{st.st_size:,} bytes: larger than the {limit:,} a text file here may have")
+    f = open_regular(path)
     try:
-        with open(path, "rb") as f:
-            return f.read(limit + 1).decode("utf-8")
+        with f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ValueError(f"larger than the {limit:,} bytes a text file here may have")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"not UTF-8 text (byte {e.start})") from None
     except OSError as e:

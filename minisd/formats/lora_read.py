@@ -176,7 +176,7 @@ def _peft_alpha(cfg: dict, name: str, rank: int) -> float:
 def read_tensors(path: str) -> tuple[dict, dict]:
     """(tensors, safetensors metadata) of a .safetensors file, or of a .pt/.ckpt/.bin read with weights_only=True."""
     if not os.path.isfile(path):
-        raise AdapterError(f"{path}: no such file")
+        raise AdapterError(f"{path}: " + ("not a regular file" if os.path.exists(path) else "no such file"))
     if path.endswith(".safetensors"):
         from safetensors import safe_open
         try:

@@ -57,7 +57,7 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
     `.ckpt` files are pickles: loaded with `weights_only=True`, so a pickle that would run code is
     refused, never executed."""
     if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such file")
+        raise ModelError(f"{path}: " + ("not a regular file" if os.path.exists(path) else "no such file"))
     if path.endswith(".safetensors"):
         sd = read_safetensors(path)
         from safetensors import safe_open

@@ -250,6 +250,13 @@ class Trainer:
             raise ValueError(f"--resolution {self.resolution}: this model takes multiples of {step} px (VAE factor "
                              f"{m.vae_scale} x UNet down-sampling {step // m.vae_scale}), e.g. "
                              f"{max(step, self.resolution // step * step)}")
+        from ..formats.checks import available_memory, decode_bytes
+        need, have = decode_bytes(m.cfg.vae, self.resolution, self.resolution, cfg.batch_size), \
+            available_memory(str(self.device))
+        if need > have:  # the VAE's full-resolution activations alone (a lower bound): say so instead of trying
+            raise ValueError(f"--resolution {self.resolution} x --batch-size {cfg.batch_size} needs at least "
+                             f"{need / 2**30:.1f} GiB for the VAE alone on {self.device}, {have / 2**30:.1f} GiB is "
+                             "free: lower --resolution or --batch-size")
         self.data = CaptionDataset(cfg.data, self.resolution, cfg.repeats, cfg.random_crop, cfg.flip,
                                    cfg.caption_dropout, cfg.seed)
         apply_instance_prompt(self.data, cfg.instance_prompt)  # DreamBooth: the identifier prompt (dreambooth.py)

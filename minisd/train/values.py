@@ -56,7 +56,7 @@ def check_type(field: dataclasses.Field, value, where: str) -> None:
           "float": isinstance(value, (int, float)) and not isinstance(value, bool)}[kind]
     if not ok:
         want = {"bool": "true or false", "str": "a string", "int": "a whole number", "float": "a number"}[kind]
-        shown = repr(value) if not isinstance(value, (dict, list)) else f"a {'table' if isinstance(value, dict) else 'list'}"
+        shown = "a table" if isinstance(value, dict) else "a list" if isinstance(value, list) else repr(value)
         raise ValueError(f"{what} must be {want}{' or null' if optional else ''}, got {shown[:80]}")
     if kind == "float" and not math.isfinite(value):
         raise ValueError(f"{what} must be a finite number, got {value}")
@@ -82,6 +82,8 @@ def check_resume(saved, cfg, run_dir: str, given: set) -> None:
     """Refuse a resume whose options change what the checkpoint's state means, or whose saved config.json would
     steer writes outside the run folder. Called before anything is written."""
     where = os.path.join(run_dir, "config.json")
+    if saved.from_scratch:  # a LoRA run's folder never says this: it would start a pretraining instead
+        raise ValueError(f"{where}: from_scratch = true is not a fine-tuning run's option")
     changed = [n for n in STATE_FIELDS if getattr(saved, n) != getattr(cfg, n)]
     if changed:
         diffs = ", ".join(f"--{n.replace('_', '-')} {getattr(saved, n)!r} -> {getattr(cfg, n)!r}" for n in changed)
