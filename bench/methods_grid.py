@@ -66,7 +66,7 @@ def _style_cells() -> dict:
 
 def _subject_cells() -> dict:
     prior = ["--class-prompt", CLASS_PROMPT, "--class-data", "{class_data}", "--num-class-images", "{n_class}"]
-    full = ["--method", "full", "--lr", "5e-5", "--lr-scheduler", "cosine"]
+    full = ["--method", "full", "--lr", "1e-4", "--lr-scheduler", "cosine"]  # train.py's world default; not tuned
     lora = ["--lr", "3e-3", "--lr-scheduler", "cosine", "--targets", "full"]
     ti = ["--method", "ti", "--ti-token", "<sks>", "--ti-init", "circle", "--lr", "5e-3"]
     return {

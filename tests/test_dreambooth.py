@@ -14,7 +14,6 @@ import train  # noqa: E402
 from minisd import world  # noqa: E402
 from minisd.train.config import parse_config  # noqa: E402
 from minisd.train.data import DataError  # noqa: E402
-from minisd.train.dreambooth import ensure_class_images  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
 from conftest import kill_at  # noqa: E402
 from test_train_by_hand import alphas_cumprod  # noqa: E402
