@@ -58,7 +58,8 @@ def test_existing_run_is_refused_without_resume_or_overwrite(tmp_path, done_run,
     run = copy_run(done_run, tmp_path / "run")
     before = tree(str(tmp_path))
     refused(call(capfd, "train.py", *FAST, "--data", data_dir, "--out", run), "exists", "--overwrite")
-    refused(call(capfd, "train.py", "--resume", run, "--overwrite"), "--overwrite", "--resume")
+    cache = json.load(open(os.path.join(run, "config.json")))["cache_dir"]  # outside the run: confirmed by the flag
+    refused(call(capfd, "train.py", "--resume", run, "--overwrite", "--cache-dir", cache), "--overwrite", "--resume")
     assert tree(str(tmp_path)) == before
 
 
@@ -131,7 +132,9 @@ def test_output_paths_are_checked_before_any_work(tmp_path, done_run, data_dir, 
         p = call(capfd, "train.py", *FAST, "--data", data_dir, *flags)
         refused(p, *words)
         assert "train config" not in p.stdout
-    refused(call(capfd, "train.py", "--resume", run, "--max-steps", "3"), "validation", "link")
+    old_cache = json.load(open(os.path.join(run, "config.json")))["cache_dir"]  # outside the run: confirmed
+    refused(call(capfd, "train.py", "--resume", run, "--max-steps", "3", "--cache-dir", old_cache), "validation",
+            "link")
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if os.path.realpath(p) == str(ro)
                         and mode & os.W_OK else real(p, mode, *a, **k))  # root ignores permission bits: simulate
@@ -174,7 +177,7 @@ def test_links_planted_in_a_resumed_run_are_never_written_through(tmp_path, done
     # the lock file itself as a link: refused, not followed
     os.remove(os.path.join(run, "train.lock"))
     plant_link(os.path.join(run, "train.lock"), str(victim))
-    refused(call(capfd, "train.py", "--resume", run, "--max-steps", "5"), "train.lock")
+    refused(call(capfd, "train.py", "--resume", run, "--max-steps", "5", "--cache-dir", cache), "train.lock")
     assert victim.read_text() == "precious"
 
 

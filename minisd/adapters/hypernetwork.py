@@ -150,14 +150,14 @@ class Hypernetwork(nn.Module):
                 for j, mlp in enumerate(pair) for k, v in mlp.state_dict().items()}
 
     def save(self, path: str, metadata: dict | None = None) -> None:
-        """Write the safetensors file (atomically: a temporary file renamed)."""
+        """Write the safetensors file (atomically: a fresh private temporary file renamed into place)."""
         from safetensors.torch import save_file
         meta = {k: json.dumps(v) for k, v in self.settings.items()}
         meta.update(name=json.dumps(self.name), step=json.dumps(self.step), format="minisd-hypernetwork")
         meta.update({k: str(v) for k, v in (metadata or {}).items()})
-        tmp = path + ".tmp"
-        save_file(self.file_tensors(), tmp, metadata=meta)
-        os.replace(tmp, path)
+        from ..formats.safe_write import atomic_path
+        with atomic_path(path) as tmp:  # a fresh private temporary file: never written through a planted link
+            save_file(self.file_tensors(), tmp, metadata=meta)
 
 
 # ----------------------------------------------------------------------------------------------- applying

@@ -32,6 +32,7 @@ import os
 
 import torch
 
+from ..formats.safe_write import atomic_path, write_text
 from ..pipeline import Pipeline
 from ..trainer import Draws, training_loss
 from .data import CaptionDataset, DataError, Loader, scan
@@ -79,9 +80,7 @@ def ensure_class_images(trainer, resolution: int) -> int:
         raise DataError(f"{folder}: holds {have} images of your own, fewer than --num-class-images {n} (add images, "
                         f"lower the number, or give an empty folder to draw them with the base model)")
     os.makedirs(folder, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(want, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_text(path, json.dumps(want, indent=2))  # a fresh private temporary file renamed: never through a link
     missing = [i for i in range(n) if not os.path.isfile(os.path.join(folder, f"class_{i:05d}.png"))]
     trainer.log(f"class images: {have} in {folder}, drawing {len(missing)} more with the base model "
                 f"('{cfg.class_prompt}', DDIM {cfg.sample_steps} steps, guidance {cfg.sample_cfg})")
@@ -94,10 +93,9 @@ def ensure_class_images(trainer, resolution: int) -> int:
             img = pipe(cfg.class_prompt, steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg, seed=i,
                        width=resolution, height=resolution)[0]
             name = os.path.join(folder, f"class_{i:05d}")
-            img.save(name + ".png.tmp", format="PNG")  # not *.png: an interrupted write is never read as an image
-            with open(name + ".txt", "w") as f:
-                f.write(cfg.class_prompt + "\n")
-            os.replace(name + ".png.tmp", name + ".png")  # the image last: a whole image means a whole pair
+            write_text(name + ".txt", cfg.class_prompt + "\n")
+            with atomic_path(name + ".png") as tmp:  # the image last: a whole image means a whole pair
+                img.save(tmp, format="PNG")
     finally:
         trainer.model.train()
         set_rng_state(own, saved)

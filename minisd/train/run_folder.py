@@ -28,7 +28,10 @@ from .data import DataError, scan
 RUN_FILES = {"config.json", "checkpoint.pt", "loss.jsonl", "loss.png", "lora.safetensors", "lora_kohya.safetensors",
              "lora_diffusers.safetensors", "lora_raw.safetensors", "profile.json", "samples_before.png",
              "samples_after.png", "probe_before.json", "probe_after.json", "validation", "data", RunLock.NAME,
-             "checkpoint.pt.tmp", "loss.jsonl.tmp"}
+             "checkpoint.pt.tmp", "loss.jsonl.tmp", "stopped.txt",
+             # the other methods' outputs: full fine-tune, textual inversion, hypernetwork, distillation
+             "model", "model.safetensors", "embedding.safetensors", "learned_embeds.safetensors",
+             "hypernetwork.safetensors", "student", "student.safetensors", "student-diffusers"}
 RUN = Kind("train.py run folder", ("config.json",), lambda n: n in RUN_FILES)
 
 

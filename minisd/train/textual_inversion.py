@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from ..adapters.embeddings import _extend_embedding
+from ..formats.safe_write import atomic_path
 
 
 class TextualInversion:
@@ -121,8 +122,8 @@ class TextualInversion:
         meta = {**metadata, "minisd.token": self.token, "minisd.vectors": str(self.n)}
         for name, tensors in self.file_tensors().items():
             path = os.path.join(run_dir, name)
-            save_file(tensors, path + ".tmp", metadata=meta)
-            os.replace(path + ".tmp", path)
+            with atomic_path(path) as tmp:  # a fresh private temporary file: never through a planted link
+                save_file(tensors, tmp, metadata=meta)
             out[name.split(".")[0]] = path
         return out
 
