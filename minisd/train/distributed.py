@@ -94,8 +94,11 @@ class Dist:
 
     def main_first(self, fn, *args, **kwargs):
         """fn on rank 0, then on the others (e.g. a cache file rank 0 writes and the others read)."""
-        out = self.on_main(fn, *args, **kwargs)
-        return out if self.is_main else fn(*args, **kwargs)
+        if self.world == 1:
+            return fn(*args, **kwargs)
+        out = []  # rank 0's result stays on rank 0 (a cache is too big to send)
+        self.on_main(lambda: out.append(fn(*args, **kwargs)))
+        return out[0] if self.is_main else fn(*args, **kwargs)
 
     def gather(self, obj) -> list | None:
         """Every rank's obj, as a list on rank 0 (None elsewhere)."""
