@@ -299,6 +299,8 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=int, default=15, help="DDIM steps of the scored images (default 15)")
     p.add_argument("--sample-cfg", type=float, default=5.0, help="guidance of the scored images (default 5)")
     p.add_argument("--list", action="store_true", help="print the cells and their flags, then exit")
+    p.add_argument("--report", action="store_true", help="run nothing: tabulate the runs already finished in --out "
+                                                         "(e.g. after a time limit stopped the grid)")
     p.add_argument("--worker", nargs=2, metavar=("CELL", "SEED"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.cells = list(CELLS) if a.cells is None else [c.strip() for c in a.cells.split(",") if c.strip()]
@@ -338,7 +340,8 @@ def main(argv=None) -> int:
         return 0
     os.makedirs(args.out, exist_ok=True)
     for task, token in dict.fromkeys((CELLS[c][0], TOKENS.get(c, "sks")) for c in args.cells):
-        make_data(args, task, token)  # data first, once, before the parallel runs
+        if not args.report:
+            make_data(args, task, token)  # data first, once, before the parallel runs
     jobs = [(c, s) for c in args.cells for s in args.seeds]
     print(f"{len(jobs)} runs ({len(args.cells)} cells x {len(args.seeds)} seeds), {args.jobs} at a time, "
           f"{args.steps} steps each, on {args.device}; results in {args.out}", flush=True)
@@ -353,6 +356,14 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
     results = []
+    if args.report:  # only what finished: result.json of each (cell, seed) run
+        for cell, seed in jobs:
+            done = os.path.join(args.out, "runs", cell, f"seed_{seed}", "result.json")
+            if os.path.isfile(done):
+                with open(done) as f:
+                    results.append(json.load(f))
+        print(f"{len(results)} of {len(jobs)} runs finished", flush=True)
+        jobs = []
     with ThreadPoolExecutor(args.jobs) as pool:
         for r in tqdm(pool.map(launch, jobs), total=len(jobs), desc="grid", unit="run"):
             results.append(r)
@@ -360,7 +371,7 @@ def main(argv=None) -> int:
                 print(f"  {r['cell']} seed {r['seed']}: {r['error']}", flush=True)
     agg = aggregate(results)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "list")},
+        json.dump({"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "list", "report")},
                    "cells": agg, "runs": results}, f, indent=2)
     md = [f"# Method grid ({args.steps} steps, seeds {', '.join(map(str, args.seeds))}, {args.n_eval} held-out "
           f"prompts per kind, DDIM {args.sample_steps} cfg {args.sample_cfg}, {args.device})", ""]
