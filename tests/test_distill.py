@@ -8,6 +8,9 @@
     recipe names (checked against a forward written out block by block);
   * a train.py run writes the student three ways; diffusers loads the folder with equal outputs, sample.py draws with
     it; stop + --resume repeats the uninterrupted run bitwise (8-bit AdamW, EMA, cached text states on);
+  * --distill-train adapters: only the adapter tensors change (student base, teacher, text encoder bitwise equal),
+    the loss equals the formula on a student merged by hand, the written student equals base + (α/r)·up@down of
+    lora.safetensors by hand (DoRA / LoHa / LoKr: equals the adapted student's output), resume is exact;
   * bad flags: one error line.
 """
 import json

@@ -41,7 +41,8 @@ from .loop import Trainer, TrainError, draw_loss_curve
 
 
 class DistillTrainer(Trainer):
-    """Trainer whose trainable tensors are a block-removed student of the model's UNet (`cfg.distill` recipe)."""
+    """Trainer whose trainable tensors are a block-removed student of the model's UNet (`cfg.distill` recipe), or,
+    with --distill-train adapters, the adapters in that student."""
 
     def build_model(self) -> None:
         super().build_model()
