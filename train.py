@@ -161,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
                 dist.on_main(sample_and_score, trainer, "after", subject=subject)
         if cfg.distill:
             print(f"wrote the student: {result['student']} (minisd), {result['single_file']} (official single file), "
-                  f"{result['diffusers']} (diffusers), {os.path.join(run_dir, 'loss.png')}, config.json, "
-                  "checkpoint.pt")
+                  f"{result['diffusers']} (diffusers), "
+                  + (f"{result['lora']} (its adapters, merged into those; minisd format), " if "lora" in result
+                     else "")  # --distill-train adapters
+                  + f"{os.path.join(run_dir, 'loss.png')}, config.json, checkpoint.pt")
         elif "files" in result:  # --method ti / hypernetwork (issue 17)
             print(f"wrote {result['files']}; {os.path.join(run_dir, 'loss.png')}, config.json, checkpoint.pt")
         elif "model" in result:  # --method full

@@ -8,6 +8,9 @@
     recipe names (checked against a forward written out block by block);
   * a train.py run writes the student three ways; diffusers loads the folder with equal outputs, sample.py draws with
     it; stop + --resume repeats the uninterrupted run bitwise (8-bit AdamW, EMA, cached text states on);
+  * --distill-train adapters: only the adapter tensors change (student base, teacher, text encoder bitwise equal),
+    the loss equals the formula on a student merged by hand, the written student equals base + (α/r)·up@down of
+    lora.safetensors by hand (DoRA / LoHa / LoKr: equals the adapted student's output), resume is exact;
   * bad flags: one error line.
 """
 import json
@@ -360,3 +363,209 @@ def test_mixed_precision_and_checkpointing(teacher_dir, data_dir, tmp_path):
         losses.append(DistillTrainer(cfg, str(tmp_path / ckpt), log=lambda s: None).run()["losses"])
     assert losses[0][0] == losses[1][0]                       # the forward is the same
     assert losses[1][1] == pytest.approx(losses[0][1], rel=1e-5)  # gradients differ in summation order only
+
+
+# ------------------------------------------------------------------------------------------- --distill-train adapters
+ADAPT = ["--distill-train", "adapters", "--network", "lora", "--rank", "3", "--alpha", "5", "--targets", "attn-mlp"]
+
+
+def lora_student(cfg: UNetConfig, recipe: str, rank=3, alpha=5.0):
+    """A teacher, its student with LoRA layers (attn-mlp) whose up and down matrices are random (a nonzero delta)."""
+    from minisd import adapters
+    from minisd.trainer import TARGETS
+    teacher = teacher_of(cfg, seed=5).requires_grad_(False)
+    student, plan = build_student(teacher, recipe)
+    randomize(student, seed=6)
+    student.requires_grad_(False)
+    layers = adapters.inject(student, "lora", TARGETS["attn-mlp"], rank=rank, alpha=alpha)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in adapters.adapter_parameters(student):
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return teacher, student, plan, layers
+
+
+def merged_by_hand(student, layers, scale: float) -> dict:
+    """The student's plain state dict with W + scale · up @ down in each LoRA layer (1x1 convs flattened)."""
+    sd = {k: v.clone() for k, v in student.state_dict().items() if "lora_" not in k and not k.endswith(".alpha")}
+    for name in layers:
+        layer = student.get_submodule(name)
+        up, down = layer.lora_up.weight, layer.lora_down.weight
+        sd[name + ".weight"] = sd[name + ".weight"] + scale * (up.flatten(1) @ down.flatten(1)).view(layer.weight.shape)
+    return sd
+
+
+def test_adapter_student_loss_by_hand():
+    """distill_loss with a LoRA student equals the docstring's formula computed on a plain copy of the student whose
+    weights are W + (α/r)·up@down by hand (so the adapter's forward is checked too)."""
+    teacher, student, plan, layers = lora_student(MINISD_LIKE, "small")
+    model = StableDiffusion(ModelConfig(unet=MINISD_LIKE, vae=TINY.vae, text_encoders=TINY.text_encoders))
+    model.unet = student
+    noise = NoiseSchedule(model.cfg.schedule)
+    g = torch.Generator().manual_seed(2)
+    B, h, w = 3, 8, 12
+    mb = MicroBatch(moments=torch.randn(B, 8, h, w, generator=g), context=torch.randn(B, 7, 32, generator=g))
+    hooks = FeatureHooks(teacher, student, plan.features)
+    loss, terms = distill_loss(model, teacher, noise, mb, Draws(torch.Generator().manual_seed(9)), hooks,
+                               DistillWeights(output_weight=0.3, feature_weight=0.7))
+
+    plain = UNetModel(plan.cfg)
+    plain.load_state_dict(merged_by_hand(student, layers, 5 / 3), strict=True)
+    d = torch.Generator().manual_seed(9)
+    mean, logvar = mb.moments[:, :4], mb.moments[:, 4:].clamp(-30, 20)
+    z0 = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=d)) * model.cfg.vae.scale_factor
+    t = torch.randint(0, 1000, (B,), generator=d)
+    eps = torch.randn(z0.shape, generator=d)
+    ab = noise.alphas_cumprod[t].float()[:, None, None, None]
+    zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+    with torch.no_grad():
+        pred_t, feats_t = manual_forward(teacher, zt, t, mb.context)
+        pred_s, feats_s = manual_forward(plain, zt, t, mb.context)
+    task = ((pred_s - eps) ** 2).mean()
+    output = ((pred_s - pred_t) ** 2).mean()
+    feature = sum(((feats_s[sn] - feats_t[tn]) ** 2).mean() for tn, sn in plan.features)
+    total = task + 0.3 * output + 0.7 * feature
+    for name, got, want in (("task", terms["task"], task), ("output", terms["output"], output),
+                            ("feature", terms["feature"], feature), ("loss", loss, total)):
+        rel = abs(got.item() - want.item()) / want.item()
+        print(f"{name}: relative difference {rel:.1e}")
+        # measured 0; a 1e-4 error in α/r gives 2.5e-4 (feature term). Allowed: fp32 summation order (merged vs not)
+        assert rel <= 1e-6, (name, got.item(), want.item())
+    # the loss reaches the adapters only
+    from minisd import adapters
+    loss.backward()
+    trainable = [q for q in student.parameters() if q.requires_grad]
+    assert {id(q) for q in trainable} == {id(q) for q in adapters.adapter_parameters(student)} and trainable
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    assert all(p.grad is None for p in list(teacher.parameters()) + [student.get_submodule(n).weight for n in layers])
+
+
+def trainer_for(flags, out):
+    from minisd.train.config import parse_config
+    from minisd.train.distill_loop import DistillTrainer
+    cfg, _ = parse_config(flags + ["--out", out])
+    return DistillTrainer(cfg, out, log=lambda s: None)
+
+
+def test_adapters_only_the_adapters_change(teacher_dir, data_dir, tmp_path):
+    from minisd import adapters
+    t = trainer_for(FAST + ADAPT + ["--distill", "small", "--model", teacher_dir, "--data", data_dir,
+                                    "--max-steps", "3", "--save-every", "0"], str(tmp_path / "run"))
+    own = set(adapters.adapter_state_dict(t.model.unet))
+    assert own and {id(p) for p in t.params} == {id(p) for p in adapters.adapter_parameters(t.model.unet)}
+    before_s = {k: v.clone() for k, v in t.model.unet.state_dict().items()}
+    before_t = {k: v.clone() for k, v in t.teacher.state_dict().items()}
+    before_te = {k: v.clone() for k, v in t.model.text_encoders[0].state_dict().items()}
+    t.run()
+    after = t.model.unet.state_dict()
+    for k, v in before_s.items():
+        if k in own:
+            assert k.endswith(".alpha") or not torch.equal(v, after[k]), f"{k} did not train"
+        else:
+            assert torch.equal(v, after[k]), f"student base {k} changed"
+    assert all(torch.equal(v, t.teacher.state_dict()[k]) for k, v in before_t.items())
+    assert all(torch.equal(v, t.model.text_encoders[0].state_dict()[k]) for k, v in before_te.items())
+
+
+@pytest.fixture(scope="module")
+def adapter_run(teacher_dir, data_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("arun") / "run")
+    assert train.main(FAST + ADAPT + ["--distill", "small", "--model", teacher_dir, "--data", data_dir, "--out", out,
+                                      "--max-steps", "2"]) == 0
+    return out
+
+
+def test_adapters_merged_student_equals_base_plus_delta(adapter_run, teacher_dir):
+    """student/ = the recipe's student of the teacher + (α/r)·up@down of lora.safetensors, computed by hand; the
+    single file and the diffusers folder hold the same UNet."""
+    from safetensors import safe_open
+    from minisd.formats import load_model
+    base, _ = build_student(load_model(teacher_dir).unet.float(), "small")
+    base_sd = base.state_dict()
+    with safe_open(os.path.join(adapter_run, "lora.safetensors"), "pt") as f:
+        lora = {k: f.get_tensor(k) for k in f.keys()}
+        assert f.metadata()["minisd.distill"] == "small"
+    paths = sorted({k[len("unet."):k.index(".lora_")] for k in lora if ".lora_" in k})
+    assert paths and all(k.startswith("unet.") for k in lora)
+    want = dict(base_sd)
+    for p in paths:
+        up, down = lora[f"unet.{p}.lora_up.weight"], lora[f"unet.{p}.lora_down.weight"]
+        assert lora[f"unet.{p}.alpha"].item() == 5.0 and up.abs().sum() > 0
+        want[p + ".weight"] = base_sd[p + ".weight"] + (5 / 3) * (up.flatten(1) @ down.flatten(1)).view(
+            base_sd[p + ".weight"].shape)
+    got = load_model(os.path.join(adapter_run, "student")).unet.float().state_dict()
+    assert set(got) == set(want)
+    worst = 0.0
+    for k, v in want.items():
+        if k[:-len(".weight")] in paths:
+            worst = max(worst, (got[k] - v).abs().max().item())
+        else:
+            assert torch.equal(got[k], v), k  # not adapted: the teacher's tensor, bit for bit
+    print(f"merged student: max |file - (W + (α/r)·up@down by hand)| = {worst:.1e}")
+    assert worst <= 1e-6  # measured 0 or an fp32 rounding (matmul summation order)
+    single = load_model(os.path.join(adapter_run, "student.safetensors")).unet.float().state_dict()
+    assert all(torch.equal(single[k], got[k]) for k in got)
+    from diffusers import UNet2DConditionModel
+    theirs = UNet2DConditionModel.from_pretrained(os.path.join(adapter_run, "student-diffusers"), subfolder="unet")
+    ours = unet_to_diffusers(got, load_model(os.path.join(adapter_run, "student")).cfg.unet)
+    assert all(torch.equal(theirs.state_dict()[k].float(), v) for k, v in ours.items())
+
+
+def test_adapters_resume_is_exact(teacher_dir, data_dir, tmp_path):
+    flags = FAST + ADAPT + ["--distill", "tiny", "--model", teacher_dir, "--data", data_dir, "--max-steps", "5",
+                            "--optimizer", "adamw8bit", "--ema-decay", "0.9", "--cache-text", "--caption-dropout",
+                            "0.3", "--rank-dropout", "0.2", "--seed", "3"]
+    want = trainer_for(flags, str(tmp_path / "full")).run()["losses"]
+    part = str(tmp_path / "part")
+    killed = trainer_for(flags + ["--save-every", "2"], part)
+    json.dump(killed.cfg.to_dict(), open(os.path.join(part, "config.json"), "w"))
+    kill_at(killed, 3)
+    assert train.main(["--resume", part, "--threads", "1"]) == 0
+    got = [json.loads(line)["loss"] for line in open(os.path.join(part, "loss.jsonl"))]
+    assert got == want  # bitwise on the CPU
+    a = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=True)
+    b = torch.load(os.path.join(tmp_path / "full", "checkpoint.pt"), weights_only=True)
+    assert "student" not in a and set(a["adapter"]) == set(b["adapter"])
+    assert all(torch.equal(a["adapter"][k], b["adapter"][k]) for k in b["adapter"])
+    for x, y in zip(a["ema"]["shadow"], b["ema"]["shadow"]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--distill-train", "adapters"], "--distill-train would be ignored without --distill"),
+    (["--distill", "small", "--distill-train", "lora"], "invalid choice"),
+    (["--distill", "small", "--exclude", "attn1"], "--exclude is an adapter option"),
+    (["--distill", "small", "--network", "loha"], "add --distill-train adapters"),
+    (["--distill", "small", "--distill-train", "adapters", "--train-text-encoder"], "student UNet only"),
+    (["--distill", "small", "--base-dtype", "int8"], "--base-dtype is not supported with --distill"),
+])
+def test_distill_train_bad_flags_one_line(flags, message, capsys):
+    test_bad_flags_one_line(flags, message, capsys)
+
+
+@pytest.mark.parametrize("network", ["dora", "loha", "lokr"])
+def test_merged_student_computes_the_adapted_one(network):
+    """The other networks (3x3 convs too): the plain UNet the files are written from (`merged_student`) computes what
+    the student with its adapters computes (their merge formulas are tested in the adapter tests)."""
+    from minisd import adapters
+    from minisd.train.distill_loop import merged_student
+    from minisd.trainer import TARGETS
+    teacher = teacher_of(MINISD_LIKE, seed=5)
+    student, plan = build_student(teacher, "tiny")
+    student.requires_grad_(False)
+    adapters.inject(student, network, TARGETS["full"], rank=2, alpha=3.0, conv_rank=2, conv_alpha=1.5)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in adapters.adapter_parameters(student):
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    x, c, t = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 7, 32, generator=g), torch.tensor([3., 700.])
+    plain = merged_student(student, plan.cfg)
+    assert not list(adapters.adapter_layers(plain))
+    with torch.no_grad():
+        a, b = student.eval()(x, t, c), plain(x, t, c)
+        base = UNetModel(plan.cfg)
+        base.load_state_dict(build_student(teacher, "tiny")[0].state_dict())
+        z = base.eval()(x, t, c)
+    diff = (a - b).abs().max().item()
+    print(f"{network}: max |adapted - merged| = {diff:.1e}, the adapters move the output by {(a - z).abs().max():.1e}")
+    assert diff <= 1e-6 and (a - z).abs().max() > 1e-3  # measured ~1e-8 (fp32 rounding), against ~1e-2

@@ -32,6 +32,7 @@ CHOICES = {
     "init": ("kaiming", "gaussian"),
     "vae_dtype": ("auto", "fp32", "fp16", "bf16"),
     "distill": (None, "small", "tiny"),  # knowledge distillation recipes (minisd/train/distill.py)
+    "distill_train": ("full", "adapters"),  # what of the student trains (distill_loop.py)
     "base_dtype": ("auto", "int8", "fp8"),  # more than one GPU / small GPU (issue 19)
     "noise_streams": ("auto", "batch", "sample"),
     # issue 17: training methods besides the adapters (textual inversion, hypernetworks)
@@ -158,13 +159,17 @@ class TrainConfig:
                                          "2023; 0.1 is theirs; 0: off)")
     # --- knowledge distillation (minisd/train/distill.py, distill_loop.py)
     distill: Optional[str] = opt(None, "distil the model's UNet (the teacher, frozen) into a block-removed student "
-                                       "that trains in full: small | tiny (BK-SDM / Segmind SD-Small, SD-Tiny; "
+                                       "(trained in full or by adapters: --distill-train): small | tiny (BK-SDM / Segmind SD-Small, SD-Tiny; "
                                        "default: off, adapter training). Writes student/, student.safetensors, "
                                        "student-diffusers/")
     output_weight: float = opt(1.0, "weight of MSE(student output, teacher output) (needs --distill; BK-SDM's "
                                     "and Segmind's code: 1)")
     feature_weight: float = opt(1.0, "weight of the summed MSE of the matched block outputs (needs --distill; "
                                      "BK-SDM's and Segmind's code: 1)")
+    distill_train: str = opt("full", "what of the student trains (needs --distill): full (every student weight; "
+                                     "default) | adapters (the student's weights frozen, the --network adapter "
+                                     "(--rank, --alpha, --targets, ...) in the student the only trainable tensors; "
+                                     "writes the student with the adapters merged in, and lora.safetensors)")
     # --- precision / memory
     mixed_precision: str = opt("no", "autocast dtype: " + "|".join(CHOICES["mixed_precision"]))
     gradient_checkpointing: bool = opt(False, "recompute UNet blocks in backward (less memory, ~30%% slower)")
@@ -313,21 +318,30 @@ class TrainConfig:
         if self.distill is None and changed("output_weight", "feature_weight"):
             raise ValueError(f"{', '.join('--' + n.replace('_', '-') for n in changed('output_weight', 'feature_weight'))}"
                              " would be ignored without --distill small|tiny")
-        if self.distill is not None:  # the student trains in full: adapter options and what the step cannot do
+        if self.distill is None and changed("distill_train"):
+            raise ValueError("--distill-train would be ignored without --distill small|tiny")
+        if self.distill is not None:  # the student trains in full or through adapters; what the step cannot do
             if self.method != "lora" or self.class_prompt or self.val_loss_every:
                 raise ValueError("--distill trains a student on its own: not with --method, --class-prompt or "
                                  "--val-loss-every")
             if self.output_weight < 0 or self.feature_weight < 0:
                 raise ValueError("--output-weight and --feature-weight must be >= 0")
-            adapter = changed("network", "rank", "alpha", "targets", "init", "init_adapter", "dropout", "rank_dropout",
-                              "module_dropout", "conv_rank", "conv_alpha", "train_text_encoder", "te_lr", "te1_lr",
-                              "te2_lr")
-            if adapter:
+            # --distill-train full: no adapter option means anything; adapters: the text encoders are the teacher's
+            # too (shared, frozen), so only the student UNet gets adapters
+            adapter = changed("network", "rank", "alpha", "targets", "exclude", "init", "init_adapter", "dropout",
+                              "rank_dropout", "module_dropout", "conv_rank", "conv_alpha")
+            text = changed("train_text_encoder", "te_lr", "te1_lr", "te2_lr")
+            if adapter and self.distill_train == "full":
                 raise ValueError(f"--{adapter[0].replace('_', '-')} is an adapter option: --distill trains the whole "
-                                 "student, no adapters")
+                                 "student, no adapters (add --distill-train adapters)")
+            if text:
+                raise ValueError(f"--{text[0].replace('_', '-')}: --distill trains the student UNet only (the text "
+                                 "encoders are shared with the teacher and stay frozen)")
             for name in ("cuda_graph", "compile"):
                 if getattr(self, name):
                     raise ValueError(f"--{name.replace('_', '-')} is not supported with --distill")
+            if self.base_dtype != "auto":  # the student's base is merged into at the end: it stays in full precision
+                raise ValueError("--base-dtype is not supported with --distill")
         # more than one GPU / small GPU (issue 19)
         if self.fused_backward:
             for bad, why in ((self.grad_accum > 1, "--grad-accum > 1 (the update needs the sum of several backwards)"),

@@ -33,7 +33,7 @@ RANGES = {
 }
 # what the saved optimizer state, adapter tensors and data position are made of: a resume must keep them
 STATE_FIELDS = ("optimizer", "network", "rank", "conv_rank", "targets", "train_text_encoder", "batch_size",
-                "grad_accum", "buckets")
+                "grad_accum", "buckets", "distill_train")
 # options naming a place a run writes to
 WRITE_PATHS = ("cache_dir",)
 
