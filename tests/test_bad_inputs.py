@@ -339,9 +339,9 @@ def test_resume_refusals_change_nothing(corpus, run_folder, tmp_path):
         (["--resume", copy("table", config=lambda c: {**c, "rank": {"a": [1]}})], "rank"),
     ]
 
-    def snapshot(folder):
+    def snapshot(folder):  # train.lock: the lock's own bookkeeping (its last holder's pid), not the run's content
         return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))
-                if os.path.isfile(os.path.join(folder, n))}
+                if os.path.isfile(os.path.join(folder, n)) and n != "train.lock"}
     before = [snapshot(r) for r in runs]
     results = run_cases("train.py", [c for c, _ in cases], corpus["dir"])
     for (argv, must), r, folder, snap in zip(cases, results, runs, before):

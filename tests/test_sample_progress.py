@@ -132,7 +132,7 @@ def test_live_bytes_by_hand():
 
 
 def test_ctrl_c_is_one_line(tmp_path):
-    proc = subprocess.Popen(SAMPLE + ["--steps", "1000", "--width", "192", "--height", "112", "--out",
+    proc = subprocess.Popen(SAMPLE + ["--steps", "900", "--width", "192", "--height", "112", "--out",
                                       str(tmp_path / "a.png")], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
