@@ -3,7 +3,7 @@
 Both sides read the same minisd-tiny weights: minisd from weights/minisd-tiny, diffusers from a copy exported to its
 layout by `convert.py weights/minisd-tiny --to diffusers DIR` (DDIMScheduler swapped in from its config). Both do
 sample.py's default job: the 8 held-out world prompts of its grid, DDIM 12 steps, guidance 3, seed 0, 64 px, fp32,
-the same CPU thread count (sample.py's default, 1), and write a PNG grid.
+the same CPU thread count (the one sample.py picks from the load, read from its PNG), and write a PNG grid.
 
     A  `python sample.py --out A.png`               the command a user types (captioned grid)
     B  `python bench/startup.py --child diffusers`  StableDiffusionPipeline.from_pretrained(DIR) + the same call
@@ -94,7 +94,9 @@ def med(xs):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads of both sides (sample.py's default)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of both sides (default: A runs as a user types it, picking its own count from "
+                        "the machine's load, and B and C then use the count A wrote into its PNG)")
     p.add_argument("--write", default=os.path.join(ROOT, "bench", "results", "startup-cpu.md"),
                    help="results file ('-': print only)")
     p.add_argument("--child", choices=["minisd", "diffusers"], help=argparse.SUPPRESS)
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
         with open(a.job) as f:
             child(a.child, json.load(f))
         return 0
-    if a.rounds < 1 or a.threads < 1:
+    if a.rounds < 1 or (a.threads is not None and a.threads < 1):
         p.error("--rounds and --threads must be at least 1")
 
     sys.path.insert(0, ROOT)
@@ -120,13 +122,23 @@ def main(argv=None) -> int:
     job_file = os.path.join(tmp, "job.json")
     with open(job_file, "w") as f:
         json.dump(job, f)
-    cmds = {"A": [sys.executable, "sample.py", "--out", os.path.join(tmp, "A.png"), "--threads", str(a.threads)],
+    cmds = {"A": [sys.executable, "sample.py", "--out", os.path.join(tmp, "A.png"), "--overwrite"]
+                 + (["--threads", str(a.threads)] if a.threads else []),
             "B": [sys.executable, "bench/startup.py", "--child", "diffusers", "--job", job_file],
             "C": [sys.executable, "bench/startup.py", "--child", "minisd", "--job", job_file]}
     runs = {k: [] for k in cmds}
+    picked = []  # the thread count A used in each counted round (sample.py writes it into the PNG)
     for r in range(a.rounds + 1):                       # round 0 warms the page cache and is not counted
         for k, cmd in cmds.items():
             res = timed_run(cmd)
+            if k == "A":
+                from PIL import Image
+                text = Image.open(os.path.join(tmp, "A.png")).text.get("parameters", "")
+                job["threads"] = int(text.rsplit("Threads: ", 1)[1].split(",")[0])
+                with open(job_file, "w") as f:
+                    json.dump(job, f)
+                if r:
+                    picked.append(job["threads"])
             if r:
                 runs[k].append(res)
         print(f"round {r}{' (warm-up)' if not r else ''}: " + ", ".join(
@@ -151,7 +163,8 @@ def main(argv=None) -> int:
         "# `python sample.py` start-up and grid vs diffusers (bench/startup.py)", "",
         f"{time.strftime('%Y-%m-%d %H:%M')}, commit {commit}; {cpu_model}, {os.cpu_count()} CPUs; Python "
         f"{platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}; "
-        f"{a.threads} thread(s) on both sides; {a.rounds} rounds after a warm-up.",
+        f"thread count per round (A's own pick from the load, B and C the same): {picked}; {a.rounds} rounds after "
+        "a warm-up.",
         f"1-minute load average before the runs: min {min(loads):.1f}, median {med(loads):.1f}, max {max(loads):.1f} "
         f"(on {os.cpu_count()} CPUs: {'idle' if max(loads) < 0.5 else 'shared with other work, wall times inflated'})."
         , "",
