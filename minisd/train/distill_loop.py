@@ -32,7 +32,8 @@ from .. import adapters
 from ..formats import load_model
 from ..formats.safe_write import atomic_path
 from ..formats.export import export_diffusers, export_single_file
-from ..model import empty_weights, save_model
+from ..formats.safe_write import MINISD, atomic_folder
+from ..model import empty_weights, write_model_files
 from ..perf.checkpoint import set_gradient_checkpointing
 from ..trainer import Draws
 from ..unet import UNetModel
@@ -153,9 +154,11 @@ class DistillTrainer(Trainer):
                     out["lora"] = self.write_adapter(meta)
                     self.model.unet = merged_student(trained, self.plan.cfg)
                     meta = {**meta, "minisd.distill_train": "adapters (merged)"}
-                save_model(self.model, out["student"], metadata=meta)
-                export_single_file(self.model, None, out["single_file"])
-                export_diffusers(self.model, out["diffusers"])
+                # a resumed run writes them again: its earlier outputs in this (locked) run folder are replaced
+                with atomic_folder(out["student"], overwrite=True, kind=MINISD) as tmp:
+                    write_model_files(self.model, tmp, metadata=meta)
+                export_single_file(self.model, None, out["single_file"], overwrite=True)
+                export_diffusers(self.model, out["diffusers"], overwrite=True)
             finally:
                 self.model.unet = trained
                 for te, dt in zip(self.model.text_encoders, dtypes):

@@ -70,8 +70,15 @@ def ensure_class_images(trainer, resolution: int) -> int:
     want = _manifest(cfg, resolution)
     path = os.path.join(folder, MANIFEST)
     if os.path.isfile(path):
-        with open(path) as f:
-            got = json.load(f)
+        try:
+            with open(path) as f:
+                got = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: not a readable record of drawn class images ({e}); remove it, or use another "
+                            "--class-data folder") from None
+        if not isinstance(got, dict):
+            raise DataError(f"{path}: not a record of drawn class images (a JSON object); remove it, or use "
+                            "another --class-data folder")
         if got != want:
             diff = next(k for k in want if got.get(k) != want[k])
             raise DataError(f"{folder}: its {have} class images were drawn with another {diff} ({got.get(diff)!r}, "

@@ -40,7 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model import StableDiffusion, empty_weights, read_extras, save_model
+from ..formats.safe_write import MINISD, atomic_folder
+from ..model import StableDiffusion, empty_weights, read_extras, write_model_files
 from ..perf.checkpoint import set_gradient_checkpointing
 from ..perf.compile import compile_for_training
 from ..unet import UNetModel
@@ -234,9 +235,11 @@ def write_full_outputs(trainer) -> dict:
             "minisd.weights": f"ema {trainer.cfg.ema_decay}" if trainer.ema else "raw"}
     # tensors the base model's folder kept from its source file (schedule buffers, ...) go on into the exports
     extras, source = read_extras(trainer.cfg.model) if os.path.isdir(trainer.cfg.model) else ({}, {})
+    # a resumed run writes them again: an earlier model/ of this (locked) run folder is replaced, atomically
     with trainer.eval_weights():
-        save_model(trainer.model, folder, dtype=torch.float32, metadata=meta, extras=extras or None,
-                   source=source or None)
-        export_single_file(trainer.model, folder, single)
+        with atomic_folder(folder, overwrite=True, kind=MINISD) as tmp:
+            write_model_files(trainer.model, tmp, dtype=torch.float32, metadata=meta, extras=extras or None,
+                              source=source or None)
+        export_single_file(trainer.model, folder, single, overwrite=True)
     trainer.log(trainer.data.summary() if trainer.data.skipped else "data: no image was skipped")
     return {"model": folder, "single_file": single, "losses": [r["loss"] for r in trainer.losses]}
