@@ -40,12 +40,12 @@ class Target:
     metric: str
     op: str        # ">=" or "<="
     value: float
-    ref: str = "diffusers"   # metric "ratio": the reference row divided by
+    ref: str | None = None   # metric "ratio": the reference row divided by (None: the case's first reference)
 
-    def label(self, headline: str) -> str:
+    def label(self, headline: str, reference: str | None = None) -> str:
         op = {">=": "≥", "<=": "≤"}[self.op]
         if self.metric == "ratio":
-            return f"{op} {self.value:g}× {self.ref} {headline}"
+            return f"{op} {self.value:g}× {self.ref or reference or 'reference'} {headline}"
         return f"{self.metric} {op} {self.value:g}"
 
     def met(self, v: float | None) -> bool | None:

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for c in cases:
         f = floors(c)
-        print(f"| {c.name} | {f['gflops']:.0f} | {f['floor_ms']:.1f} | {f['trainable'] / 1e6:.2f} M | "
+        print(f"| {c.name} | {f['gflops']:.0f} | {f['floor_ms']:.1f} | {f['trainable']:,} | "
               f"{f['memory_floor_gib']:.2f} |", flush=True)
     return 0
 

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.harness import Options, Workload
+from bench.models import building
 from bench.training import DiffusersTrain, MinisdTrain
 
 PRIOR_WEIGHT = 1.0
@@ -136,7 +137,8 @@ class MinisdHypernetwork(MinisdTrain):
         from minisd.adapters.hypernetwork import Hypernetwork, attach
         unet = self.parts.unet
         torch.manual_seed(0)
-        self.hn = Hypernetwork([self.cfg.unet.context_dim], (1, 2, 1), "linear", "Normal").to(self.device)
+        with building(self.device, torch.float32):   # built where it runs, fp32
+            self.hn = Hypernetwork([self.cfg.unet.context_dim], (1, 2, 1), "linear", "Normal")
         self.hooked = attach(unet, self.hn)
         return [p.requires_grad_(True) for p in self.hn.parameters()]
 
@@ -147,8 +149,11 @@ class MinisdHypernetwork(MinisdTrain):
 
 
 class MinisdDistill(MinisdTrain):
-    """case.full_ft builds the teacher in fp32; `trainable` swaps the student in as `parts.unet` (what TrainStep
-    checkpoints, compiles and steps) and keeps the teacher, cast to bf16 and frozen, beside it."""
+    """The teacher is built in bf16 (recipe "teacher": fp32, it trains); `trainable` swaps the fp32 student in as
+    `parts.unet` (what TrainStep checkpoints, compiles and steps) and keeps the frozen teacher beside it."""
+
+    def unet_dtype(self) -> torch.dtype:
+        return torch.float32 if self.case.recipe == "teacher" else torch.bfloat16   # a student's teacher: frozen
 
     def trainable(self) -> list:
         teacher = self.parts.unet
@@ -156,9 +161,10 @@ class MinisdDistill(MinisdTrain):
         if self.case.recipe == "teacher":
             return [p.requires_grad_(True) for p in teacher.parameters()]
         from minisd.train.distill import FeatureHooks, build_student
-        student, plan = build_student(teacher, self.case.recipe)
-        student.to(self.device)
-        self.teacher = teacher.to(torch.bfloat16).eval().requires_grad_(False)
+        student, plan = build_student(teacher, self.case.recipe)      # fp32 copies of the kept blocks, on the CPU
+        if self.device.type != "cpu":
+            student.to(self.device)
+        self.teacher = teacher.eval().requires_grad_(False)
         self.parts.unet = student
         self.hooks = FeatureHooks(self.teacher, student, plan.features)
         self.teacher_params = sum(p.numel() for p in teacher.parameters())

@@ -117,7 +117,7 @@ def goals(rows: dict, case, r: dict) -> tuple[str, str]:
     for t in case.targets:
         v = ratio(rows, case, t.ref) if t.metric == "ratio" else (r.get(t.metric) if r.get("status") == "ok" else None)
         ok = t.met(v)
-        labels.append(t.label(case.headline))
+        labels.append(t.label(case.headline, case.reference))
         met.append("–" if ok is None else ("yes" if ok else "**no**"))
     return "; ".join(labels), "; ".join(met)
 

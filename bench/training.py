@@ -122,7 +122,7 @@ class TrainStep:
         # tiny (CPU smoke test): a small image and at most 2 of them
         self.B = min(case.batch, 2) if tiny else case.batch
         self.R = TINY_RESOLUTION if tiny else case.resolution
-        unet_dtype = torch.float32 if case.full_ft else torch.bfloat16
+        unet_dtype = self.unet_dtype()
         build = minisd_parts if impl == "minisd" else diffusers_parts
         self.vae_dtype = getattr(torch, opts.vae_dtype)
         self.parts: Parts = build(case.family, tiny, device, unet_dtype, self.text_dtype, vae_dtype=self.vae_dtype,
@@ -242,6 +242,10 @@ class TrainStep:
         if self.reference_recipe:
             info["reference_recipe"] = self.reference_recipe
         return Workload(step=self.step, images=self.B, count_flops=self.flops, info=info)
+
+    def unet_dtype(self) -> torch.dtype:
+        """The UNet as built: fp32 master weights when every weight trains, else the bf16 frozen base."""
+        return torch.float32 if self.case.full_ft else torch.bfloat16
 
     def base_dtype(self) -> str:
         """The frozen UNet's storage: "int8" / "fp8" when quantized (quant.py's layers), else its dtype."""
