@@ -49,11 +49,12 @@ def run_case(case: Case, impl: str, device: torch.device, tiny: bool = False, wa
     rec = {"case": case.name, "impl": impl, "status": "ok", "error": None, "kind": case.kind, "group": case.group,
            "family": case.family, "batch": case.batch, "resolution": case.resolution,
            "checkpointing": case.checkpointing, "cached": case.cached, "full_ft": case.full_ft,
-           "optimizer": case.optimizer, "tiny": tiny, "options": vars(opts).copy(), "warmup": warmup, "iters": iters,
+           "optimizer": case.optimizer, "base_dtype": case.base_dtype, "fused_backward": case.fused_backward,
+           "method": case.method, "tiny": tiny, "options": vars(opts).copy(), "warmup": warmup, "iters": iters,
            "device": harness.device_name(device), "versions": None, "command": command,
            "env": {k: os.environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF",)},
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    for k in ("step_ms", "images_per_s", "steps_per_s", "flops_per_step", "mfu"):
+    for k in ("step_ms", "images_per_s", "s_per_image", "steps_per_s", "flops_per_step", "mfu"):
         rec[k] = None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = opts.cudnn_benchmark
@@ -84,6 +85,7 @@ def measure(wl: harness.Workload, rec: dict, device: torch.device, warmup: int, 
     rec.update(step_ms=harness.median(times), step_ms_all=times)
     rec["steps_per_s"] = 1e3 / rec["step_ms"]
     rec["images_per_s"] = wl.images * rec["steps_per_s"] if wl.images else None
+    rec["s_per_image"] = 1 / rec["images_per_s"] if rec["images_per_s"] else None
     rec.update(harness.memory(device))       # before the FLOP count, whose step may need other memory
     rec.update(wl.metrics())
     try:
@@ -108,7 +110,8 @@ def write_json(rec: dict, out: str) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("case", help="case name (bench/cases.py; `python bench/run.py --list` prints them)")
-    p.add_argument("--impl", required=True, help="minisd | diffusers (optimizer case: minisd | bnb | torch)")
+    p.add_argument("--impl", required=True, help="minisd | diffusers | diffusers-compiled (the case's own: "
+                   "run.py --list; optimizer case: minisd | bnb | torch)")
     p.add_argument("--out", required=True, help="folder for CASE.IMPL.json")
     p.add_argument("--tiny", action="store_true", help="tiny models of both sides (CPU smoke test)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
@@ -124,6 +127,9 @@ def parse_args(argv):
     p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls and convolutions (the VAE)")
     p.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype of the frozen VAE encoder in training cases")
+    p.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
+                   help="torch.compile backend of the diffusers-compiled rows (default inductor; the others trace "
+                   "the same graphs without generating kernels: CPU smoke tests)")
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="do not let cuDNN autotune convolutions")
     return p.parse_args(argv)
 
@@ -150,9 +156,22 @@ def main(argv=None) -> int:
         print("error: --cuda-graph applies to the minisd rows of sampling and training cases on CUDA only",
               file=sys.stderr)
         return 2
+    if a.impl == "diffusers-compiled" and a.compile:
+        print("error: --compile: the diffusers-compiled rows compile their own way (bench/training.py "
+              "compile_reference); pass --compile-mode to choose its mode", file=sys.stderr)
+        return 2
+    if a.compile_backend != "inductor" and a.impl != "diffusers-compiled":
+        print("error: --compile-backend applies to --impl diffusers-compiled only", file=sys.stderr)
+        return 2
+    if case.method == "distill" and (a.compile or a.cuda_graph):
+        print("error: --compile / --cuda-graph are not wired into the distillation rows", file=sys.stderr)
+        return 2
+    if a.cuda_graph and case.fused_backward:
+        print("error: --cuda-graph with a fused-backward row (train.py refuses the pair too)", file=sys.stderr)
+        return 2
     opts = Options(compile=a.compile, compile_mode=a.compile_mode, channels_last=a.channels_last,
                    cuda_graph=a.cuda_graph, tf32=a.tf32, cudnn_benchmark=not a.no_cudnn_benchmark,
-                   vae_dtype=a.vae_dtype)
+                   vae_dtype=a.vae_dtype, compile_backend=a.compile_backend)
     alloc = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
     command = (f"PYTORCH_CUDA_ALLOC_CONF={alloc} " if alloc else "") + "python " + shlex.join(
         [os.path.relpath(os.path.abspath(__file__))] + argv)

@@ -43,6 +43,18 @@ presets SD15 / SDXL_BASE / LDM_256; diffusers and transformers models from the o
   over the whole process. MFU: matmul + conv + attention FLOPs of one step (FlopCounterMode, without checkpointing's
   recomputation) per second, over the GPU's dense bf16 peak (H100 SXM 989 TFLOP/s).
 - Allocator: `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` for every row (set by run.py).
+- diffusers-compiled (the fair rival, issue 20): the diffusers row plus what diffusers' docs recommend for speed:
+  UNet and VAE in channels-last, inductor conv_1x1_as_mm + coordinate-descent tuning, no epilogue fusion,
+  `torch.compile(unet, fullgraph=True)` and the VAE encoder compiled, TF32 on (bench/training.py
+  `compile_reference`). Its ratio column divides the same minisd row.
+- 8-bit base rows: minisd's frozen UNet and text encoders quantized after the LoRA goes in
+  (`minisd.perf.quant.quantize_frozen`, train.py --base-dtype int8 / fp8); diffusers + peft over bf16.
+- Full fine-tune with the memory tools: as above plus minisd's fused backward (`minisd.train.fused`,
+  train.py --fused-backward); diffusers' row is train_text_to_image's (bitsandbytes AdamW8bit, checkpointing).
+- Methods (bench/methods.py): textual inversion (minisd: one spliced vector per encoder; diffusers: the whole
+  token table trains, other rows restored after each step), DreamBooth LoRA + prior preservation (B instance +
+  B class images per step, images/s counts both), hypernetwork and distillation (minisd only; the "teacher" row
+  is the teacher's own full fine-tune, the students' step time is read against it).
 """
 
 
@@ -78,8 +90,19 @@ def flags(r: dict) -> str:
     return " ".join(out)
 
 
-def ratio(rows: dict, case) -> float | None:
-    a, b = rows.get((case.name, "minisd")), rows.get((case.name, case.reference))
+def ratio(rows: dict, case, ref: str | None = None) -> float | None:
+    """minisd / `ref` (default: the case's first reference) of the headline metric, both rows ok."""
+    ref = ref or case.reference
+    a, b = rows.get((case.name, "minisd")), rows.get((case.name, ref))
+    if not a or not b or a.get("status") != "ok" or b.get("status") != "ok":
+        return None
+    x, y = a.get(case.headline), b.get(case.headline)
+    return x / y if x and y else None
+
+
+def versus(rows: dict, case) -> float | None:
+    """The minisd row of `case` over the minisd row of `case.versus` (headline metric), both ok."""
+    a, b = rows.get((case.name, "minisd")), rows.get((case.versus, "minisd"))
     if not a or not b or a.get("status") != "ok" or b.get("status") != "ok":
         return None
     x, y = a.get(case.headline), b.get(case.headline)
@@ -92,9 +115,9 @@ def goals(rows: dict, case, r: dict) -> tuple[str, str]:
         return "", ""
     labels, met = [], []
     for t in case.targets:
-        v = ratio(rows, case) if t.metric == "ratio" else (r.get(t.metric) if r.get("status") == "ok" else None)
+        v = ratio(rows, case, t.ref) if t.metric == "ratio" else (r.get(t.metric) if r.get("status") == "ok" else None)
         ok = t.met(v)
-        labels.append(t.label(case.headline))
+        labels.append(t.label(case.headline, case.reference))
         met.append("–" if ok is None else ("yes" if ok else "**no**"))
     return "; ".join(labels), "; ".join(met)
 
@@ -124,7 +147,13 @@ def table(rows: dict, group: str) -> list[str]:
         return []
     kind = cases[0].kind
     cols = COLUMNS[kind]
-    head = ["case", "impl", *[name for name, _ in cols], f"ratio ({RATIO_OF[kind]})", "target", "met", "flags"]
+    # one ratio column per reference of the group (issue 20: plain and compiled diffusers side by side)
+    refs = []
+    for c in cases:
+        refs += [x for x in c.references if x not in refs]
+    ratio_head = ([f"ratio ({RATIO_OF[kind]})"] if len(refs) <= 1 else
+                  [f"ratio vs {x} ({RATIO_OF[kind]})" for x in refs])
+    head = ["case", "impl", *[name for name, _ in cols], *ratio_head, "target", "met", "flags"]
     out = [f"## {group}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cases:
         for impl in c.impls:
@@ -135,10 +164,14 @@ def table(rows: dict, group: str) -> list[str]:
                 cells = [f(r) for _, f in cols]
             else:
                 cells = [f"{r.get('status')}: {r.get('error') or ''}".replace("|", "/")] + ["–"] * (len(cols) - 1)
-            q = ratio(rows, c) if impl == "minisd" else None
+            qs = [ratio(rows, c, x) if impl == "minisd" and x in c.references else None for x in refs or [None]]
+            qs = ["" if q is None else f"{q:.2f}×" for q in qs]
+            if impl == "minisd" and c.versus:   # a minisd-only row read against another minisd row (distillation)
+                q = versus(rows, c)
+                qs[0] = "" if q is None else f"{q:.2f}× {c.versus}"
             target, met = goals(rows, c, r)
-            out.append("| " + " | ".join([c.name, impl, *cells, "" if q is None else f"{q:.2f}×", target, met,
-                                          flags(r)]) + " |")
+            out.append("| " + " | ".join([c.name, impl, *cells, *qs,
+                                          target, met, flags(r)]) + " |")
     return out + [""]
 
 

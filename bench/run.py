@@ -117,8 +117,8 @@ def main(argv=None) -> int:
         return 2
     if a.list:
         for c in cases:
-            goals = "; ".join(t.label(c.headline) for t in c.targets)
-            print(f"{c.name:32s} {c.kind:6s} {'/'.join(c.impls):22s} {goals}")
+            goals = "; ".join(t.label(c.headline, c.reference) for t in c.targets)
+            print(f"{c.name:32s} {c.kind:6s} {'/'.join(c.impls):36s} {goals}")
         return 0
     a.out = os.path.abspath(a.out)
     os.makedirs(a.out, exist_ok=True)

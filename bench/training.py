@@ -19,6 +19,16 @@ The recipe (both sides):
     optimizer: torch AdamW (fused on CUDA), lr 1e-4, weight decay 1e-2; full FT: minisd AdamW8bit vs
         bitsandbytes AdamW8bit, same hyperparameters
 Inputs are fixed random tensors on the device (no data loading in the timing): pixels in [-1, 1], prompt ids.
+"diffusers-compiled" rows (the fair rival, `compile_reference`): the diffusers side above plus what diffusers' docs
+recommend for speed ("Accelerate inference", torch.compile section; the training scripts' --allow_tf32): UNet (and
+an in-step VAE) in channels-last, inductor's conv_1x1_as_mm / coordinate_descent_tuning /
+coordinate_descent_check_all_directions on and epilogue_fusion off, `torch.compile(unet, fullgraph=True)` (the
+mode from --compile-mode; dynamo traces diffusers' non-reentrant torch.utils.checkpoint into the one graph, so
+fullgraph holds with checkpointing too), the VAE encoder compiled too, TF32 on.
+Issue 20's minisd options: `case.base_dtype` int8 / fp8 quantizes the frozen UNet and text encoders after the
+adapters go in (`minisd.perf.quant.quantize_frozen`, as train.py --base-dtype); `case.fused_backward` steps each
+tensor inside the backward (`minisd.train.fused.FusedBackward`, train.py --fused-backward; the loop's opt.step()
+then finds no gradient). The other methods' steps are in methods.py.
 `--cuda-graph` (minisd rows): the forward + backward above is recorded once with `minisd.perf.graphs.CudaGraph` (what
 `train.py --cuda-graph` records) and replayed every step; the optimizer step and zeroing stay eager.
 
@@ -31,6 +41,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from bench.cases import COMPILED
 from bench.harness import Options, Workload, count_flops
 from bench.models import (TINY_RESOLUTION, Parts, diffusers_parts, minisd_parts, model_config, reference_configs,
                           token_ids)
@@ -78,8 +89,32 @@ def compile_unet(unet: torch.nn.Module, impl: str, how: str, mode: str, vae=None
     return unet
 
 
+def compile_reference(unet: torch.nn.Module, vae, opts: Options, checkpointing: bool) -> tuple:
+    """The fair rival's compilation (module docstring): returns (the compiled UNet, what was done)."""
+    import torch._dynamo
+    import torch._inductor.config as ind
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    ind.conv_1x1_as_mm = True
+    ind.coordinate_descent_tuning = True
+    ind.epilogue_fusion = False
+    ind.coordinate_descent_check_all_directions = True
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    kw = {"backend": opts.compile_backend, "fullgraph": True, "dynamic": False}   # with checkpointing too (traced)
+    if opts.compile_backend == "inductor":
+        kw["mode"] = opts.compile_mode
+    if vae is not None:
+        vae.encoder.compile(**{**kw, "fullgraph": False})
+    recipe = {**kw, "channels_last": True, "tf32": torch.cuda.is_available(), "vae_encoder_compiled": vae is not None,
+              "inductor": "conv_1x1_as_mm, coordinate_descent_tuning(+all directions), no epilogue_fusion"}
+    return torch.compile(unet, **kw), recipe
+
+
 class TrainStep:
     """Shared step; the two subclasses differ only in how they build the model and call its parts."""
+
+    text_grad = False               # gradients through the text encoders (textual inversion)
+    text_dtype = torch.bfloat16     # frozen text encoders (diffusers' TI script keeps its text encoder in fp32)
 
     def __init__(self, case, impl: str, tiny: bool, device: torch.device, opts: Options):
         self.case, self.impl, self.tiny, self.device, self.opts = case, impl, tiny, device, opts
@@ -87,10 +122,10 @@ class TrainStep:
         # tiny (CPU smoke test): a small image and at most 2 of them
         self.B = min(case.batch, 2) if tiny else case.batch
         self.R = TINY_RESOLUTION if tiny else case.resolution
-        unet_dtype = torch.float32 if case.full_ft else torch.bfloat16
+        unet_dtype = self.unet_dtype()
         build = minisd_parts if impl == "minisd" else diffusers_parts
         self.vae_dtype = getattr(torch, opts.vae_dtype)
-        self.parts: Parts = build(case.family, tiny, device, unet_dtype, vae_dtype=self.vae_dtype,
+        self.parts: Parts = build(case.family, tiny, device, unet_dtype, self.text_dtype, vae_dtype=self.vae_dtype,
                                   vae=not case.cached, text=not case.cached)
         p = self.parts
         p.unet.requires_grad_(False)
@@ -100,14 +135,23 @@ class TrainStep:
         self.params = self.trainable()              # adapters injected here (or every weight for full FT)
         self.set_checkpointing(case.checkpointing)
         p.unet.train()
-        self.memory_format = torch.channels_last if opts.channels_last else torch.contiguous_format
-        if opts.channels_last:
+        channels_last = opts.channels_last or impl == COMPILED
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
             p.unet.to(memory_format=torch.channels_last)
             if p.vae is not None:
                 p.vae.to(memory_format=torch.channels_last)
-        self.unet = (compile_unet(p.unet, impl, opts.compile, opts.compile_mode, vae=p.vae) if opts.compile
-                     else p.unet)
+        self.reference_recipe = None
+        if impl == COMPILED:
+            self.unet, self.reference_recipe = compile_reference(p.unet, p.vae, opts, case.checkpointing)
+        else:
+            self.unet = (compile_unet(p.unet, impl, opts.compile, opts.compile_mode, vae=p.vae) if opts.compile
+                         else p.unet)
         self.opt = make_optimizer(impl, case.optimizer, self.params, device)
+        self.fused = None
+        if case.fused_backward and impl == "minisd":  # train.py --fused-backward (diffusers' scripts have none)
+            from minisd.train.fused import FusedBackward
+            self.fused = FusedBackward(self.opt, self.params)
         self.f = 2 ** (len(self.cfg.vae.ch_mult) - 1)          # VAE downscale
         self.make_inputs()
         self.graph = None
@@ -148,24 +192,32 @@ class TrainStep:
         return loss
 
     def forward_backward(self, n: int) -> torch.Tensor:
+        loss = self.loss(*self.inputs(slice(0, n)))
+        loss.backward()
+        return loss.detach()
+
+    def inputs(self, sel) -> tuple:
+        """(z_0, text conditioning) of the images `sel` (a slice or an index tensor); the text encoders run with
+        gradients only where the method trains through them (`text_grad`: textual inversion)."""
+        if self.case.cached:
+            return self.latents[sel], self.cached_cond(sel)
         with torch.no_grad():
-            if self.case.cached:
-                z0, cond = self.latents[:n], self.cached_cond(n)
-            else:
-                z0 = self.encode_image(self.pixels[:n].to(self.vae_dtype)).float()  # outside autocast
-                with self.autocast():
-                    cond = self.encode_text(self.ids[:n])
+            z0 = self.encode_image(self.pixels[sel].to(self.vae_dtype)).float()     # outside autocast
+        with torch.set_grad_enabled(self.text_grad), self.autocast():
+            cond = self.encode_text(self.ids[sel])
+        return z0, cond
+
+    def loss(self, z0: torch.Tensor, cond) -> torch.Tensor:
+        n = len(z0)
         t = torch.randint(0, 1000, (n,), device=self.device)
         noise = torch.randn_like(z0)
         zt = self.add_noise(z0, noise, t).contiguous(memory_format=self.memory_format)
         with self.autocast():
             pred = self.unet_forward(zt, t, cond)                            # (n, 4, h, h)
-        loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        return loss.detach()
+        return F.mse_loss(pred.float(), noise.float())
 
-    def cached_cond(self, n: int):
-        return self.context[:n], None if self.pooled is None else self.pooled[:n]    # (n, T, D), (n, P)
+    def cached_cond(self, sel):
+        return self.context[sel], None if self.pooled is None else self.pooled[sel]  # (n, T, D), (n, P)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -184,8 +236,21 @@ class TrainStep:
                 "dtypes": {"unet": str(next(self.parts.unet.parameters()).dtype).replace("torch.", ""),
                            "trainable": str(self.params[0].dtype).replace("torch.", ""),
                            "vae": None if self.parts.vae is None else str(self.vae_dtype).replace("torch.", ""), "autocast": "bfloat16"},
-                "optimizer": type(self.opt).__module__ + "." + type(self.opt).__name__}
+                "optimizer": type(self.opt).__module__ + "." + type(self.opt).__name__,
+                "base_dtype": self.base_dtype(), "fused_backward": self.fused is not None,
+                "method": self.case.method}
+        if self.reference_recipe:
+            info["reference_recipe"] = self.reference_recipe
         return Workload(step=self.step, images=self.B, count_flops=self.flops, info=info)
+
+    def unet_dtype(self) -> torch.dtype:
+        """The UNet as built: fp32 master weights when every weight trains, else the bf16 frozen base."""
+        return torch.float32 if self.case.full_ft else torch.bfloat16
+
+    def base_dtype(self) -> str:
+        """The frozen UNet's storage: "int8" / "fp8" when quantized (quant.py's layers), else its dtype."""
+        kinds = {getattr(m, "quant_kind", None) for m in self.parts.unet.modules()} - {None}
+        return "/".join(sorted(kinds)) or str(next(self.parts.unet.parameters()).dtype).replace("torch.", "")
 
     # subclass interface
     def trainable(self) -> list: ...
@@ -209,6 +274,10 @@ class MinisdTrain(TrainStep):
         if self.case.full_ft:
             return [p.requires_grad_(True) for p in unet.parameters()]
         adapters.inject(unet, "lora", ATTN, rank=RANK, alpha=ALPHA)          # fp32 adapter weights
+        if self.case.base_dtype != "auto":  # train.py --base-dtype: after the adapters, UNet and text encoders
+            from minisd.perf.quant import quantize_frozen
+            for part in [unet, *self.parts.text_encoders]:
+                quantize_frozen(part, self.case.base_dtype)
         return [p.requires_grad_(True) for p in adapters.adapter_parameters(unet)]
 
     def set_checkpointing(self, on):
@@ -299,7 +368,10 @@ def bnb_missing() -> bool:
 
 
 def build(case, impl: str, tiny: bool, device: torch.device, opts: Options) -> Workload:
-    if case.optimizer == "adamw8bit" and impl == "diffusers" and bnb_missing():
+    if case.optimizer == "adamw8bit" and impl != "minisd" and bnb_missing():
         return Workload(skipped="bitsandbytes not installed")
+    if case.method not in ("lora",):
+        from bench.methods import build_method
+        return build_method(case, impl, tiny, device, opts)
     cls = MinisdTrain if impl == "minisd" else DiffusersTrain
     return cls(case, impl, tiny, device, opts).workload()

@@ -42,6 +42,7 @@ def results(tmp_path_factory):
 def test_case_table_is_consistent():
     assert len({c.name for c in CASES}) == len(CASES)
     assert {c.kind for c in CASES} == {"train", "sample", "optim"}
+    assert all(c.versus in BY_NAME for c in CASES if c.versus)
     assert [c.name for c in select(["sd15-lora-512-bs8*"])] == ["sd15-lora-512-bs8", "sd15-lora-512-bs8-gc",
                                                                  "sd15-lora-512-bs8-cached",
                                                                  "sd15-lora-512-bs8-gc-cached"]
@@ -129,3 +130,81 @@ def test_run_py_subprocess_and_skip(tmp_path):
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "0 run(s)" in second.stdout
     assert len(json.load(open(os.path.join(out, "run.json")))) == 2
+
+
+# ---------------------------------------------------------------------------------------------- issue 20's rows
+def _fake(out, case, impl, **kw):
+    c = BY_NAME[case]
+    rec = {"case": case, "impl": impl, "status": "ok", "error": None, "kind": c.kind, "group": c.group,
+           "options": {}, "date": "2026-12-06T00:00:00+00:00", **kw}
+    bench_case.write_json(rec, out)
+
+
+def test_report_ratio_per_reference_and_versus(tmp_path):
+    """One ratio column per reference (plain and compiled diffusers), each target read against its own; a minisd-only
+    student row divided by the teacher's row."""
+    out = str(tmp_path)
+    _fake(out, "sd15-lora-512-bs8", "minisd", images_per_s=10.0, mfu=0.25)
+    _fake(out, "sd15-lora-512-bs8", "diffusers", images_per_s=4.0)
+    _fake(out, "sd15-lora-512-bs8", "diffusers-compiled", images_per_s=8.0)
+    _fake(out, "sd15-distill-small-512-bs1", "minisd", images_per_s=3.0)
+    _fake(out, "sd15-distill-teacher-512-bs1", "minisd", images_per_s=2.0)
+    text = report.render(out)
+    head = [ln for ln in text.splitlines() if ln.startswith("| case | impl | step ms | images/s")][0]
+    assert "ratio vs diffusers (images/s) | ratio vs diffusers-compiled (images/s)" in head
+    row = [ln for ln in text.splitlines() if ln.startswith("| sd15-lora-512-bs8 | minisd |")][0]
+    assert "| 2.50× | 1.25× |" in row
+    assert "≥ 2.5× diffusers images_per_s; ≥ 1.5× diffusers-compiled images_per_s; mfu ≥ 0.4 | yes; **no**; **no** |" \
+        in row
+    student = [ln for ln in text.splitlines() if ln.startswith("| sd15-distill-small-512-bs1 | minisd |")][0]
+    assert "1.50× sd15-distill-teacher-512-bs1" in student
+
+
+def test_compiled_reference_row_traces_fullgraph(tmp_path):
+    """The fair rival on the tiny SD1.5 bs8 case, dynamo tracing the whole UNet (fullgraph) with the eager backend."""
+    from bench.harness import Options
+    rec = bench_case.run_case(BY_NAME["sd15-lora-512-bs8"], "diffusers-compiled", CPU, tiny=True, warmup=0, iters=1,
+                              opts=Options(compile_backend="eager"))
+    assert rec["status"] == "ok", rec["error"]
+    recipe = rec["info"]["reference_recipe"]
+    assert recipe["fullgraph"] and recipe["channels_last"] and recipe["vae_encoder_compiled"]
+    assert rec["flops_per_step"] > 0
+
+
+@pytest.mark.parametrize("name,impl,check", [
+    ("sdxl-lora-1024-bs1-gc-int8", "minisd", lambda r: r["info"]["base_dtype"] == "int8"),
+    ("sd15-full-512-bs1-gc-fused", "minisd", lambda r: r["info"]["fused_backward"] and r["info"]["dtypes"]["trainable"]
+     == "float32"),
+    ("sd15-hypernetwork-512-bs1", "minisd", lambda r: r["info"]["hooked_attention_layers"] > 0),
+    ("sd15-distill-tiny-512-bs1", "minisd", lambda r: 0 < r["info"]["trainable_params"] < r["info"]["teacher_params"]),
+])
+def test_new_rows_run(name, impl, check):
+    rec = bench_case.run_case(BY_NAME[name], impl, CPU, tiny=True, warmup=0, iters=1)
+    assert rec["status"] == "ok", rec["error"]
+    assert check(rec) and rec["flops_per_step"] > 0
+
+
+def test_textual_inversion_steps_train_only_the_new_token():
+    """minisd: only the spliced vector trains; diffusers: the table trains, every other row is written back."""
+    from bench.harness import Options
+    from bench.methods import DiffusersTI, MinisdTI
+    case = BY_NAME["sd15-ti-512-bs1"]
+    m = MinisdTI(case, "minisd", True, CPU, Options())
+    before = [p.detach().clone() for p in m.params]
+    m.step()
+    assert all(p.shape == (1, b.shape[1]) and not torch.equal(p, b) for p, b in zip(m.params, before))
+    assert (m.ids[:, 5] == m.new_id).all()
+    d = DiffusersTI(case, "diffusers", True, CPU, Options())
+    w, orig, keep = d.tables[0]
+    d.step()
+    assert torch.equal(w[keep], orig[keep]) and not torch.equal(w[d.new_id], orig[d.new_id])
+
+
+def test_dreambooth_prior_doubles_the_batch():
+    """Both sides see B instance + B class images per step and do the same counted work."""
+    recs = [bench_case.run_case(BY_NAME["sd15-dreambooth-prior-512-bs1"], i, CPU, tiny=True, warmup=0, iters=1)
+            for i in ("minisd", "diffusers")]
+    for r in recs:
+        assert r["status"] == "ok", r["error"]
+        assert r["images_per_s"] == pytest.approx(2 * 1e3 / r["step_ms"]) and r["info"]["class_images_per_step"] == 1
+    assert recs[0]["flops_per_step"] == pytest.approx(recs[1]["flops_per_step"], rel=1e-6)
