@@ -41,7 +41,7 @@ def tensor_pairs(module_pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str
 
 
 def count_index(names: Iterable[str], pattern: str) -> int:
-    """1 + the largest index captured by `pattern` among the names (0 if none match): how a table reads a layer or
+    r"""1 + the largest index captured by `pattern` among the names (0 if none match): how a table reads a layer or
     level count from the names themselves (e.g. r"encoder\.down_blocks\.(\d+)\.")."""
     import re
     found = [int(m.group(1)) for n in names if (m := re.match(pattern, n))]
