@@ -190,3 +190,10 @@ def test_train_py_world_run_on_an_fp8_base_with_the_fused_backward(tmp_path, cap
     assert "base-dtype: " in text.out and "stored as fp8" in text.out
     for f in ("lora.safetensors", "samples_before.png", "samples_after.png", "checkpoint.pt"):
         assert os.path.isfile(os.path.join(out, f)), f
+
+
+@pytest.mark.parametrize("method", ["full", "ti", "hypernetwork"])
+def test_base_dtype_refused_where_no_adapter_base_is_frozen(method):
+    """--base-dtype quantizes the frozen base under adapters; the other methods would ignore it: refused, one line."""
+    with pytest.raises(ValueError, match=f"--base-dtype int8 .* --method {method} does not use it"):
+        parse_config(["--method", method, "--base-dtype", "int8"])

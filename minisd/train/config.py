@@ -343,6 +343,9 @@ class TrainConfig:
             if self.base_dtype != "auto":  # the student's base is merged into at the end: it stays in full precision
                 raise ValueError("--base-dtype is not supported with --distill")
         # more than one GPU / small GPU (issue 19)
+        if self.base_dtype != "auto" and self.method != "lora":  # it quantizes the base under adapters only
+            raise ValueError(f"--base-dtype {self.base_dtype} stores the frozen base under adapters (--method lora) "
+                             f"in 8 bits; --method {self.method} does not use it")
         if self.fused_backward:
             for bad, why in ((self.grad_accum > 1, "--grad-accum > 1 (the update needs the sum of several backwards)"),
                              (self.max_grad_norm > 0, "--max-grad-norm > 0 (clipping needs every gradient before the "
