@@ -324,6 +324,16 @@ def main(argv=None) -> int:
     window = LoadWindow()  # how busy the machine is while torch imports and the model loads (--threads default)
     a = parse_args(argv)
     import torch
+    previous = torch.get_num_threads()
+    try:
+        return run(a, window)
+    finally:  # main() called in-process (a script, a test) leaves the caller's thread count as it was
+        torch.set_num_threads(previous)
+
+
+def run(a, window) -> int:
+    """The command, from its parsed flags; `window` measures the load for the --threads default."""
+    import torch
     torch.set_num_threads(a.threads or 1)
     a.load_window = window
     from PIL import PngImagePlugin

@@ -104,9 +104,8 @@ def test_thread_default_follows_free_cores(tmp_path, monkeypatch, recorded, free
     monkeypatch.setattr(Pipeline, "__call__", lambda self, prompt, **kw: seen.append(torch.get_num_threads())
                         or [Image.new("RGB", (64, 64), "white") for _ in prompt])
     out = tmp_path / "g.png"
-    try:
-        assert sample.main(["--device", "cpu", "--out", str(out)] + flags) == 0
-    finally:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
+    assert sample.main(["--device", "cpu", "--out", str(out)] + flags) == 0
+    assert torch.get_num_threads() == 1  # the caller's count, restored (in-process tests compare bits after this)
     assert seen == [expect]
     assert settings_of(out)["Threads"] == str(expect)
