@@ -35,6 +35,17 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _sample_threads(request, monkeypatch):
+    """sample.py's --threads default follows the machine's load (minisd/perf/threads.py), so two in-process calls
+    on a machine whose load changes could pick different counts and differ in the last bit. Tests compare bits
+    across calls: in-process, the default is the 1 thread the tests run at. test_threads checks the rule itself;
+    a test may patch this again to check what sample.py does with another count."""
+    if request.module.__name__ != "test_threads":
+        from minisd.perf import threads
+        monkeypatch.setattr(threads.LoadWindow, "threads", lambda self: 1)
+
+
 def save_tiny_sdxl(path) -> str:
     """A tiny random SDXL (two text encoders, pooled + size conditioning) saved as a minisd folder; returns the path."""
     from minisd.config import CLIPTextConfig, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig
