@@ -19,7 +19,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import REFERENCE, ROOT, kill_at, randomize
 
@@ -161,6 +160,18 @@ def test_recipe_errors():
 
 
 # ------------------------------------------------------------------------------------------- loss and hooks
+
+def noised_by_hand(model, noise, mb, seed: int):
+    """The trainer's draws in its order from a generator seeded `seed` (VAE sample, t, ε), then
+    z_t = √ᾱ_t · z0 + √(1 − ᾱ_t) · ε with z0 = (μ + σ·n) · scale_factor; returns (z_t, t, ε)."""
+    d = torch.Generator().manual_seed(seed)
+    mean, logvar = mb.moments[:, :4], mb.moments[:, 4:].clamp(-30, 20)
+    z0 = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=d)) * model.cfg.vae.scale_factor
+    t = torch.randint(0, 1000, (mb.moments.shape[0],), generator=d)
+    eps = torch.randn(z0.shape, generator=d)
+    ab = noise.alphas_cumprod[t].float()[:, None, None, None]
+    return ab.sqrt() * z0 + (1 - ab).sqrt() * eps, t, eps
+
 def manual_forward(unet: UNetModel, x, t, ctx) -> tuple[torch.Tensor, dict]:
     """UNetModel.forward written out again, recording every block's output by its official name."""
     emb = unet.time_embed(timestep_embedding(t, unet.cfg.model_channels))
@@ -194,13 +205,7 @@ def test_loss_terms_by_hand(cfg, recipe):
     loss, terms = distill_loss(model, teacher, noise, mb, Draws(torch.Generator().manual_seed(9)), hooks, weights)
 
     # by hand: the draws in the trainer's order, then the equations of the module docstring
-    d = torch.Generator().manual_seed(9)
-    mean, logvar = mb.moments[:, :4], mb.moments[:, 4:].clamp(-30, 20)
-    z0 = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=d)) * model.cfg.vae.scale_factor
-    t = torch.randint(0, 1000, (B,), generator=d)
-    eps = torch.randn(z0.shape, generator=d)
-    ab = noise.alphas_cumprod[t].float()[:, None, None, None]
-    zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+    zt, t, eps = noised_by_hand(model, noise, mb, seed=9)
     with torch.no_grad():
         pred_t, feats_t = manual_forward(teacher, zt, t, mb.context)
         pred_s, feats_s = manual_forward(student, zt, t, mb.context)
@@ -411,13 +416,7 @@ def test_adapter_student_loss_by_hand():
 
     plain = UNetModel(plan.cfg)
     plain.load_state_dict(merged_by_hand(student, layers, 5 / 3), strict=True)
-    d = torch.Generator().manual_seed(9)
-    mean, logvar = mb.moments[:, :4], mb.moments[:, 4:].clamp(-30, 20)
-    z0 = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=d)) * model.cfg.vae.scale_factor
-    t = torch.randint(0, 1000, (B,), generator=d)
-    eps = torch.randn(z0.shape, generator=d)
-    ab = noise.alphas_cumprod[t].float()[:, None, None, None]
-    zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+    zt, t, eps = noised_by_hand(model, noise, mb, seed=9)
     with torch.no_grad():
         pred_t, feats_t = manual_forward(teacher, zt, t, mb.context)
         pred_s, feats_s = manual_forward(plain, zt, t, mb.context)
