@@ -131,7 +131,8 @@ class TrainConfig:
                                  "N(0, 0.01²), biases 0; the default)")
     hn_activate_output: bool = opt(False, "hypernetwork: the activation after the last Linear too (default off)")
     # --- optimisation
-    lr: float = opt(1e-3, "learning rate of the UNet adapters, > 0 (prodigy: use 1.0)")
+    lr: float = opt(1e-3, "learning rate of what trains (UNet adapters; with --method the weights, vectors or MLPs), > 0 "
+                                "(prodigy: use 1.0)")
     te_lr: Optional[float] = opt(None, "learning rate of the text-encoder adapters (default: --lr; needs "
                                        "--train-text-encoder)")
     te1_lr: Optional[float] = opt(None, "learning rate of the first text encoder's adapters (SDXL: CLIP-L; "
