@@ -44,7 +44,7 @@ presets SD15 / SDXL_BASE / LDM_256; diffusers and transformers models from the o
   recomputation) per second, over the GPU's dense bf16 peak (H100 SXM 989 TFLOP/s).
 - Allocator: `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` for every row (set by run.py).
 - diffusers-compiled (the fair rival, issue 20): the diffusers row plus what diffusers' docs recommend for speed:
-  UNet and VAE in channels-last, inductor conv_1x1_as_mm + coordinate-descent tuning, no epilogue fusion,
+  UNet and VAE in channels-last, inductor conv_1x1_as_mm, no epilogue fusion (not coordinate-descent tuning: with it the compile ran past 540 s),
   `torch.compile(unet, fullgraph=True)` and the VAE encoder compiled, TF32 on (bench/training.py
   `compile_reference`). Its ratio column divides the same minisd row.
 - 8-bit base rows: minisd's frozen UNet and text encoders quantized after the LoRA goes in

@@ -21,10 +21,13 @@ The recipe (both sides):
 Inputs are fixed random tensors on the device (no data loading in the timing): pixels in [-1, 1], prompt ids.
 "diffusers-compiled" rows (the fair rival, `compile_reference`): the diffusers side above plus what diffusers' docs
 recommend for speed ("Accelerate inference", torch.compile section; the training scripts' --allow_tf32): UNet (and
-an in-step VAE) in channels-last, inductor's conv_1x1_as_mm / coordinate_descent_tuning /
-coordinate_descent_check_all_directions on and epilogue_fusion off, `torch.compile(unet, fullgraph=True)` (the
+an in-step VAE) in channels-last, inductor's conv_1x1_as_mm on and epilogue_fusion off, `torch.compile(unet,
+fullgraph=True)` (the
 mode from --compile-mode; dynamo traces diffusers' non-reentrant torch.utils.checkpoint into the one graph, so
-fullgraph holds with checkpointing too), the VAE encoder compiled too, TF32 on.
+fullgraph holds with checkpointing too), the VAE encoder compiled too, TF32 on. Not taken from that page:
+coordinate-descent tuning. With it (and check_all_directions) the compile of the SD1.5 bs8 forward + backward had
+not finished after 540 s on an H100 (2026-12-06, bench/results/h100-2026-12-06; minisd's own --compile of the
+same step took 156 s); the page advises it for inference, where it tunes one graph, and measures a few per cent.
 Issue 20's minisd options: `case.base_dtype` int8 / fp8 quantizes the frozen UNet and text encoders after the
 adapters go in (`minisd.perf.quant.quantize_frozen`, as train.py --base-dtype); `case.fused_backward` steps each
 tensor inside the backward (`minisd.train.fused.FusedBackward`, train.py --fused-backward; the loop's opt.step()
@@ -95,9 +98,7 @@ def compile_reference(unet: torch.nn.Module, vae, opts: Options, checkpointing: 
     import torch._inductor.config as ind
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     ind.conv_1x1_as_mm = True
-    ind.coordinate_descent_tuning = True
-    ind.epilogue_fusion = False
-    ind.coordinate_descent_check_all_directions = True
+    ind.epilogue_fusion = False   # not coordinate_descent_tuning: see the module docstring (compile > 540 s)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     kw = {"backend": opts.compile_backend, "fullgraph": True, "dynamic": False}   # with checkpointing too (traced)
@@ -106,7 +107,7 @@ def compile_reference(unet: torch.nn.Module, vae, opts: Options, checkpointing: 
     if vae is not None:
         vae.encoder.compile(**{**kw, "fullgraph": False})
     recipe = {**kw, "channels_last": True, "tf32": torch.cuda.is_available(), "vae_encoder_compiled": vae is not None,
-              "inductor": "conv_1x1_as_mm, coordinate_descent_tuning(+all directions), no epilogue_fusion"}
+              "inductor": "conv_1x1_as_mm, no epilogue_fusion"}
     return torch.compile(unet, **kw), recipe
 
 
