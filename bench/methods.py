@@ -106,18 +106,9 @@ class _Prior:
         wl.info["class_images_per_step"] = self.B
         return wl
 
-
-class MinisdDreamBooth(_Prior, MinisdTrain):
     def forward_backward(self, n: int) -> torch.Tensor:
-        inst = self.loss(*self.inputs(slice(0, n)))
-        prior = self.loss(*self.inputs(slice(self.B, self.B + n)))       # dreambooth.py: a second micro-batch
-        loss = inst + PRIOR_WEIGHT * prior
-        loss.backward()
-        return loss.detach()
-
-
-class DiffusersDreamBooth(_Prior, DiffusersTrain):
-    def forward_backward(self, n: int) -> torch.Tensor:
+        """Both sides as their trainers do it (minisd/train/dreambooth.py since 2026-12-06, diffusers' DreamBooth
+        script): instance and class rows laid end to end, one UNet call of 2n rows, the two losses from its halves."""
         idx = torch.cat([torch.arange(n), torch.arange(self.B, self.B + n)]).to(self.device)
         z0, cond = self.inputs(idx)                                        # (2n, 4, h, h)
         t = torch.randint(0, 1000, (2 * n,), device=self.device)
@@ -130,6 +121,14 @@ class DiffusersDreamBooth(_Prior, DiffusersTrain):
         loss = F.mse_loss(pred_i, noise_i) + PRIOR_WEIGHT * F.mse_loss(pred_c, noise_c)
         loss.backward()
         return loss.detach()
+
+
+class MinisdDreamBooth(_Prior, MinisdTrain):
+    pass
+
+
+class DiffusersDreamBooth(_Prior, DiffusersTrain):
+    pass
 
 
 class MinisdHypernetwork(MinisdTrain):

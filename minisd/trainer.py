@@ -160,6 +160,14 @@ def training_loss(model: StableDiffusion, noise: NoiseSchedule, batch: MicroBatc
                   stage=no_stage) -> torch.Tensor:
     """The loss of one micro-batch, the equations of the module docstring in order (no backward). Every random
     number comes from `draw`; `stage(name)` marks the parts that --profile times (minisd/perf/profiler.py)."""
+    zt, t, target = noised_latents(model, noise, batch, draw, noise_offset, input_perturbation, stage)
+    return per_image_loss(model, noise, batch, zt, t, target, min_snr_gamma=min_snr_gamma, amp_dtype=amp_dtype,
+                          train_text_encoder=train_text_encoder, stage=stage).mean()
+
+
+def noised_latents(model: StableDiffusion, noise: NoiseSchedule, batch: MicroBatch, draw: Draws,
+                   noise_offset: float = 0.0, input_perturbation: float = 0.0, stage=no_stage):
+    """Steps 1-2 of `training_loss`, every draw of the micro-batch: (z_t, t, target), each (B, ...)."""
     # 1. clean latents z_0 = μ + σ·ε_z ~ q(z|x) from the frozen VAE: data, not something to train
     with torch.no_grad(), stage("vae_encode"):
         if batch.moments is not None:  # --cache-latents: the encoder ran once, before training (train/cache.py)
@@ -170,10 +178,18 @@ def training_loss(model: StableDiffusion, noise: NoiseSchedule, batch: MicroBatc
         z0 = (posterior.mean + posterior.std * eps_z).float() * model.cfg.vae.scale_factor       # (B, C, h, w)
 
     # 2. a random timestep per image, its noise, the noised latents and what the UNet should answer there
-    zt, t, target = noised(noise, z0, draw, noise_offset, input_perturbation)
+    return noised(noise, z0, draw, noise_offset, input_perturbation)
 
+
+def per_image_loss(model: StableDiffusion, noise: NoiseSchedule, batch: MicroBatch, zt: torch.Tensor,
+                   t: torch.Tensor, target: torch.Tensor, *, min_snr_gamma: float = 0.0,
+                   amp_dtype: torch.dtype | None = None, train_text_encoder: bool = False,
+                   stage=no_stage) -> torch.Tensor:
+    """Steps 3-4 of `training_loss`: w_b · ‖UNet(z_t, t, c) − target‖² / (C·h·w) for each image, (B,), no draws.
+    Rows are independent, so two micro-batches laid end to end (`cat_batches`) give each their own losses from one
+    UNet call (DreamBooth's instance + class images, minisd/train/dreambooth.py)."""
     # 3. the prediction; the frozen base runs in the autocast dtype (bf16 / fp16) if there is one
-    with torch.autocast(z0.device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+    with torch.autocast(zt.device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
         with stage("text_encoders"):
             if batch.context is not None:  # --cache-text
                 ctx, pooled = batch.context, batch.pooled
@@ -186,7 +202,7 @@ def training_loss(model: StableDiffusion, noise: NoiseSchedule, batch: MicroBatc
         with stage("unet_forward"):
             pred = model.unet(zt, t, ctx, y=y)                                                    # (B, C, h, w)
 
-    # 4. the loss: squared error per image in fp32, averaged, each image weighted by Min-SNR-γ if asked
+    # 4. the loss: squared error per image in fp32, each image weighted by Min-SNR-γ if asked
     per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))         # (B,)
     if min_snr_gamma > 0:
         # SNR_t = ᾱ_t/(1−ᾱ_t) as `noise.snr(t)` computes it, but ᾱ_t gathered on t's device from the schedule's
@@ -194,4 +210,14 @@ def training_loss(model: StableDiffusion, noise: NoiseSchedule, batch: MicroBatc
         # graph cannot record)
         ab = noise._at(noise.alphas_cumprod, t, per)                                             # (B,)
         per = per * min_snr_weight(ab / (1 - ab), min_snr_gamma, noise.prediction_type)
-    return per.mean()
+    return per
+
+
+def cat_batches(a: MicroBatch, b: MicroBatch) -> MicroBatch:
+    """The text-side fields of two micro-batches laid end to end, (B_a + B_b, ...): what `per_image_loss` reads
+    (pixels and moments are consumed by `noised_latents` before)."""
+    def cat(x, y):
+        return None if x is None else torch.cat([x, y])
+    ids = None if a.ids is None else [torch.cat([x, y]) for x, y in zip(a.ids, b.ids)]
+    return MicroBatch(ids=ids, context=cat(a.context, b.context), pooled=cat(a.pooled, b.pooled),
+                      time_ids=cat(a.time_ids, b.time_ids))

@@ -311,11 +311,14 @@ class Trainer:
         """The loss of one loader batch (no backward), every draw from self.gen; --profile times its stages.
         DreamBooth adds λ·L_prior of a class batch, drawn after the instance batch (dreambooth.py)."""
         draw = distributed.draws_for(batch, self.gen, self.cfg.seed, self.device)  # one stream, or one per sample
-        loss = training_loss(self.model, self.noise, self.micro_batch(batch), draw,
-                             stage=self.prof.stage, **self.step_options)
+        if self.prior is None:
+            loss = training_loss(self.model, self.noise, self.micro_batch(batch), draw,
+                                 stage=self.prof.stage, **self.step_options)
+        else:  # DreamBooth: instance + class rows in one UNet call (dreambooth.py)
+            loss = self.prior.loss(self, self.micro_batch(batch), draw)
         if self.method:  # --ti-norm-weight (issue 17)
             loss = loss + self.method.regulariser()
-        return loss if self.prior is None else loss + self.prior.term(self)
+        return loss
 
     def forward_backward(self, draw, mb: MicroBatch) -> torch.Tensor:
         """`training_loss` + backward, the function --cuda-graph records (`StepGraph` hands it the draws):
