@@ -127,6 +127,8 @@ def parse_args(argv):
     p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls and convolutions (the VAE)")
     p.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype of the frozen VAE encoder in training cases")
+    p.add_argument("--decode-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the VAE decode in sampling cases, both sides (sample.py --vae-dtype bf16)")
     p.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
                    help="torch.compile backend of the diffusers-compiled rows (default inductor; the others trace "
                    "the same graphs without generating kernels: CPU smoke tests)")
@@ -169,9 +171,13 @@ def main(argv=None) -> int:
     if a.cuda_graph and case.fused_backward:
         print("error: --cuda-graph with a fused-backward row (train.py refuses the pair too)", file=sys.stderr)
         return 2
+    if a.decode_dtype != "float32" and case.kind != "sample":
+        print("error: --decode-dtype applies to the sampling cases only", file=sys.stderr)
+        return 2
     opts = Options(compile=a.compile, compile_mode=a.compile_mode, channels_last=a.channels_last,
                    cuda_graph=a.cuda_graph, tf32=a.tf32, cudnn_benchmark=not a.no_cudnn_benchmark,
-                   vae_dtype=a.vae_dtype, compile_backend=a.compile_backend)
+                   vae_dtype=a.vae_dtype, compile_backend=a.compile_backend,
+                   decode_dtype=a.decode_dtype)
     alloc = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
     command = (f"PYTORCH_CUDA_ALLOC_CONF={alloc} " if alloc else "") + "python " + shlex.join(
         [os.path.relpath(os.path.abspath(__file__))] + argv)

@@ -18,6 +18,8 @@ echo "         batches, not distillation: eager, as already measured on 2026-12-
 $R --cases 'sd15-ti-*' 'sd15-hypernetwork-*' --minisd-args="--cuda-graph $G" --reference-args="$G" --timeout 150
 echo "phase 4: sampling, minisd CUDA graph + compile"
 $R --cases sample-sdxl-1024 sample-sd15-512 --minisd-args="--cuda-graph --compile $G" --reference-args="$G" --timeout 400
+python3 bench/run.py --out $BENCH_OUT-bf16decode --cases sample-sdxl-1024 --minisd-args="--cuda-graph --compile $G" \
+   --args=--decode-dtype=bfloat16 --reference-args="$G" --timeout 400    # sample.py --vae-dtype bf16: the 1.3 s lever
 echo "phase 5: every older row again, minisd with CUDA graphs (the graph-only configuration of 2026-11-23)"
 $R --cases sd15-lora-512-bs4 sd15-lora-512-bs4-gc sd15-lora-512-bs8-gc sd15-lora-512-bs8-cached \
    sd15-lora-512-bs8-gc-cached sdxl-lora-1024-bs1 sdxl-lora-1024-bs1-gc sdxl-lora-1024-bs4-gc sdxl-lora-1024-bs1-cached \

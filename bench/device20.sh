@@ -14,7 +14,7 @@ export PYTHONPATH=.:.whl/diffusers-0.42.1-py3-none-any.whl:.whl/importlib_metada
 export TORCHINDUCTOR_CACHE_DIR=$PWD/out/inductor PYTHONUNBUFFERED=1 BENCH_OUT=$F
 if [ ! -f $J/started ] || [ -f $J/done ]; then   # not started yet, or finished: (re)start, finished rows skip
     rm -rf $J; mkdir -p $J $F out/prof && touch $J/started
-    [ -d out/seed/$(basename $F) ] && cp -n out/seed/$(basename $F)/*.json $F/ 2>/dev/null
+    for d in out/seed/$(basename $F)*; do [ -d $d ] && mkdir -p out/$(basename $d) && cp -n $d/*.json out/$(basename $d)/; done
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv > $J/gpu.txt
     setsid nohup bash ${QUEUE:-bench/device20-queue.sh} > $J/log 2>&1 < /dev/null &
     echo "started the queue on $(head -2 $J/gpu.txt | tail -1)"
@@ -22,9 +22,9 @@ else
     echo "the queue is already running on this machine"
 fi
 pack() {
-    python3 bench/report.py $F --write $F/BENCHMARKS.md > /dev/null 2>&1
+    for d in $F $F-*; do [ -d $d ] && python3 bench/report.py $d --write $d/BENCHMARKS.md > /dev/null 2>&1; done
     cp $J/log $J/gpu.txt out/ 2>/dev/null
-    tar czf $OUT/bench20.tgz.part $F out/log out/gpu.txt out/prof 2>/dev/null
+    tar czf $OUT/bench20.tgz.part $F $F-* out/log out/gpu.txt out/prof 2>/dev/null
     mv $OUT/bench20.tgz.part $OUT/bench20.tgz
 }
 while [ ! -f $J/done ] && [ $SECONDS -lt $WAIT ]; do

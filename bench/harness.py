@@ -41,6 +41,7 @@ class Options:
     tf32: bool = False                  # TF32 matmuls / convolutions for fp32 work (the fp32 VAE); off in both trainers
     cudnn_benchmark: bool = True        # let cuDNN pick the fastest convolution algorithm per shape
     vae_dtype: str = "float32"          # frozen VAE encoder: float32 | bfloat16 (see training.py's docstring)
+    decode_dtype: str = "float32"       # sampling rows: the VAE decode's dtype (sample.py --vae-dtype bf16)
     compile_backend: str = "inductor"   # diffusers-compiled rows: torch.compile backend (eager / aot_eager: CPU tests)
 
 

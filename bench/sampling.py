@@ -9,7 +9,8 @@ embeddings and output_type="latent", so its call is the denoising loop alone; th
 Text states are computed the same way for both: one batched call of the encoder(s) on [negative ids, prompt ids].
 
 Dtypes (both): UNet and text encoders bf16 weights (no autocast needed), VAE fp32 (minisd's force_upcast default;
-the SDXL VAE overflows in half precision).
+the SDXL VAE overflows in fp16), or bf16 with --decode-dtype bfloat16 (sample.py --vae-dtype bf16: fp32's exponent
+range, no overflow; the decode on the tensor cores).
 
 "UNet it/s" = steps / loop time: the UNet, the guidance arithmetic and the sampler step together, as users see it.
 
@@ -41,6 +42,8 @@ class SampleRun:
         self.parts = build(case.family, tiny, device, torch.bfloat16)
         for m in [self.parts.unet, self.parts.vae, *self.parts.text_encoders]:
             m.requires_grad_(False).eval()
+        self.decode_dtype = getattr(torch, opts.decode_dtype)
+        self.parts.vae.to(self.decode_dtype)
         if opts.channels_last:
             self.parts.unet.to(memory_format=torch.channels_last)
             self.parts.vae.to(memory_format=torch.channels_last)
@@ -77,7 +80,8 @@ class SampleRun:
 
     def workload(self) -> Workload:
         info = {**self.parts.info(), "batch": self.B, "resolution": self.R, "steps": self.steps,
-                "cfg_scale": self.case.cfg_scale, "dtypes": {"unet": "bfloat16", "text": "bfloat16", "vae": "float32"}}
+                "cfg_scale": self.case.cfg_scale,
+                "dtypes": {"unet": "bfloat16", "text": "bfloat16", "vae": self.opts.decode_dtype}}
         return Workload(step=self.step, images=self.B, count_flops=self.flops, metrics=self.metrics, info=info,
                         start_timing=self.clear_times)
 
@@ -135,7 +139,7 @@ class MinisdSample(SampleRun):
         return self.parts.unet(self.model_input(x), tt, ctx, y=y)
 
     def decode(self, latents):
-        return self.parts.vae.decode(latents.float() / self.cfg.vae.scale_factor)   # (B, 3, R, R)
+        return self.parts.vae.decode((latents.float() / self.cfg.vae.scale_factor).to(self.decode_dtype))  # (B,3,R,R)
 
 
 class DiffusersSample(SampleRun):
@@ -189,7 +193,7 @@ class DiffusersSample(SampleRun):
 
     def decode(self, latents):
         vae = self.parts.vae
-        return vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
+        return vae.decode((latents.float() / vae.config.scaling_factor).to(self.decode_dtype), return_dict=False)[0]
 
 
 def build(case, impl: str, tiny: bool, device: torch.device, opts: Options) -> Workload:

@@ -208,3 +208,29 @@ def test_dreambooth_prior_doubles_the_batch():
         assert r["status"] == "ok", r["error"]
         assert r["images_per_s"] == pytest.approx(2 * 1e3 / r["step_ms"]) and r["info"]["class_images_per_step"] == 1
     assert recs[0]["flops_per_step"] == pytest.approx(recs[1]["flops_per_step"], rel=1e-6)
+
+
+def test_decode_dtype_bf16_both_sides(capsys):
+    """--decode-dtype bfloat16 (sample.py --vae-dtype bf16): both sides decode in bf16 and record it; the decoded
+    image is within bf16's rounding of the fp32 decode of the same latents (not equal: the flag takes effect);
+    training rows refuse the flag with one line."""
+    from bench.harness import Options
+    from bench.sampling import MinisdSample
+    case = BY_NAME["sample-sdxl-1024"]
+    runs = {d: MinisdSample(case, "minisd", True, CPU, Options(decode_dtype=d)) for d in ("float32", "bfloat16")}
+    assert next(runs["bfloat16"].parts.vae.parameters()).dtype == torch.bfloat16
+    runs["bfloat16"].parts.vae.load_state_dict(runs["float32"].parts.vae.state_dict())  # same weights, rounded
+    lat = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = (runs[d].decode(lat) for d in ("float32", "bfloat16"))
+    assert b.dtype == torch.bfloat16 and a.dtype == torch.float32
+    err = ((a - b.float()).norm() / a.norm()).item()
+    assert 1e-4 < err < 2e-2, err   # bf16 operands: between 1e-3 and 1e-2 relative
+    for impl in ("minisd", "diffusers"):
+        r = bench_case.run_case(case, impl, CPU, tiny=True, warmup=0, iters=1, opts=Options(decode_dtype="bfloat16"))
+        capsys.readouterr()  # transformers' import warnings
+        assert r["status"] == "ok", r["error"]
+        assert r["info"]["dtypes"]["vae"] == "bfloat16" and r["options"]["decode_dtype"] == "bfloat16"
+    assert bench_case.main(["sd15-ti-512-bs1", "--impl", "minisd", "--tiny", "--device", "cpu", "--out", "/tmp",
+                            "--decode-dtype", "bfloat16"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --decode-dtype applies to the sampling cases only"]
