@@ -26,9 +26,10 @@ coordinate_descent_check_all_directions on and epilogue_fusion off, `torch.compi
 mode from --compile-mode; dynamo traces diffusers' non-reentrant torch.utils.checkpoint into the one graph, so
 fullgraph holds with checkpointing too), the VAE encoder compiled too, TF32 on.
 Issue 20's minisd options: `case.base_dtype` int8 / fp8 quantizes the frozen UNet and text encoders after the
-adapters go in (`minisd.perf.quant.quantize_frozen`, as train.py --base-dtype); `case.fused_backward` steps each
-tensor inside the backward (`minisd.train.fused.FusedBackward`, train.py --fused-backward; the loop's opt.step()
-then finds no gradient). The other methods' steps are in methods.py.
+adapters go in (`minisd.perf.quant.quantize_frozen`, as train.py --base-dtype); `case.fused_backward` steps buckets
+of tensors inside the backward (`minisd.train.fused.FusedBackward`, train.py --fused-backward; the step's
+opt.step() then steps the last bucket, the only tensors with a gradient left). The other methods' steps are in
+methods.py.
 `--cuda-graph` (minisd rows): the forward + backward above is recorded once with `minisd.perf.graphs.CudaGraph` (what
 `train.py --cuda-graph` records) and replayed every step; the optimizer step and zeroing stay eager.
 
