@@ -104,12 +104,16 @@ def test_fused_equals_unfused_in_buckets(tmp_path, data_dir, optimizer, rank, mo
     # the calls, by hand from the hook order: each step the same buckets, then the loop's call with exactly the rest
     assert len(o1) == 3 * n and o1[:n] == o1[n:2 * n] == o1[2 * n:]
     by_hand = _by_hand(o1[:n], [p.numel() for p in t1.params], bucket)
-    assert len(by_hand) == calls and len(s0) == 3 and len(s1) == 3 * calls
+    assert len(by_hand) == calls and len(s0) == 3 and len(s1) == 3 * calls and t1.fused.steps == 3 * (calls - 1)
     for i, call in enumerate(s1):
         assert sorted(j for j, _ in call) == sorted(by_hand[i % calls])  # the loop's call: in group order
         # each tensor in its own group's view, at the group's lr of that step (as the unfused call)
         lrs = {p: lr for p, lr in s0[i // calls]}
         assert all(lr == lrs[p] for p, lr in call)
+    # a bucket that spans the UNet's last tensors and the text encoder's first (1000 values: 10,752 UNet values end
+    # inside one; 9000: they end with a bucket of 8192s): two views, each at its group's lr
+    mixed = [i for i, b in enumerate(by_hand[:-1]) if len({t1.fused.group_of[t1.params[j]] for j in b}) == 2]
+    assert bool(mixed) == (bucket == 1000) and all(len({lr for _, lr in s1[i]}) == 2 for i in mixed)
     # live gradient bytes: unfused all of them; fused the most any bucket held with the next tensor's gradient,
     # at most (bucket - 1) values + the largest tensor
     # at tensor j of a bucket: the bucket's tensors before it and j; at the first of the next bucket, when the bucket

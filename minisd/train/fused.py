@@ -83,9 +83,6 @@ class FusedBackward:
         # the loop's opt.step() steps the remainder: the bucket is then empty (its gradients freed by zero_grad)
         self.handles.append(opt.register_step_post_hook(self.after_step))
 
-    def live_grad_bytes(self) -> int:
-        return sum(p.grad.nbytes for p in self.params if p.grad is not None)
-
     @torch.no_grad()
     def add(self, p: torch.Tensor) -> None:
         """p's gradient is complete: into the bucket. The bucket is stepped before p if p would take it past
