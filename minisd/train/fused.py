@@ -7,9 +7,9 @@ Unfused, a step holds every gradient at once: backward fills all of them, then t
 post-accumulate-grad hook (`Tensor.register_post_accumulate_grad_hook`, called once the gradient of that tensor is
 summed for this backward) puts the tensor in the current bucket, and ONE `opt.step()` updates all of a bucket's
 tensors, whose gradients are then set to None. A bucket holds at most `bucket_values` values (default
-`BUCKET_VALUES` = 2²⁵, AdamW8bit's chunk size: one bucket is one compiled call of its fused path): it is stepped
-before a tensor that would take it past that joins it, and at once when it reaches it (a larger tensor is a bucket
-of its own). What is left in the bucket when the backward ends is stepped by the training loop's own `opt.step()`,
+`BUCKET_VALUES` = 2²⁵, AdamW8bit's chunk size: a bucket's 8-bit tensors make one compiled call of its fused path,
+unless their padding to whole blocks tips them over): it is stepped before a tensor that would take it past that
+joins it, and at once when it reaches it (a larger tensor is a bucket of its own). What is left in the bucket when the backward ends is stepped by the training loop's own `opt.step()`,
 which skips every tensor without a gradient - exactly the remainder, with their groups' hyperparameters; the loop's
 EMA update and LR schedule then run as unfused, after every tensor has its new value, and
 `zero_grad(set_to_none=True)` frees the remainder's gradients. (An optimizer step-post-hook sees the loop's step
@@ -86,7 +86,7 @@ class FusedBackward:
     @torch.no_grad()
     def add(self, p: torch.Tensor) -> None:
         """p's gradient is complete: into the bucket. The bucket is stepped before p if p would take it past
-        `bucket_values` (so a bucket is one AdamW8bit chunk), and with p once it holds `bucket_values`."""
+        `bucket_values` (so that a bucket fits one AdamW8bit chunk), and with p once it holds `bucket_values`."""
         self.peak_grad_bytes = max(self.peak_grad_bytes, self.bytes + p.grad.nbytes)
         if self.bucket and self.values + p.numel() > self.bucket_values:
             self.step_bucket()
