@@ -9,11 +9,11 @@ summed for this backward) puts the tensor in the current bucket, and ONE `opt.st
 tensors, whose gradients are then set to None. A bucket holds at most `bucket_values` values (default
 `BUCKET_VALUES` = 2²⁵, AdamW8bit's chunk size: a bucket's 8-bit tensors make one compiled call of its fused path,
 unless their padding to whole blocks tips them over): it is stepped before a tensor that would take it past that
-joins it, and at once when it reaches it (a larger tensor is a bucket of its own). What is left in the bucket when the backward ends is stepped by the training loop's own `opt.step()`,
-which skips every tensor without a gradient - exactly the remainder, with their groups' hyperparameters; the loop's
-EMA update and LR schedule then run as unfused, after every tensor has its new value, and
-`zero_grad(set_to_none=True)` frees the remainder's gradients. (An optimizer step-post-hook sees the loop's step
-and empties the bucket list.)
+joins it, and at once when it reaches it (a larger tensor is a bucket of its own). What is left in the bucket when
+the backward ends is stepped by the training loop's own `opt.step()`, which skips every tensor without a gradient -
+exactly the remainder, with their groups' hyperparameters; the loop's EMA update and LR schedule then run as
+unfused, after every tensor has its new value, and `zero_grad(set_to_none=True)` frees the remainder's gradients.
+(An optimizer step-post-hook sees the loop's step and empties the bucket list.)
 
 Memory bound. Between hooks the bucket holds < bucket_values values (it is stepped on reaching it), so when tensor p's
 gradient completes, the live gradients are the bucket's and p's:
