@@ -352,7 +352,7 @@ class TrainConfig:
                              f"in 8 bits; --method {self.method} does not use it")
         if not (0 < self.fused_bucket_mb < float("inf")):
             raise ValueError(f"--fused-bucket-mb must be a positive number of MB, got {self.fused_bucket_mb}")
-        if self.fused_bucket_mb != 128.0 and not self.fused_backward:
+        if changed("fused_bucket_mb") and not self.fused_backward:
             raise ValueError("--fused-bucket-mb would be ignored without --fused-backward")
         if self.fused_backward:
             for bad, why in ((self.grad_accum > 1, "--grad-accum > 1 (the update needs the sum of several backwards)"),
