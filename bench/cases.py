@@ -18,8 +18,9 @@ Issue 20's rows (training.py / methods.py say each recipe in full):
 - `base_dtype` int8 / fp8: the frozen UNet and text encoders of the minisd row stored in 8 bits
   (`minisd.perf.quant.quantize_frozen`, as train.py --base-dtype applies it after the adapters); the reference row
   is diffusers + peft over a bf16 base.
-- `fused_backward`: each tensor stepped inside the backward (`minisd.train.fused.FusedBackward`, train.py
-  --fused-backward); diffusers' train_text_to_image.py has no such option, its row is the plain step.
+- `fused_backward`: buckets of tensors (2²⁵ values each) stepped inside the backward (`minisd.train.fused.
+  FusedBackward`, train.py --fused-backward); diffusers' train_text_to_image.py has no such option, its row is the
+  plain step.
 - `method`: "ti" (textual inversion), "dreambooth" (LoRA + prior preservation: a class batch beside every instance
   batch), "hypernetwork", "distill" (BK-SDM student of `recipe`): methods.py; "lora" / "full" as before.
 """

@@ -6,8 +6,9 @@ live on the GPU are added up from the parameters.
     time floor   = FLOPs of one step / the GPU's dense bf16 peak (H100 SXM 989 TFLOP/s): the step at 100 % MFU;
                    the measured step ms over it is 1 / MFU
     memory floor = frozen weights as stored (bf16, or int8 / fp8 codes + fp32 scales)
-                   + trainable weights (fp32) + their gradients (fp32; with the fused backward only the largest one
-                   is alive at a time) + optimizer state (AdamW: 8 B per trainable parameter; 8-bit AdamW: 2 B +
+                   + trainable weights (fp32) + their gradients (fp32; with the fused backward at most one bucket
+                   short of full and the largest tensor: (BUCKET_VALUES - 1) + largest values, minisd/train/fused.py,
+                   capped by all of them) + optimizer state (AdamW: 8 B per trainable parameter; 8-bit AdamW: 2 B +
                    block scales, counted as 2.03 B) - no activations, no workspace: peak reserved cannot be lower
 
     python bench/floors.py                       # the issue-20 rows
@@ -60,7 +61,11 @@ def floors(case) -> dict:
         if m is not None:
             frozen += sum(p.numel() * p.element_size() for p in m.parameters() if id(p) not in trainable)
             frozen += sum(b.numel() * b.element_size() for b in m.buffers())
-    grads = max(p.numel() for p in s.params) * 4 if case.fused_backward else n_train * 4
+    if case.fused_backward:  # the bound of minisd/train/fused.py: a bucket short of full and the tensor that completes
+        from minisd.train.fused import BUCKET_VALUES
+        grads = min(BUCKET_VALUES - 1 + max(p.numel() for p in s.params), n_train) * 4
+    else:
+        grads = n_train * 4
     mem = frozen + n_train * 4 + grads + n_train * STATE_BYTES[case.optimizer]
     return {"case": case.name, "gflops": flops / 1e9, "floor_ms": flops / PEAK * 1e3, "trainable": n_train,
             "memory_floor_gib": mem / GIB}

@@ -29,9 +29,10 @@ coordinate-descent tuning. With it (and check_all_directions) the compile of the
 not finished after 540 s on an H100 (2026-12-06, bench/results/h100-2026-12-06; minisd's own --compile of the
 same step took 156 s); the page advises it for inference, where it tunes one graph, and measures a few per cent.
 Issue 20's minisd options: `case.base_dtype` int8 / fp8 quantizes the frozen UNet and text encoders after the
-adapters go in (`minisd.perf.quant.quantize_frozen`, as train.py --base-dtype); `case.fused_backward` steps each
-tensor inside the backward (`minisd.train.fused.FusedBackward`, train.py --fused-backward; the loop's opt.step()
-then finds no gradient). The other methods' steps are in methods.py.
+adapters go in (`minisd.perf.quant.quantize_frozen`, as train.py --base-dtype); `case.fused_backward` steps buckets
+of tensors inside the backward (`minisd.train.fused.FusedBackward`, train.py --fused-backward; the step's
+opt.step() then steps the last bucket, the only tensors with a gradient left). The other methods' steps are in
+methods.py.
 `--cuda-graph` (minisd rows): the forward + backward above is recorded once with `minisd.perf.graphs.CudaGraph` (what
 `train.py --cuda-graph` records) and replayed every step; the optimizer step and zeroing stay eager.
 

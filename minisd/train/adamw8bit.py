@@ -364,9 +364,21 @@ class AdamW8bit(torch.optim.Optimizer):
         for p in params:
             buckets.setdefault((p.device, p.dtype, self.state[p]["step"]), []).append(p)
         for (device, _, t), ps in buckets.items():
-            hp = step_scalars(lr, beta1, beta2, eps, wd, t, device)  # one tiny host-to-device copy per bucket
+            hp = self._scalars(lr, beta1, beta2, eps, wd, t, device)  # one tiny host-to-device copy per bucket
             for chunk in self._layout(ps, group["block_size"]):
                 chunk.step(fn, hp)
+
+    def _scalars(self, *args) -> torch.Tensor:
+        """`step_scalars(*args)`, kept for equal arguments: the buckets of one --fused-backward step (minisd/train/
+        fused.py), each its own step() call, share one copy. Exact: the same numbers make the same tensor."""
+        cache = self.__dict__.setdefault("_hp", {})  # not in __getstate__
+        if not all(isinstance(a, (int, float)) for a in args[:-1]):  # a tensor lr may change in place
+            return step_scalars(*args)
+        if args not in cache:
+            if len(cache) >= 16:  # a few groups' worth; older steps' entries are never asked for again
+                cache.clear()
+            cache[args] = step_scalars(*args)
+        return cache[args]
 
     def _layout(self, params: list[torch.Tensor], block: int) -> list[_Chunk]:
         """The chunks of one bucket of 8-bit parameters (same device, dtype, step), kept from step to step.

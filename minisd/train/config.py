@@ -198,6 +198,9 @@ class TrainConfig:
     fused_backward: bool = opt(False, "step each trainable tensor inside the backward as soon as its gradient is "
                                       "complete and free the gradient (default off; adamw / adamw8bit; needs "
                                       "--grad-accum 1, --max-grad-norm 0, no fp16; minisd/train/fused.py)")
+    fused_bucket_mb: float = opt(128.0, "--fused-backward: tensors stepped by one optimizer call, in MB of fp32 "
+                                        "gradient (MB * 2^18 values); at most this plus the largest tensor's "
+                                        "gradient is alive (default 128: 2^25 values, one 8-bit AdamW chunk; > 0)")
     noise_streams: str = opt("auto", "where a step's noise and timesteps come from: batch (one stream for the whole "
                                      "batch) | sample (one per sample, keyed by its data position: N processes of "
                                      "batch B draw what one of batch N*B does) | auto (the default: sample under "
@@ -347,6 +350,10 @@ class TrainConfig:
         if self.base_dtype != "auto" and self.method != "lora":  # it quantizes the base under adapters only
             raise ValueError(f"--base-dtype {self.base_dtype} stores the frozen base under adapters (--method lora) "
                              f"in 8 bits; --method {self.method} does not use it")
+        if not (0 < self.fused_bucket_mb < float("inf")):
+            raise ValueError(f"--fused-bucket-mb must be a positive number of MB, got {self.fused_bucket_mb}")
+        if changed("fused_bucket_mb") and not self.fused_backward:
+            raise ValueError("--fused-bucket-mb would be ignored without --fused-backward")
         if self.fused_backward:
             for bad, why in ((self.grad_accum > 1, "--grad-accum > 1 (the update needs the sum of several backwards)"),
                              (self.max_grad_norm > 0, "--max-grad-norm > 0 (clipping needs every gradient before the "

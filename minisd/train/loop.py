@@ -21,7 +21,7 @@ wraps the same `training_loss`); --profile times the stages of every step (minis
 
 More than one GPU / small GPU (issue 19): under torchrun `self.dist` (distributed.py) shards the data, keys the noise
 per sample, sums the gradients over the ranks after the backward and lets rank 0 alone write; --base-dtype int8 / fp8
-stores the frozen base in 8 bits (minisd/perf/quant.py); --fused-backward steps each tensor inside the backward
+stores the frozen base in 8 bits (minisd/perf/quant.py); --fused-backward steps buckets of tensors inside the backward
 (fused.py).
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ from .buckets import BucketLoader, assign_buckets, buckets_for
 from .cache import build_caches, offload_cached
 from .config import TrainConfig
 from . import distributed
-from .fused import FusedBackward
+from .fused import FusedBackward, bucket_values
 from .data import CaptionDataset, Loader
 from .ema import EMA
 from .hypernetwork import build_method
@@ -232,9 +232,10 @@ class Trainer:
             self.opt = Prodigy(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
-        # --fused-backward: each tensor stepped inside the backward, its gradient freed (fused.py); the loop's
-        # opt.step() then finds no gradient left
-        self.fused = FusedBackward(self.opt, self.params) if cfg.fused_backward else None
+        # --fused-backward: buckets of tensors stepped inside the backward, their gradients freed (fused.py); the
+        # loop's opt.step() then steps the last bucket, the only tensors with a gradient left
+        self.fused = (FusedBackward(self.opt, self.params, bucket_values(cfg.fused_bucket_mb))
+                      if cfg.fused_backward else None)
 
     def build_data(self) -> None:
         """The noise schedule (--prediction, --zero-terminal-snr), the dataset and its loader."""
