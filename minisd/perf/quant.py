@@ -29,6 +29,8 @@ Shapes: out = output channels (features), in = input channels; a Conv2d weight i
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -52,9 +54,72 @@ def quantize_weight(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Ten
     return ws.clamp(-448, 448).to(FP8), scale
 
 
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Ŵ = s_o · q_o in `dtype` (computed in fp32, then cast)."""
+def dequantize_plain(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Ŵ = s_o · q_o: the product in fp32, rounded once to `dtype`. The function torch.compile fuses into one kernel
+    (eagerly three kernels: see Speed)."""
     return (q.float() * scale.view(-1, *[1] * (q.ndim - 1))).to(dtype)
+
+
+# Speed switch (see the docstring): None = compiled on CUDA when Triton is there, eager elsewhere; True = compiled
+# everywhere (on the CPU Inductor's C++ backend: the tests force it so); False = eager everywhere.
+compile_dequant: bool | None = None
+_COMPILED: list = []  # the compiled dequantize_plain, made at first use (one per process; its graphs are shared)
+
+
+def _compiled():
+    if not _COMPILED:
+        # dynamic=True: sizes are symbols from the first call on, so one graph serves every shape of one rank;
+        # fullgraph: a graph break would silently split the fusion. Graphs: one per (rank, code dtype, target
+        # dtype), and Dynamo fixes sizes of 1, so a 1x1 conv's [out, in, 1, 1] is one more: 3 in a bf16 SDXL run
+        # (Linear, 3x3 conv, 1x1 conv), up to 12 in a process mixing int8, fp8, bf16 and fp32 (the tests).
+        import torch._dynamo
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        _COMPILED.append(torch.compile(dequantize_plain, fullgraph=True, dynamic=True))
+    return _COMPILED[0]
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Inductor's CUDA backend writes Triton kernels: no Triton, no compiled path. The same rule as
+    minisd/train/adamw8bit.py's `_triton_available` (a copy of its four lines: perf/ may import only chapters,
+    tests/test_layout.py, so neither can import the other's)."""
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return has_triton()
+
+
+def _use_compiled(q: torch.Tensor) -> bool:
+    if compile_dequant is not None:
+        return compile_dequant
+    if not q.is_cuda or not triton_available():
+        return False
+    # Triton converts float8_e4m3fn in hardware from sm_89 (Ada / Hopper) on; older GPUs keep the eager path
+    return q.dtype != FP8 or torch.cuda.get_device_capability(q.device) >= (8, 9)
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Ŵ = s_o · q_o in `dtype` (the product in fp32, rounded once), shaped like q. Every path gives the same bits:
+    - compiled (CUDA + Triton; `compile_dequant`): `dequantize_plain` as one kernel. Called with grad off and
+      autocast off (neither changes these ops: the inputs need no gradient, mul and casts are not autocast ops),
+      because Dynamo keys its graphs on both: forward (under autocast) and backward would compile twice;
+    - inside an outer torch.compile (train.py --compile compiles whole blocks): `dequantize_plain` as written,
+      which that graph's Inductor fuses with its neighbours;
+    - eager: int8 as one op, torch.mul(q, s) into a `dtype` tensor: the codes promote to fp32 inside the op
+      (exact: |q| <= 127) and the product is rounded once at the store. On CUDA that is one kernel (TensorIterator
+      loads int8 and stores bf16 by dynamic casting; predicted, not yet profiled); on the CPU TensorIterator makes
+      the fp32 temporaries itself: fewer allocations, not fewer passes. torch has no type promotion for fp8, so
+      its codes are cast first (q.float(): two ops). No cheaper exact form exists: casting the codes to bf16 is
+      exact (int8 and e4m3 fit bf16's 8-bit mantissa) but then s_o in bf16, or the product in bf16, rounds twice
+      and is not the same number."""
+    if torch.compiler.is_compiling():
+        return dequantize_plain(q, scale, dtype)
+    if _use_compiled(q):
+        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+            return _compiled()(q, scale, dtype)
+    w = torch.empty(q.shape, dtype=dtype, device=q.device)
+    return torch.mul(q if q.dtype == torch.int8 else q.float(), scale.view(-1, *[1] * (q.ndim - 1)), out=w)
 
 
 class _QuantOp(torch.autograd.Function):
