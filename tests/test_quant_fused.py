@@ -121,3 +121,20 @@ def test_training_step_on_the_compiled_dequant_equals_eager_and_compiles_only_in
     for a, b, c in zip(eager, first, second):
         assert torch.equal(a, b) and torch.equal(a, c)
     assert any(gr.abs().sum() > 0 for gr in eager)
+
+
+def test_inside_an_outer_compile_the_plain_ops_are_traced(monkeypatch):
+    """train.py --compile compiles whole blocks: there `dequantize_weight` is traced as its three ops (fused by that
+    graph), never a call of the separately compiled function; output and input gradient as eager, bit for bit."""
+    torch.manual_seed(5)
+    layer = nn.Linear(12, 7)
+    quant.quantize_module(layer, "int8")
+    x = torch.randn(3, 12, requires_grad=True)
+    y0 = layer(x)
+    y0.sum().backward()
+    g0, x.grad = x.grad.clone(), None
+    monkeypatch.setattr(quant, "compile_dequant", True)
+    monkeypatch.setattr(quant, "_compiled", lambda: pytest.fail("the nested compiled function was called"))
+    y1 = torch.compile(layer, fullgraph=True)(x)
+    y1.sum().backward()
+    assert torch.equal(y0, y1) and torch.equal(g0, x.grad)
