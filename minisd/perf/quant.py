@@ -39,10 +39,11 @@ itself) and fp8 as two. Prediction, to be measured on the next GPU run: those ~9
 ~15 ms (3 bytes instead of ~19 per value and pass); an eager step is bound by the CPU's launches (631.9 ms of wall
 time for 258.7 ms of GPU work), and one compiled call costs about what three eager launches cost on the host
 (Dynamo's guards, Inductor's wrapper), so the wall-time gain shows in full under --cuda-graph. The first step
-compiles 6 small graphs (see `_compiled`; seconds). On the CPU compiled is faster for large weights but slower per
-small call, and needs a C++ compiler and a compile per graph, so the CPU stays eager (2-core VM, 1 thread, median
-of 20, int8 -> bf16: 1280x1280 2.1 ms eager, 0.38 ms compiled; 320x320x3x3 0.85 / 0.34 ms; 64x32 0.018 / 0.057 ms;
-fp8: 11.1 / 1.05 ms, 6.6 / 0.65 ms, 0.030 / 0.10 ms).
+compiles 6 small graphs (see `_compiled`; some seconds each). On the CPU compiled is faster for large weights but
+slower per small call, and needs a C++ compiler and a compile per graph (6.6 s for the first on the 2-core VM), so
+the CPU stays eager (1 thread, median of 20, two runs on the loaded 2-core VM, eager path / compiled, -> bf16: int8
+1280x1280 2.2-4.9 / 0.35-0.38 ms, 320x320x3x3 0.85-0.89 / 0.24-0.34 ms, 64x32 0.011-0.018 / 0.041-0.057 ms; fp8
+10.7-11.5 / 0.88-1.05 ms, 5.6-6.6 / 0.46-0.65 ms, 0.023-0.034 / 0.041-0.10 ms).
 
 CUDA graphs (train.py --cuda-graph) combine with --base-dtype (config.py refuses neither with the other): the
 compiled kernels are launched on the current stream from host code that does not synchronise, so they record like
