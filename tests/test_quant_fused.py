@@ -138,3 +138,10 @@ def test_inside_an_outer_compile_the_plain_ops_are_traced(monkeypatch):
     y1 = torch.compile(layer, fullgraph=True)(x)
     y1.sum().backward()
     assert torch.equal(y0, y1) and torch.equal(g0, x.grad)
+
+
+def test_the_cpu_default_is_eager():
+    """compile_dequant = None (the default): compiled on CUDA with Triton only; CPU codes take the eager ops."""
+    assert quant.compile_dequant is None
+    assert not quant._use_compiled(torch.zeros(2, 3, dtype=torch.int8))
+    assert not quant._use_compiled(torch.zeros(2, 3, dtype=quant.FP8))

@@ -125,7 +125,12 @@ def _use_compiled(q: torch.Tensor) -> bool:
     if not q.is_cuda or not triton_available():
         return False
     # Triton converts float8_e4m3fn in hardware from sm_89 (Ada / Hopper) on; older GPUs keep the eager path
-    return q.dtype != FP8 or torch.cuda.get_device_capability(q.device) >= (8, 9)
+    return q.dtype != FP8 or _capability(q.device.index) >= (8, 9)
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
