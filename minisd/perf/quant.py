@@ -33,7 +33,7 @@ kernels per step, up to 95.5 ms of it these three (the fp32 multiply 28.7 ms in 
 dequantisation; the int8 -> fp32 copy 42.5 ms in 6045 and the bf16 cast 24.3 ms in 7043, kernels that other casts
 of the step use too), at 631.9 ms/step. `dequantize_weight` now takes one of three paths, all giving
 the eager bits (its docstring): on CUDA with Triton, torch.compile of the same three ops, one kernel that reads the
-code (1 byte) and the row's scale and writes bf16 (2 bytes), the product in fp32 in registers, rounded once as
+code (1 byte) and the row's scale and writes bf16 (2 bytes), the product in fp32 in registers, rounded as
 before; eagerly (CPU, `compile_dequant = False`) int8 as one op (one kernel on CUDA, the CPU makes the temporaries
 itself) and fp8 as two. Prediction, to be measured on the next GPU run: those ~95 ms of GPU time per step fall to
 ~15 ms (3 bytes instead of ~19 per value and pass); an eager step is bound by the CPU's launches (631.9 ms of wall
@@ -83,7 +83,7 @@ def quantize_weight(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Ten
 
 
 def dequantize_plain(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Ŵ = s_o · q_o: the product in fp32, rounded once to `dtype`. The function torch.compile fuses into one kernel
+    """Ŵ = s_o · q_o: the product rounded to fp32, then to `dtype`. The function torch.compile fuses into one kernel
     (eagerly three kernels: see Speed)."""
     return (q.float() * scale.view(-1, *[1] * (q.ndim - 1))).to(dtype)
 
@@ -134,17 +134,18 @@ def _capability(index: int | None) -> tuple[int, int]:
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Ŵ = s_o · q_o in `dtype` (the product in fp32, rounded once), shaped like q. Every path gives the same bits:
+    """Ŵ = s_o · q_o in `dtype` (the product rounded to fp32, then to dtype), shaped like q. Every path gives the
+    same bits:
     - compiled (CUDA + Triton; `compile_dequant`): `dequantize_plain` as one kernel;
     - inside an outer torch.compile (train.py --compile compiles whole blocks): `dequantize_plain` as written,
       which that graph's Inductor fuses with its neighbours;
     - eager: int8 as one op, torch.mul(q, s) into a `dtype` tensor: the codes promote to fp32 inside the op
-      (exact: |q| <= 127) and the product is rounded once at the store. On CUDA that is one kernel (TensorIterator
+      (exact: |q| <= 127), the product is rounded to fp32 and then to dtype at the store. On CUDA that is one kernel (TensorIterator
       loads int8 and stores bf16 by dynamic casting; predicted, not yet profiled); on the CPU TensorIterator makes
       the fp32 temporaries itself: fewer allocations, not fewer passes. torch has no type promotion for fp8, so
       its codes are cast first (q.float(): two ops). No cheaper exact form exists: casting the codes to bf16 is
-      exact (int8 and e4m3 fit bf16's 8-bit mantissa) but then s_o in bf16, or the product in bf16, rounds twice
-      and is not the same number."""
+      exact (int8 and e4m3 fit bf16's 8-bit significand), but s_o rounded to bf16 and the product rounded in bf16
+      is another number (tests/test_quant_fused.py finds entries where it differs)."""
     if torch.compiler.is_compiling():
         return dequantize_plain(q, scale, dtype)
     if _use_compiled(q):
