@@ -25,9 +25,39 @@ dequantised W would keep a bf16 copy of every weight alive until the backward, w
 meant to avoid. `_QuantOp` saves the 8-bit weight and dequantises again in the backward (bitsandbytes' and QLoRA's
 way). The base weights get no gradient: they are frozen.
 
+Speed. Dequantising is pure memory traffic, paid three times per layer and step with gradient checkpointing (the
+forward, the recompute, `_QuantOp.backward`). Written as three PyTorch ops, (q.float() * s).to(bf16), it is three
+kernels and ~19 bytes moved per weight value (read 1 + write 4, read 4 + write 4, read 4 + write 2). Measured on one
+H100 (SDXL LoRA 1024 px, bs1, checkpointing, int8 UNet + text encoders, eager; torch.profiler): 258.7 ms of GPU
+kernels per step, up to 95.5 ms of it these three (the fp32 multiply 28.7 ms in 2464 launches, one per
+dequantisation; the int8 -> fp32 copy 42.5 ms in 6045 and the bf16 cast 24.3 ms in 7043, kernels that other casts
+of the step use too), at 631.9 ms/step. `dequantize_weight` now takes one of three paths, all giving
+the eager bits (its docstring): on CUDA with Triton, torch.compile of the same three ops, one kernel that reads the
+code (1 byte) and the row's scale and writes bf16 (2 bytes), the product in fp32 in registers, rounded as
+before; eagerly (CPU, `compile_dequant = False`) int8 as one op (one kernel on CUDA, the CPU makes the temporaries
+itself) and fp8 as two. Prediction, to be measured on the next GPU run: those ~95 ms of GPU time per step fall to
+~15 ms (3 bytes instead of ~19 per value and pass); an eager step is bound by the CPU's launches (631.9 ms of wall
+time for 258.7 ms of GPU work), and one compiled call costs about what three eager launches cost on the host
+(Dynamo's guards, Inductor's wrapper), so the wall-time gain shows in full under --cuda-graph. The first step
+compiles 6 small graphs (see `_compiled`; some seconds each). On the CPU compiled is faster for large weights but
+slower per small call, and needs a C++ compiler and a compile per graph (6.6 s for the first on the 2-core VM), so
+the CPU stays eager (1 thread, median of 20, two runs on the loaded 2-core VM, eager path / compiled, -> bf16: int8
+1280x1280 2.2-4.9 / 0.35-0.38 ms, 320x320x3x3 0.85-0.89 / 0.24-0.34 ms, 64x32 0.011-0.018 / 0.041-0.057 ms; fp8
+10.7-11.5 / 0.88-1.05 ms, 5.6-6.6 / 0.46-0.65 ms, 0.023-0.034 / 0.041-0.10 ms).
+
+CUDA graphs (train.py --cuda-graph) combine with --base-dtype (config.py refuses neither with the other): the
+compiled kernels are launched on the current stream from host code that does not synchronise, so they record like
+any kernel. What must not happen during a recording is a compile (Inductor benchmarks its kernel configurations at
+their first launch, which synchronises). `StepGraph` runs two eager warm-up steps first, which see every layer's
+forward, recompute and backward, hence every graph above, and sizes are symbolic, so nothing compiles later
+(tests/test_quant_fused.py: the second step compiles nothing). With train.py --compile the blocks' own graphs trace
+`dequantize_plain` as written and fuse it with their neighbours.
+
 Shapes: out = output channels (features), in = input channels; a Conv2d weight is [out, in, kh, kw].
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
@@ -52,9 +82,76 @@ def quantize_weight(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Ten
     return ws.clamp(-448, 448).to(FP8), scale
 
 
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Ŵ = s_o · q_o in `dtype` (computed in fp32, then cast)."""
+def dequantize_plain(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Ŵ = s_o · q_o: the product rounded to fp32, then to `dtype`. The function torch.compile fuses into one kernel
+    (eagerly three kernels: see Speed)."""
     return (q.float() * scale.view(-1, *[1] * (q.ndim - 1))).to(dtype)
+
+
+# Speed switch (see the docstring): None = compiled on CUDA when Triton is there, eager elsewhere; True = compiled
+# everywhere (on the CPU Inductor's C++ backend: the tests force it so); False = eager everywhere.
+compile_dequant: bool | None = None
+_COMPILED: list = []  # the compiled dequantize_plain, made at first use (one per process; its graphs are shared)
+
+
+def _compiled():
+    if not _COMPILED:
+        # dynamic=True: sizes are symbols from the first call on, so one graph serves every shape of one rank;
+        # fullgraph: a graph break would silently split the fusion. Graphs: one per (rank, code dtype, target
+        # dtype, autocast on / off), and Dynamo fixes sizes of 1, so a 1x1 conv's [out, in, 1, 1] is one more:
+        # 6 in a bf16 training run (Linear, 3x3 conv, 1x1 conv; autocast on in the forward and the recompute, off
+        # in the backward: counted in tests/test_quant_fused.py), 12 for int8 + fp8 x bf16 + fp32 outside autocast.
+        import torch._dynamo
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        _COMPILED.append(torch.compile(dequantize_plain, fullgraph=True, dynamic=True))
+    return _COMPILED[0]
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Inductor's CUDA backend writes Triton kernels: no Triton, no compiled path. The same rule as
+    minisd/train/adamw8bit.py's `_triton_available`, whose four lines this copies: perf/ may import only chapters
+    (tests/test_layout.py), not train/ nor another perf/ module, so there is no shared place both can import."""
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return has_triton()
+
+
+def _use_compiled(q: torch.Tensor) -> bool:
+    if compile_dequant is not None:
+        return compile_dequant
+    if not q.is_cuda or not triton_available():
+        return False
+    # Triton converts float8_e4m3fn in hardware from sm_89 (Ada / Hopper) on; older GPUs keep the eager path
+    return q.dtype != FP8 or _capability(q.device.index) >= (8, 9)
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Ŵ = s_o · q_o in `dtype` (the product rounded to fp32, then to dtype), shaped like q. Every path gives the
+    same bits:
+    - compiled (CUDA + Triton; `compile_dequant`): `dequantize_plain` as one kernel;
+    - inside an outer torch.compile (train.py --compile compiles whole blocks): `dequantize_plain` as written,
+      which that graph's Inductor fuses with its neighbours;
+    - eager: int8 as one op, torch.mul(q, s) into a `dtype` tensor: the codes promote to fp32 inside the op
+      (exact: |q| <= 127), the product is rounded to fp32 and then to dtype at the store. On CUDA that is one kernel (TensorIterator
+      loads int8 and stores bf16 by dynamic casting; predicted, not yet profiled); on the CPU TensorIterator makes
+      the fp32 temporaries itself: fewer allocations, not fewer passes. torch has no type promotion for fp8, so
+      its codes are cast first (q.float(): two ops). No cheaper exact form exists: casting the codes to bf16 is
+      exact (int8 and e4m3 fit bf16's 8-bit significand), but s_o rounded to bf16 and the product rounded in bf16
+      is another number (tests/test_quant_fused.py finds entries where it differs)."""
+    if torch.compiler.is_compiling():
+        return dequantize_plain(q, scale, dtype)
+    if _use_compiled(q):
+        return _compiled()(q, scale, dtype)
+    w = torch.empty(q.shape, dtype=dtype, device=q.device)
+    return torch.mul(q if q.dtype == torch.int8 else q.float(), scale.view(-1, *[1] * (q.ndim - 1)), out=w)
 
 
 class _QuantOp(torch.autograd.Function):
