@@ -16,6 +16,7 @@ $R --cases sdxl-lora-1024-bs1-gc-int8 sdxl-lora-1024-bs1-gc-fp8 sdxl-lora-1024-b
 echo "phase 3: the methods, minisd with CUDA graphs where train.py takes --cuda-graph (not DreamBooth's prior"
 echo "         batches, not distillation: eager, as already measured on 2026-12-06)"
 $R --cases 'sd15-ti-*' 'sd15-hypernetwork-*' --minisd-args="--cuda-graph $G" --reference-args="$G" --timeout 150
+$R --cases 'sd15-dreambooth-*' --args="$G" --timeout 150          # one UNet call of 2B rows since 2026-12-06
 echo "phase 4: sampling, minisd CUDA graph + compile"
 $R --cases sample-sdxl-1024 sample-sd15-512 --minisd-args="--cuda-graph --compile $G" --reference-args="$G" --timeout 400
 python3 bench/run.py --out $BENCH_OUT-bf16decode --cases sample-sdxl-1024 --minisd-args="--cuda-graph --compile $G" \
