@@ -12,8 +12,8 @@ then `run()` takes optimizer steps until max_steps: grad_accum micro-batches, ea
 clipping, the update, EMA (ema.py), the LR schedule; a loss.jsonl line per step, a validation grid every
 --validate-every steps (validation.py), a checkpoint every --save-every steps. A checkpoint holds everything needed
 to continue exactly: adapters, optimizer, LR schedule, grad scaler, data position, EMA shadow and every RNG
-(rng.py), so a resumed run repeats the losses of an uninterrupted one (bitwise on the CPU); Ctrl-C or SIGTERM
-stops at a step boundary with one (signals.py). At the end:
+(rng.py), so a resumed run repeats the losses of an uninterrupted one (bitwise on the CPU; the checkpoint, loss.jsonl
+and loss.png are run_state.py's); Ctrl-C or SIGTERM stops at a step boundary with one (signals.py). At the end:
 lora.safetensors (minisd), lora_kohya.safetensors (A1111 / ComfyUI), loss.png.
 
 --cuda-graph replays each micro-batch's forward and backward from one recording (minisd/perf/graphs.py `StepGraph`
@@ -32,13 +32,12 @@ import os
 from contextlib import nullcontext
 
 import torch
-from PIL import Image, ImageDraw
 
 from .. import adapters
 from ..adapters.mix import load_into_adapters
 from ..formats import load_model, load_vae
 from ..formats.lora_read import read_adapter_file
-from ..formats.safe_write import append_text, atomic_path, write_text
+from ..formats.safe_write import atomic_path
 from ..perf.graphs import StepGraph
 from ..perf.profiler import StageTimer
 from ..schedule import NoiseSchedule
@@ -57,12 +56,11 @@ from .data import CaptionDataset, Loader
 from .ema import EMA
 from .hypernetwork import build_method
 from .prodigy import Prodigy
-from .rng import rng_state, set_rng_state
+from .run_state import RunState, TrainError, draw_loss_curve  # noqa: F401 (TrainError: train.py imports it from here)
 from .targets import convs_targeted, unet_targets
 # issue 17: full fine-tune, DreamBooth, held-out validation loss
 from .dreambooth import PriorPreservation, apply_instance_prompt
 from .full import build_full, format_budget, memory_budget, write_full_outputs
-from . import method_state
 from .method_state import extend_record
 from .val_loss import build_val_loss
 from .signals import StopGuard
@@ -73,11 +71,8 @@ MEMORY_HINT = ("out of memory. Flags that save memory: --gradient-checkpointing,
                "--no-train-text-encoder, a lower --rank or --targets attn, a lower --resolution")
 
 
-class TrainError(Exception):
-    """A run that cannot go on (NaN loss, out of memory, bad resume folder); one-line message."""
 
-
-class Trainer:
+class Trainer(RunState):
     """Builds everything from a TrainConfig; `run()` trains to max_steps and writes the outputs to run_dir.
 
     prompts: cfg -> the validation grid's prompts (default: --validation-prompts); train.py passes the embedded
@@ -373,11 +368,6 @@ class Trainer:
             self.sched.step()
         self.step += 1
         return total
-    # ------------------------------------------------------------------------------------------- checkpoints
-    @property
-    def ckpt_path(self) -> str:
-        return os.path.join(self.run_dir, "checkpoint.pt")
-
     def trainable_summary(self, n_train: int) -> str:
         cfg = self.cfg
         if cfg.method == "full":
@@ -385,87 +375,6 @@ class Trainer:
                     + (" + text encoders)" if cfg.train_text_encoder else ")"))
         return (f"adapters: {cfg.network} rank {cfg.rank} alpha {cfg.alpha} on {len(self.unet_layers)} UNet layers"
                 f" ({cfg.targets}) + {len(self.te_layers)} text-encoder layers, {n_train:,} trainable parameters")
-
-    def trainable_state(self) -> dict:
-        """What a checkpoint holds of the trained tensors: {"adapter": ...} or a full fine-tune's {"weights": ...}
-        (method_state.py); a distillation run's {"student": ...} (train/distill_loop.py)."""
-        return method_state.trainable_state(self)
-
-    def load_trainable_state(self, s: dict) -> None:
-        """The inverse of `trainable_state`, in place (the optimizer and EMA hold these very tensors)."""
-        method_state.load_trainable_state(self, s)
-
-    def save_checkpoint(self) -> None:
-        """Everything needed to continue exactly, written to a temporary file and renamed (atomic)."""
-        state = {"step": self.step, "losses": self.losses, **self.trainable_state(),  # adapter or weights
-                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                 "scaler": self.scaler.state_dict(), "loader": self.loader.state_dict(), "rng": rng_state(self.gen)}
-        if self.ema:
-            state["ema"] = self.ema.state_dict()
-        if self.method:  # issue 17: the TI vectors / hypernetwork MLPs
-            state["method"] = self.method.state_dict()
-        if self.dist.world > 1:  # torchrun: the world size, and every rank's RNGs (dropout differs per rank)
-            state["world_size"], state["rng_ranks"] = self.dist.world, self.dist.gather(rng_state(self.gen))
-        # rank 0 writes, the others wait for it: a fresh private temporary file renamed into place
-        # (formats/safe_write.py): a kill or a full disk mid-write leaves the previous checkpoint intact, and a
-        # link planted at any name is never written through
-        self.dist.on_main(write_atomic, state, self.ckpt_path)
-        self.saved_step = self.step  # the step stopped.txt names (signals.py)
-
-    def write_loss_log(self) -> None:
-        """loss.jsonl rewritten from self.losses: at the start of `run` (a resumed run's file is cut back to its
-        checkpoint's step, so it ends up equal to the uninterrupted run's) and at the end; `append_loss` in between."""
-        write_text(os.path.join(self.run_dir, "loss.jsonl"), "".join(json.dumps(r) + "\n" for r in self.losses))
-
-    def append_loss(self, record: dict) -> None:
-        """One {"step", "loss", "lr"} line per optimizer step, on disk at once (closing the file flushes it)."""
-        append_text(os.path.join(self.run_dir, "loss.jsonl"), json.dumps(record) + "\n")  # never through a link
-
-    def load_checkpoint(self) -> None:
-        if not os.path.isfile(self.ckpt_path):
-            raise TrainError(f"{self.run_dir}: no checkpoint.pt to resume from")
-        try:  # truncated, empty or foreign: one line (weights_only: a pickle that would run code is refused too)
-            s = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-            raise TrainError(f"{self.ckpt_path}: not a readable checkpoint ({why})") from None
-        keys = ("optimizer", "scheduler", "scaler", "loader", "rng", "step", "losses")
-        if not isinstance(s, dict) or any(k not in s for k in keys):
-            raise TrainError(f"{self.ckpt_path}: not a minisd training checkpoint (expected the keys "
-                             f"{', '.join(keys)})")
-        if not isinstance(s["step"], int) or isinstance(s["step"], bool) or s["step"] < 0:
-            raise TrainError(f"{self.ckpt_path}: step must be a whole number >= 0, got {s['step']!r}")
-        if self.cfg.max_steps < s["step"]:
-            raise TrainError(f"--max-steps {self.cfg.max_steps} is below the step {s['step']} this run reached; "
-                             f"give --max-steps {s['step']} or more")
-        self.dist.check_resume(s, self.ckpt_path)  # only at the world size that wrote it
-        try:
-            self._load_state(s)
-        except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as e:
-            raise TrainError(f"{self.ckpt_path}: does not match this run's trained tensors and optimizer "
-                             f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:120]})") from None
-
-    def _load_state(self, s: dict) -> None:
-        """Put a checkpoint's tensors and counters into the built trainer (load_checkpoint checked its keys)."""
-        self.load_trainable_state(s)  # in place: optimizer refs hold (adapter, full weights or student)
-        if self.method:
-            if "method" not in s:
-                raise TrainError(f"{self.ckpt_path}: no {self.cfg.method} state in this checkpoint")
-            self.method.load_state_dict(s["method"])
-        self.opt.load_state_dict(s["optimizer"])
-        self.sched.load_state_dict(s["scheduler"])
-        # the LR of the next step from *this* config's schedule (a resume may extend --max-steps)
-        lam = lr_lambda(self.cfg)
-        for group, base in zip(self.opt.param_groups, self.sched.base_lrs):
-            group["lr"] = base * lam(self.sched.last_epoch)
-        self.scaler.load_state_dict(s["scaler"])
-        self.loader.load_state_dict(s["loader"])
-        set_rng_state(self.gen, s["rng"] if "rng_ranks" not in s else s["rng_ranks"][self.dist.rank])
-        self.step, self.losses = int(s["step"]), list(s["losses"])
-        if self.ema and "ema" in s:
-            self.ema.load_state_dict(s["ema"])
-        elif self.ema:  # EMA switched on at this resume: average from the loaded weights on
-            self.ema.reset()
 
     # ------------------------------------------------------------------------------------------- the run
     def run(self) -> dict:
@@ -547,43 +456,3 @@ class Trainer:
                 self.log(f"warning: {warning}")
         self.log(self.data.summary() if self.data.skipped else "data: no image was skipped")
         return out
-
-
-def write_atomic(state: dict, path: str) -> None:
-    """torch.save to a fresh private temporary file, then a rename: a kill mid-write leaves the previous file intact."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def draw_loss_curve(losses: list[float], path: str, size=(640, 360), val: list = ()) -> None:
-    """A loss-vs-step PNG with pillow: raw losses in grey, a 20-step running mean in blue, the held-out validation
-    loss (`val`: (index, value) pairs) in red."""
-    W, H = size
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    left, top, right, bottom = 60, 20, W - 20, H - 40
-    d.rectangle([left, top, right, bottom], outline="black")
-    if losses:
-        lo, hi = min(losses + [v for _, v in val]), max(losses + [v for _, v in val])
-        hi = hi if hi > lo else lo + 1e-8
-        x = lambda i: left + (right - left) * i / max(1, len(losses) - 1)
-        y = lambda v: bottom - (bottom - top) * (v - lo) / (hi - lo)
-        if len(losses) > 1:
-            d.line([(x(i), y(v)) for i, v in enumerate(losses)], fill=(170, 170, 170))
-            k = max(1, min(20, len(losses) // 5))
-            mean = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
-                    for i in range(len(losses))]
-            d.line([(x(i), y(v)) for i, v in enumerate(mean)], fill=(30, 80, 220), width=2)
-        if val:  # --val-loss-every: a red dot per evaluation, joined
-            pts = [(x(i), y(v)) for i, v in val]
-            if len(pts) > 1:
-                d.line(pts, fill=(210, 40, 40), width=2)
-            for px, py in pts:
-                d.ellipse([px - 2, py - 2, px + 2, py + 2], fill=(210, 40, 40))
-        d.text((4, top), f"{hi:.4f}", fill="black")
-        d.text((4, bottom - 10), f"{lo:.4f}", fill="black")
-    d.text((left, bottom + 8), f"step 1 ... {len(losses)}   (grey: loss, blue: running mean"
-           + (", red: held-out validation loss)" if val else ")"), fill="black")
-    with atomic_path(path) as tmp:  # a link planted at loss.png is replaced, not written through
-        img.save(tmp)
-
