@@ -75,3 +75,16 @@ def kill_at(trainer, step: int) -> None:
     trainer.train_step = dying_step
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
+
+
+def killed_and_resumed(make, saved_step: int = 2, kill_step: int = 3):
+    """An uninterrupted run `make("full")` and a run `make("part")` killed before step `kill_step`, then built again
+    and resumed from its checkpoint of step `saved_step` (asserted). Returns (full trainer, its losses, resumed
+    trainer, its losses): the caller compares them and whatever its method keeps."""
+    full = make("full")
+    losses = full.run()["losses"]
+    kill_at(make("part"), kill_step)
+    again = make("part")
+    again.load_checkpoint()
+    assert again.step == saved_step
+    return full, losses, again, again.run()["losses"]

@@ -25,7 +25,7 @@ from minisd.formats import load_model  # noqa: E402
 from minisd.pipeline import Pipeline  # noqa: E402
 from minisd.train.config import parse_config  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
-from conftest import kill_at  # noqa: E402
+from conftest import killed_and_resumed  # noqa: E402
 
 torch.set_num_threads(1)
 FAST = ["--model", "tiny-random", "--threads", "1", "--no-progress", "--batch-size", "2", "--no-samples",
@@ -230,14 +230,8 @@ def test_only_the_mlps_train_and_the_file_draws_the_same_image(tmp_path, data_di
 
 def test_resume_is_exact(tmp_path, data_dir):
     flags = ("--lr", "0.01", "--max-steps", "4", "--save-every", "2", "--hn-dropout", "0,0.3,0")
-    full = trainer(tmp_path / "full", data_dir, *flags)
-    losses = full.run()["losses"]
-    part = trainer(tmp_path / "part", data_dir, *flags)
-    kill_at(part, 3)
-    again = trainer(tmp_path / "part", data_dir, *flags)
-    again.load_checkpoint()
-    assert again.step == 2
-    assert again.run()["losses"] == losses
+    full, losses, again, resumed = killed_and_resumed(lambda name: trainer(tmp_path / name, data_dir, *flags))
+    assert resumed == losses
     for (a, x), (b, y) in zip(full.method.hn.state_dict().items(), again.method.hn.state_dict().items()):
         assert torch.equal(x, y), a
 

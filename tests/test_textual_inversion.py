@@ -22,7 +22,7 @@ from minisd.train.config import parse_config  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
 from minisd.train.textual_inversion import TextualInversion  # noqa: E402
 from minisd.trainer import Draws, training_loss  # noqa: E402
-from conftest import kill_at, save_tiny_sdxl  # noqa: E402
+from conftest import killed_and_resumed, save_tiny_sdxl  # noqa: E402
 
 torch.set_num_threads(1)
 FAST = ["--model", "tiny-random", "--threads", "1", "--no-progress", "--batch-size", "2", "--no-samples",
@@ -152,14 +152,8 @@ def test_files_load_back_and_draw_the_same_image(tmp_path, data_dir):
 
 def test_resume_is_exact(tmp_path, data_dir):
     flags = ("--lr", "0.02", "--max-steps", "4", "--save-every", "2", "--ti-norm-weight", "0.1")
-    full = trainer(tmp_path / "full", data_dir, *flags)
-    losses = full.run()["losses"]
-    part = trainer(tmp_path / "part", data_dir, *flags)
-    kill_at(part, 3)
-    again = trainer(tmp_path / "part", data_dir, *flags)
-    again.load_checkpoint()
-    assert again.step == 2
-    assert again.run()["losses"] == losses
+    full, losses, again, resumed = killed_and_resumed(lambda name: trainer(tmp_path / name, data_dir, *flags))
+    assert resumed == losses
     assert torch.equal(again.method.params[0], full.method.params[0])
 
 
