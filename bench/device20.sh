@@ -9,7 +9,7 @@ set -u
 cd "$(dirname "$0")/.."
 WAIT=${1:-540}
 J=/tmp/job20
-F=out/bench21                     # this session's results folder (2026-12-06's run is bench/results/h100-2026-12-06)
+F=out/bench22                     # this session results folder (the first 2026-12-06 run: bench/results/h100-2026-12-06)
 export PYTHONPATH=.:.whl/diffusers-0.42.1-py3-none-any.whl:.whl/importlib_metadata-10.2.0-py3-none-any.whl:.bnb
 export TORCHINDUCTOR_CACHE_DIR=$PWD/out/inductor PYTHONUNBUFFERED=1 BENCH_OUT=$F
 if [ ! -f $J/started ] || [ -f $J/done ]; then   # not started yet, or finished: (re)start, finished rows skip
