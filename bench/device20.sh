@@ -3,13 +3,13 @@
 # process session, so it outlives a call; each call starts it if it is not running yet, then waits up to WAIT
 # seconds, refreshing $OUT/bench20.tgz (results so far, BENCHMARKS.md from them, the queue's log, the profiles)
 # every 45 s, so a call cut at its limit still brings back what finished. Call it again within the machine's warm
-# time (30 s) to go on; on a fresh machine carry out/seed/bench21 (rows finished earlier: run.py skips them).
+# time (30 s) to go on; on a fresh machine carry out/seed (rows finished earlier: run.py skips them).
 #   bash bench/device20.sh WAIT            (carry .whl .bnb, and out/seed, out/prof where they exist)
 set -u
 cd "$(dirname "$0")/.."
 WAIT=${1:-540}
 J=/tmp/job20
-F=out/bench22                     # this session results folder (the first 2026-12-06 run: bench/results/h100-2026-12-06)
+F=out/bench23                     # the next loan's results folder (earlier: bench/results/h100-2026-12-06, -b)
 export PYTHONPATH=.:.whl/diffusers-0.42.1-py3-none-any.whl:.whl/importlib_metadata-10.2.0-py3-none-any.whl:.bnb
 export TORCHINDUCTOR_CACHE_DIR=$PWD/out/inductor PYTHONUNBUFFERED=1 BENCH_OUT=$F
 if [ ! -f $J/started ] || [ -f $J/done ]; then   # not started yet, or finished: (re)start, finished rows skip
