@@ -53,8 +53,6 @@ def validate_methods(cfg) -> None:
         if given:
             raise ValueError(f"{', '.join(map(_flag, given))}: adapter option(s), ignored by --method full (every "
                              "UNet weight trains)")
-        if cfg.cuda_graph:
-            raise ValueError("--cuda-graph is not supported with --method full (untested; drop one of them)")
     # DreamBooth prior preservation
     if cfg.class_prompt is None:
         given = changed("class_data", "num_class_images", "prior_loss_weight")
