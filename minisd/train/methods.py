@@ -24,8 +24,8 @@ HELP_SECTIONS = {
                                       "Identifier prompt for the instance images, and prior preservation: "
                                       "loss = L_instance + λ·L_prior on class images drawn by the base model "
                                       "(cached in --class-data, resumable) or read from it; with adapters or "
-                                      "--method full, and with --cuda-graph (adapters; the class batch is a "
-                                      "second input of the recording) (minisd/train/dreambooth.py)."),
+                                      "--method full; with --cuda-graph (adapters) the class batch is a "
+                                      "second input of the recording (minisd/train/dreambooth.py)."),
     "held-out validation loss": (("val_loss_every", "val_data", "val_fraction"),
                                  "The loss on held-out images with fixed noise and timesteps, every N steps, "
                                  "beside the training loss in loss.jsonl and loss.png; changes no random stream "
