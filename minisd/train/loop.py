@@ -17,7 +17,8 @@ and loss.png are run_state.py's); Ctrl-C or SIGTERM stops at a step boundary wit
 lora.safetensors (minisd), lora_kohya.safetensors (A1111 / ComfyUI), loss.png.
 
 --cuda-graph replays each micro-batch's forward and backward from one recording (minisd/perf/graphs.py `StepGraph`
-wraps the same `training_loss`); --profile times the stages of every step (minisd/perf/profiler.py).
+wraps the same `training_loss`; DreamBooth's class batch is a second input); --profile times the stages of every step
+(minisd/perf/profiler.py).
 
 More than one GPU / small GPU (issue 19): under torchrun `self.dist` (distributed.py) shards the data, keys the noise
 per sample, sums the gradients over the ranks after the backward and lets rank 0 alone write; --base-dtype int8 / fp8
