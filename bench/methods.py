@@ -10,10 +10,12 @@ encode and the text encoder in the step, ε-MSE loss, fused torch AdamW lr 1e-4 
                   after each step every row but the new one is written back from a copy.
                   The prompt's 6th token is the new id; gradients flow through the frozen text encoder.
     dreambooth    LoRA (training.py's adapter) + prior preservation, λ = 1: every step sees B instance and B class
-                  images (images/s counts both: 2B per step). minisd (minisd/train/dreambooth.py): the class batch is
-                  a second forward after the instance batch, L = L_inst + λ·L_prior, one backward. diffusers
-                  (train_dreambooth_lora.py --with_prior_preservation): one forward of the 2B batch, the prediction
-                  chunked in two, the same L.
+                  images (images/s counts both: 2B per step). Both sides as their trainers do it: instance and class
+                  rows laid end to end, one forward of the 2B batch, the prediction chunked in two,
+                  L = L_inst + λ·L_prior, one backward (minisd/train/dreambooth.py; diffusers'
+                  train_dreambooth_lora.py --with_prior_preservation). --cuda-graph (minisd) records that step with
+                  `minisd.perf.graphs.CudaGraph` as for the other rows (train.py --cuda-graph --class-prompt does it
+                  too); the rows' index lives on the device, so the recording copies nothing from the host.
     hypernetwork  minisd only (no diffusers trainer): A1111's hypernetwork on the cross-attention width,
                   layer structure 1-2-1, linear, no dropout (minisd/adapters/hypernetwork.py `attach`); the MLPs in
                   fp32 are the only trainable tensors.
@@ -99,6 +101,16 @@ class _Prior:
             super().make_inputs()
         finally:
             self.B = b
+        self.row_index = {}
+        self.rows(b)
+
+    def rows(self, n: int) -> torch.Tensor:
+        """The rows of a step on n images of each kind, on the device: instance 0..n-1, then class B..B+n-1. Made
+        once per n, eagerly: a copy from the host inside a CUDA graph recording would synchronise the stream (an
+        error while capturing) and replay a stale host buffer."""
+        if n not in self.row_index:
+            self.row_index[n] = torch.cat([torch.arange(n), torch.arange(self.B, self.B + n)]).to(self.device)
+        return self.row_index[n]
 
     def workload(self) -> Workload:
         wl = super().workload()
@@ -109,8 +121,7 @@ class _Prior:
     def forward_backward(self, n: int) -> torch.Tensor:
         """Both sides as their trainers do it (minisd/train/dreambooth.py since 2026-12-06, diffusers' DreamBooth
         script): instance and class rows laid end to end, one UNet call of 2n rows, the two losses from its halves."""
-        idx = torch.cat([torch.arange(n), torch.arange(self.B, self.B + n)]).to(self.device)
-        z0, cond = self.inputs(idx)                                        # (2n, 4, h, h)
+        z0, cond = self.inputs(self.rows(n))                               # (2n, 4, h, h)
         t = torch.randint(0, 1000, (2 * n,), device=self.device)
         noise = torch.randn_like(z0)
         zt = self.add_noise(z0, noise, t).contiguous(memory_format=self.memory_format)

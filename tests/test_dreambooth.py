@@ -1,7 +1,11 @@
 """DreamBooth with prior preservation: the loss of a micro-step is L_instance + λ·L_prior with both terms recomputed
 by hand (Ruiz et al. 2022, Eq. 2); class images drawn by the base model are cached, counted, continued exactly after
 an interruption and refused when drawn otherwise; kill + --resume is exact with the full fine-tune and with LoRA
-(losses, prior terms, validation losses); the DreamBooth flags are refused where they would be ignored."""
+(losses, prior terms, validation losses); the DreamBooth flags are refused where they would be ignored.
+--cuda-graph: the recorded function (`Trainer.forward_backward` with the class batch) gives the eager loss, prior
+term and gradients bit for bit; StepGraph's host side over whole DreamBooth steps gives the eager steps (CPU, the
+recorder replaced by eager calls on copies of the inputs); on the GPU (`-m gpu`) a graphed run trains as an eager
+one."""
 import json
 import os
 import sys
@@ -15,8 +19,12 @@ from minisd import world  # noqa: E402
 from minisd.train.config import parse_config  # noqa: E402
 from minisd.train.data import DataError  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
+from minisd.adapters import adapter_state_dict  # noqa: E402
+from minisd.perf import graphs  # noqa: E402
+from minisd.trainer import Draws  # noqa: E402
 from conftest import kill_at  # noqa: E402
 from test_train_by_hand import alphas_cumprod  # noqa: E402
+from test_train_graph import _EagerRecorder  # noqa: E402
 
 torch.set_num_threads(1)
 FAST = ["--model", "tiny-random", "--threads", "1", "--no-progress", "--no-samples", "--batch-size", "2",
@@ -172,3 +180,124 @@ def test_dreambooth_flags_refused(tmp_path, dirs, capsys, flags, message):
     rc = train.main(FAST + ["--data", dirs[0], "--out", str(tmp_path / "r"), *flags])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error:") and message in err and "\n" not in err, err
+
+
+# ------------------------------------------------------------------------------------------- --cuda-graph
+DB = ["--instance-prompt", "a sks emblem", "--class-prompt", "an emblem", "--num-class-images", "4",
+      "--prior-loss-weight", "0.3"]
+
+
+def _wake_lora(t, seed=3):
+    """LoRA B = 0 at init gives the down-weights no gradient: give the up-weights values, so every factor shows."""
+    g0 = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in t.model.named_parameters():
+            if n.endswith("lora_up.weight"):
+                p.copy_(torch.randn(p.shape, generator=g0) * 0.2)
+
+
+def test_graphed_dreambooth_function_gives_the_eager_numbers(tmp_path, dirs):
+    """`forward_backward(draw, mb, cb)` (what the GPU records) on the CPU: the loss, L_prior and every adapter
+    gradient of micro_loss + backward bit for bit, from the same generator state, and the generator ends where the
+    eager step leaves it (the instance draws, then the class draws, all from `draw`)."""
+    inst, cls = dirs
+    t = _trainer(tmp_path, inst, *DB, "--class-data", cls, "--min-snr-gamma", "5", "--noise-offset", "0.05",
+                 "--grad-accum", "2", "--train-text-encoder")
+    _wake_lora(t)
+    batch = t.loader.next_batch()
+    cls_state, gen = t.prior.loader.state_dict(), t.gen.get_state()
+    loss = t.micro_loss(batch)
+    (loss / 2).backward()
+    want = [p.grad.clone() for p in t.params]
+    want_prior, want_gen = t.prior.last, t.gen.get_state()
+    assert all(g.abs().sum() > 0 for g in want[:2]) and t.te_layers  # down and up weights, text encoder too
+    t.opt.zero_grad(set_to_none=True)
+    t.gen.set_state(gen)
+    t.prior.loader.load_state_dict(cls_state)
+    cb = t.prior.class_batch(t)  # host side, before the recorded function
+    got_loss, got_prior = t.forward_backward(Draws(t.gen, t.device), t.micro_batch(batch), cb)
+    assert torch.equal(got_loss, loss.detach()) and torch.equal(got_prior, want_prior)
+    assert got_loss.grad_fn is None and got_prior.grad_fn is None
+    assert torch.equal(t.gen.get_state(), want_gen)
+    for g, p in zip(want, t.params):
+        assert torch.equal(p.grad, g)
+
+
+def test_step_graph_over_dreambooth_steps(tmp_path, dirs, monkeypatch):
+    """`Trainer.train_step` with a StepGraph (CudaGraph replaced by eager calls on copies of its inputs, as a replay
+    reads its buffers) against the eager steps: 2 optimizer steps of 2 micro-steps (2 warm-up calls, 2 "replays")
+    give the losses and prior terms bit for bit, the same adapters, and leave the run generator and the class
+    loader where the eager steps leave them; the plan holds the instance draws, then the class draws."""
+    monkeypatch.setattr(graphs, "CudaGraph", _EagerRecorder)
+    inst, cls = dirs
+    flags = [*DB, "--class-data", cls, "--min-snr-gamma", "5", "--noise-offset", "0.05", "--input-perturbation",
+             "0.1", "--grad-accum", "2"]
+    runs = {}
+    for name in ("eager", "graph"):
+        t = _trainer(tmp_path / name, inst, *flags)
+        _wake_lora(t)
+        if name == "graph":  # what Trainer builds with --cuda-graph on a CUDA device
+            t.graph = graphs.StepGraph(t.forward_backward, t.gen, t.device, warmup=2)
+        out = [(t.train_step(), t.prior.step_mean()) for _ in range(2)]
+        runs[name] = out, t
+    (want, te), (got, tg) = runs["eager"], runs["graph"]
+    assert got == want, (got, want)
+    assert all(prior > 0 and loss > prior * 0.3 for loss, prior in got)
+    assert tg.graph.recorder.calls == 4 and tg.graph.plan is not None
+    assert torch.equal(tg.gen.get_state(), te.gen.get_state())
+    assert tg.prior.loader.state_dict() == te.prior.loader.state_dict()
+    a, b = adapter_state_dict(te.model), adapter_state_dict(tg.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    B, C, h = 2, tg.model.cfg.unet.in_channels, 32 // tg.model.vae_scale   # --batch-size 2, --resolution 32
+    T, f32 = tg.noise.num_train_timesteps, torch.float32
+    one = [("randn", ((B, C, h, h), f32)), ("randint", (T, (B,))), ("randn", ((B, C, h, h), f32)),
+           ("randn", ((B, C, 1, 1), f32)), ("randn", ((B, C, h, h), f32))]
+    assert tg.graph.plan == one + one  # ε_z, t, ε, offset, ξ of the instance batch, then of the class batch
+
+
+def test_cuda_graph_with_class_prompt_refused_only_for_the_device(tmp_path, dirs, capsys):
+    """--cuda-graph is no longer a DreamBooth refusal: on the CPU the one line is the device's."""
+    inst, cls = dirs
+    out = tmp_path / "r"
+    rc = train.main(FAST + ["--data", inst, "--out", str(out), *DB, "--class-data", cls, "--cuda-graph",
+                            "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == "error: --cuda-graph needs a CUDA device, not cpu", err
+    assert not (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("flag, why", [("--cache-latents", "instance images only"),
+                                       ("--cache-text", "instance captions only"), ("--buckets", "one shape")])
+def test_other_dreambooth_refusals_still_one_line(tmp_path, dirs, capsys, flag, why):
+    rc = train.main(FAST + ["--data", dirs[0], "--out", str(tmp_path / "r"), *DB, "--class-data", dirs[1], flag,
+                            "--cuda-graph"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == f"error: {flag} cannot be used with --class-prompt ({err.split('(', 1)[1]}", err
+    assert why in err and "\n" not in err
+
+
+@pytest.mark.gpu
+def test_dreambooth_graph_run_equals_eager_run(tmp_path, dirs):
+    """A DreamBooth LoRA run with --cuda-graph trains as an eager one: the tolerance reasoning of
+    tests/test_train_graph.py `test_graph_run_equals_eager_run` (the GPU is not bitwise reproducible run to run,
+    and AdamW turns that noise into lr-sized moves where a gradient is near zero, so the adapters are held to a
+    second eager run's distance x 4 + 1 % of lr; losses within 1e-3 relative), for the loss and the prior term."""
+    inst, cls = dirs
+    lr = 1e-3                                                # TrainConfig's default
+    flags = [*DB, "--class-data", cls, "--device", "cuda", "--mixed-precision", "bf16", "--max-steps", "6",
+             "--save-every", "0", "--grad-accum", "2", "--min-snr-gamma", "5"]
+    runs = {}
+    for run in ("eager", "eager-again", "graph"):
+        torch.manual_seed(0)
+        t = _trainer(tmp_path / run, inst, *flags, *(["--cuda-graph"] if run == "graph" else []))
+        t.run()
+        runs[run] = t.losses, {k: v.float().cpu() for k, v in adapter_state_dict(t.model).items()}, t
+    (eager, eager_ad, _), (_, again_ad, _), (graph, graph_ad, t) = runs.values()
+    assert t.graph is not None and t.graph.graph is not None, "the graph was never recorded"
+    assert len(graph) == 6 and all("prior_loss" in r for r in graph)
+    for a, b in zip(eager, graph):
+        for key in ("loss", "prior_loss"):
+            assert abs(a[key] - b[key]) <= 1e-3 * max(1.0, abs(a[key])), (key, eager, graph)
+    noise = max((eager_ad[k] - again_ad[k]).abs().max().item() for k in eager_ad)
+    worst = max((eager_ad[k] - graph_ad[k]).abs().max().item() for k in eager_ad)
+    assert worst <= 4 * noise + 0.01 * lr, f"graph vs eager {worst:.3g}, eager vs eager {noise:.3g}"

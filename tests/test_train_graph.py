@@ -175,18 +175,19 @@ def test_graph_run_sdxl_micro_conditioning(tmp_path, data_dir):
 
 
 @pytest.mark.gpu
-def test_bench_training_case_runs_graphed(tmp_path):
-    """The bench's graphed minisd row runs, and its FLOP count (taken eagerly: a replay launches recorded kernels
-    that FlopCounterMode never sees) equals the eager row's, at batch 1 too, where the counting step has the
-    recorded batch size."""
+@pytest.mark.parametrize("case", ["sdxl-lora-1024-bs1-gc", "sd15-dreambooth-prior-512-bs1"])
+def test_bench_training_case_runs_graphed(tmp_path, case):
+    """The bench's graphed minisd row runs (DreamBooth's step of 2B rows too), and its FLOP count (taken eagerly: a
+    replay launches recorded kernels that FlopCounterMode never sees) equals the eager row's, at batch 1 too, where
+    the counting step has the recorded batch size."""
     recs = {}
     for name, extra in (("graph", ["--cuda-graph"]), ("eager", [])):
         out = tmp_path / name
-        r = subprocess.run([sys.executable, "bench/case.py", "sdxl-lora-1024-bs1-gc", "--impl", "minisd", "--tiny",
+        r = subprocess.run([sys.executable, "bench/case.py", case, "--impl", "minisd", "--tiny",
                             "--device", "cuda", *extra, "--out", str(out), "--warmup", "3", "--iters", "2"],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout + r.stderr
-        recs[name] = json.loads((out / "sdxl-lora-1024-bs1-gc.minisd.json").read_text())
+        recs[name] = json.loads((out / f"{case}.minisd.json").read_text())
     assert recs["graph"]["status"] == "ok" and recs["graph"]["options"]["cuda_graph"]
     assert recs["graph"]["flops_per_step"] > 0 and recs["graph"]["mfu"] is not None
     assert recs["graph"]["flops_per_step"] == recs["eager"]["flops_per_step"]

@@ -16,6 +16,11 @@ in that order (the class loader's position is checkpointed, so --resume stays ex
 through the text encoder(s) and the UNet as one batch of 2B rows (`PriorPreservation.loss`). loss.jsonl records the
 sum as `loss` and L_prior as `prior_loss`.
 
+--cuda-graph records the step too: the class batch is loaded on the host before the step (`class_batch`) and handed
+to the recording as a second input beside the instance batch, the loss of the pair is a function of tensors and
+draws alone (`pair_loss`), and `StepGraph` (minisd/perf/graphs.py) makes the instance draws then the class draws
+from the run's generator, the eager order: the same numbers as the eager step.
+
 Class images (`ensure_class_images`), in --class-data DIR:
   * a folder that already holds --num-class-images images is used as it is (the first N by name; their captions
     are replaced by the class prompt);
@@ -35,7 +40,7 @@ import torch
 
 from ..formats.safe_write import atomic_path, write_text
 from ..pipeline import Pipeline
-from ..trainer import Draws, cat_batches, noised_latents, per_image_loss
+from ..trainer import Draws, MicroBatch, cat_batches, no_stage, noised_latents, per_image_loss
 from .data import CaptionDataset, DataError, Loader, scan
 from .rng import rng_state, set_rng_state
 
@@ -132,26 +137,45 @@ class PriorPreservation:
         self.sum, self.count = 0.0, 0
 
     def loss(self, trainer, mb, draw: Draws) -> torch.Tensor:
-        """L_instance + λ·L_prior of one micro-step: the instance micro-batch `mb` (its draws from `draw`), then a
-        class batch (its draws from the run's generator, after the instance batch's), both noised first and then
-        laid end to end for ONE text-encoder and UNet call of 2B rows, as diffusers' DreamBooth script does. Two
-        calls of B rows (the first version) gave the same losses up to float rounding but launched every kernel
-        twice: 0.70x diffusers' step at batch 1 on an H100 (bench/results/h100-2026-12-06). L_prior is summed on
-        the device, read once per optimizer step (`step_mean`): a `.item()` here would stall the GPU queue."""
+        """L_instance + λ·L_prior of one micro-step, eager: the instance micro-batch `mb` (its draws from `draw`),
+        then the next class batch (its draws from the run's generator, after the instance batch's); --profile times
+        the stages. Two calls of B rows (the first version) gave the same losses up to float rounding but launched
+        every kernel twice: 0.70x diffusers' step at batch 1 on an H100 (bench/results/h100-2026-12-06)."""
+        cb = self.class_batch(trainer)
+        loss, prior = self.pair_loss(trainer, mb, cb, draw, Draws(trainer.gen, trainer.device), trainer.prof.stage)
+        self.note(prior.detach())
+        return loss
+
+    def class_batch(self, trainer) -> MicroBatch:
+        """The next class batch on the device: host work (the loader), done before the step, so that --cuda-graph
+        hands it to the recording as an input (`Trainer.train_step`)."""
+        return trainer.micro_batch(self.loader.next_batch())
+
+    def pair_loss(self, trainer, mb: MicroBatch, cb: MicroBatch, draw: Draws, class_draw: Draws,
+                  stage=no_stage) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_instance + λ·L_prior, L_prior) of the instance micro-batch `mb` and the class batch `cb` (each B
+        images), a function of these tensors and the draws alone: the instance rows draw from `draw`, then the
+        class rows from `class_draw`; both are noised first and then laid end to end for ONE text-encoder and UNet
+        call of 2B rows, as diffusers' DreamBooth script does. The eager step passes the run's generator as
+        `class_draw`; --cuda-graph records this function (`Trainer.forward_backward`) with one `draw` for both,
+        which `StepGraph` fills from the same generator in the same order: the same numbers."""
         opts = dict(trainer.step_options)
         prep = dict(noise_offset=opts.pop("noise_offset"), input_perturbation=opts.pop("input_perturbation"),
-                    stage=trainer.prof.stage)
+                    stage=stage)
         m, noise = trainer.model, trainer.noise
         zi, ti, yi = noised_latents(m, noise, mb, draw, **prep)                                   # (B, ...)
-        cb = trainer.micro_batch(self.loader.next_batch())
-        zc, tc, yc = noised_latents(m, noise, cb, Draws(trainer.gen, trainer.device), **prep)     # (B, ...)
+        zc, tc, yc = noised_latents(m, noise, cb, class_draw, **prep)                              # (B, ...)
         per = per_image_loss(m, noise, cat_batches(mb, cb), torch.cat([zi, zc]), torch.cat([ti, tc]),
-                             torch.cat([yi, yc]), stage=trainer.prof.stage, **opts)              # (2B,)
+                             torch.cat([yi, yc]), stage=stage, **opts)                             # (2B,)
         inst, prior = per[:len(ti)].mean(), per[len(ti):].mean()
-        self.last = prior.detach()
-        self.sum = self.sum + self.last
+        return inst + self.weight * prior, prior
+
+    def note(self, prior: torch.Tensor) -> None:
+        """Add a micro-step's L_prior (detached) to the running sum, kept on the device and read once per optimizer
+        step (`step_mean`): a `.item()` per micro-step would stall the GPU queue."""
+        self.last = prior
+        self.sum = self.sum + prior
         self.count += 1
-        return inst + self.weight * prior
 
     def step_mean(self) -> float:
         """L_prior averaged over the micro-steps since the last call (one optimizer step)."""

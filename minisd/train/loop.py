@@ -17,7 +17,8 @@ and loss.png are run_state.py's); Ctrl-C or SIGTERM stops at a step boundary wit
 lora.safetensors (minisd), lora_kohya.safetensors (A1111 / ComfyUI), loss.png.
 
 --cuda-graph replays each micro-batch's forward and backward from one recording (minisd/perf/graphs.py `StepGraph`
-wraps the same `training_loss`); --profile times the stages of every step (minisd/perf/profiler.py).
+wraps the same `training_loss`; DreamBooth's class batch is a second input); --profile times the stages of every step
+(minisd/perf/profiler.py).
 
 More than one GPU / small GPU (issue 19): under torchrun `self.dist` (distributed.py) shards the data, keys the noise
 per sample, sums the gradients over the ranks after the backward and lets rank 0 alone write; --base-dtype int8 / fp8
@@ -316,14 +317,18 @@ class Trainer(RunState):
             loss = loss + self.method.regulariser()
         return loss
 
-    def forward_backward(self, draw, mb: MicroBatch) -> torch.Tensor:
+    def forward_backward(self, draw, mb: MicroBatch, cb: MicroBatch | None = None):
         """`training_loss` + backward, the function --cuda-graph records (`StepGraph` hands it the draws):
         gradients accumulate in place into the adapters' .grad (kept allocated: zero_grad(set_to_none=False)).
-        No stage timers inside (they synchronise the GPU, which a recording cannot). Returns the loss."""
-        loss = training_loss(self.model, self.noise, mb, draw, **self.step_options)
+        No stage timers inside (they synchronise the GPU, which a recording cannot). Returns the loss; with
+        DreamBooth's class batch `cb` (its draws after the instance batch's, from the same `draw`), (loss, L_prior)."""
+        if cb is None:
+            loss = training_loss(self.model, self.noise, mb, draw, **self.step_options)
+        else:  # DreamBooth: instance + class rows in one UNet call (dreambooth.py)
+            loss, prior = self.prior.pair_loss(self, mb, cb, draw, draw)
         loss = loss + self.method.regulariser() if self.method else loss  # --ti-norm-weight (issue 17)
         (loss / self.cfg.grad_accum).backward()
-        return loss.detach()
+        return loss.detach() if cb is None else (loss.detach(), prior.detach())
 
     def noised(self, z0: torch.Tensor):
         """(z_t, t, target) for clean latents z0, drawn from self.gen with this run's options (`noised`)."""
@@ -339,8 +344,12 @@ class Trainer(RunState):
                 continue
             if self.graph is not None:  # forward and backward replayed from the recording
                 mb = self.micro_batch(batch)
+                cb = (self.prior.class_batch(self),) if self.prior else ()  # DreamBooth: the class batch, an input
                 with self.prof.stage("forward_backward_graph"):
-                    loss = self.graph(mb)
+                    loss = self.graph(mb, *cb)
+                if self.prior:  # (loss, L_prior): the prior term into its running sum, outside the recording
+                    loss, prior = loss
+                    self.prior.note(prior)
             else:
                 loss = self.micro_loss(batch)
             if not torch.isfinite(loss) and self.dist.world == 1:  # torchrun: checked on the summed loss below

@@ -24,7 +24,8 @@ HELP_SECTIONS = {
                                       "Identifier prompt for the instance images, and prior preservation: "
                                       "loss = L_instance + λ·L_prior on class images drawn by the base model "
                                       "(cached in --class-data, resumable) or read from it; with adapters or "
-                                      "--method full (minisd/train/dreambooth.py)."),
+                                      "--method full; with --cuda-graph (adapters) the class batch is a "
+                                      "second input of the recording (minisd/train/dreambooth.py)."),
     "held-out validation loss": (("val_loss_every", "val_data", "val_fraction"),
                                  "The loss on held-out images with fixed noise and timesteps, every N steps, "
                                  "beside the training loss in loss.jsonl and loss.png; changes no random stream "
@@ -70,8 +71,7 @@ def validate_methods(cfg) -> None:
             raise ValueError("--prior-loss-weight must be >= 0")
         for name, why in (("cache_latents", "the caches hold the instance images only"),
                           ("cache_text", "the caches hold the instance captions only"),
-                          ("buckets", "class and instance batches must share one shape"),
-                          ("cuda_graph", "a recording holds one batch")):
+                          ("buckets", "class and instance batches must share one shape")):
             if getattr(cfg, name):
                 raise ValueError(f"{_flag(name)} cannot be used with --class-prompt ({why})")
     if cfg.instance_prompt is not None and not cfg.instance_prompt.strip():
