@@ -16,7 +16,7 @@ $R --cases sd15-lora-512-bs4-gc sd15-lora-512-bs8-cached sd15-lora-512-bs8-gc-ca
    sdxl-lora-1024-bs1-gc --impl minisd diffusers bnb torch --minisd-args="--cuda-graph $G" --reference-args="$G" \
    --timeout 120
 echo "phase 3: the GPU tests of the graphed steps (DreamBooth's and the full fine-tune's among them)"
-timeout 500 python3 -m pytest -q -m gpu tests/test_train_graph.py tests/test_full_finetune.py > out/prof/gpu-tests-graph.txt 2>&1
+timeout 500 python3 -m pytest -q -m gpu tests/test_train_graph.py tests/test_full_finetune.py tests/test_dreambooth.py > out/prof/gpu-tests-graph.txt 2>&1
 echo "phase 4: the compiled rival of SDXL LoRA bs1"
 $R --cases sdxl-lora-1024-bs1 --impl diffusers-compiled --reference-args="$G" --timeout 900
 touch /tmp/job20/done

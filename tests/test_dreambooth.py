@@ -255,6 +255,25 @@ def test_step_graph_over_dreambooth_steps(tmp_path, dirs, monkeypatch):
     assert tg.graph.plan == one + one  # ε_z, t, ε, offset, ξ of the instance batch, then of the class batch
 
 
+def test_step_graph_over_dreambooth_full_steps(tmp_path, dirs, monkeypatch):
+    """The same with --method full (which takes --cuda-graph too): 2 optimizer steps through the StepGraph path give
+    the eager losses, prior terms and UNet weights bit for bit."""
+    monkeypatch.setattr(graphs, "CudaGraph", _EagerRecorder)
+    inst, cls = dirs
+    runs = {}
+    for name in ("eager", "graph"):
+        t = _trainer(tmp_path / name, inst, *DB, "--class-data", cls, "--method", "full", "--lr", "1e-3")
+        if name == "graph":
+            t.graph = graphs.StepGraph(t.forward_backward, t.gen, t.device, warmup=1)
+        runs[name] = [(t.train_step(), t.prior.step_mean()) for _ in range(2)], t
+    (want, te), (got, tg) = runs["eager"], runs["graph"]
+    assert got == want and tg.graph.recorder.calls == 2, (got, want)
+    a, b = te.model.unet.state_dict(), tg.model.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], v) for k, v in _trainer(tmp_path / "fresh", inst, *DB, "--class-data", cls,
+                                                            "--method", "full").model.unet.state_dict().items())
+
+
 def test_cuda_graph_with_class_prompt_refused_only_for_the_device(tmp_path, dirs, capsys):
     """--cuda-graph is no longer a DreamBooth refusal: on the CPU the one line is the device's."""
     inst, cls = dirs
