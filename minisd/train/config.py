@@ -176,8 +176,9 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "recompute UNet blocks in backward (less memory, ~30%% slower)")
     cuda_graph: bool = opt(False, "record the forward + backward of a micro-batch once as a CUDA graph and replay it "
                                   "(removes the launch overhead that dominates small batches; needs CUDA, fixed "
-                                  "shapes: no --buckets, no fp16, no --module-dropout; with --class-prompt the "
-                                  "class batch is a second input; minisd/perf/graphs.py)")
+                                  "shapes: no --buckets, no fp16, no --module-dropout, no --fused-backward; adapters "
+                                  "or --method full; with --class-prompt the class batch is a second input; "
+                                  "minisd/perf/graphs.py)")
     compile: bool = opt(False, "torch.compile each UNet block and the VAE encoder: Inductor fuses the norms, "
                                "activations, adds and casts around the convs and matmuls, and saves less for backward. "
                                "The first steps compile (minutes on a GPU); with --cuda-graph the fastest path")
