@@ -20,6 +20,7 @@ from minisd.train.config import parse_config  # noqa: E402
 from minisd.train.full import activation_bytes, memory_budget, optimizer_bytes, unet_activation_bytes  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
 from conftest import kill_at  # noqa: E402
+from test_train_graph import _EagerRecorder  # noqa: E402
 
 torch.set_num_threads(1)
 FAST = ["--model", "tiny-random", "--threads", "1", "--no-progress", "--no-samples", "--batch-size", "2",
@@ -154,19 +155,6 @@ def test_adapter_flags_refused(tmp_path, capsys, data_dir, flag):
 
 
 # ------------------------------------------------------------------------------------------- --cuda-graph
-class _EagerRecorder:
-    """`CudaGraph`'s calling convention on the CPU: the warm-up calls get the arguments, later ones fresh copies of
-    them (as a recording reads its fixed input buffers)."""
-
-    def __init__(self, fn, warmup):
-        self.fn, self.warmup, self.calls, self.graph = fn, warmup, 0, None
-
-    def __call__(self, *args):
-        from minisd.perf import graphs
-        self.calls += 1
-        return self.fn(*(args if self.calls <= self.warmup else graphs._buffers(args, torch.device("cpu"))))
-
-
 def test_graph_path_trains_like_eager(tmp_path, data_dir, monkeypatch):
     """--method full --cuda-graph without the GPU: the loop's graph path (`StepGraph` over `forward_backward`, the
     draws made on the host and handed in, gradients accumulated in place into .grad kept allocated and zeroed, not
