@@ -113,3 +113,36 @@ def test_the_same_options_pass_with_what_they_need(data_dir):
                   ["--buckets", "--bucket-min", "32"], ["--ema-decay", "0.9", "--no-ema-warmup"],
                   ["--validate-every", "5", "--validation-steps", "3", "--validation-prompts", "a|b"]):
         parse_config(["--data", data_dir] + flags)
+
+
+# A flag given at its default value is given too: the rule is about what the user typed, not about the value.
+AT_DEFAULT = [  # (the option, typed at TrainConfig's default value; other flags; what it needs; the refusal's words)
+    ("fused_bucket_mb", [], ["--fused-backward", "--max-grad-norm", "0"], "--fused-bucket-mb would be ignored without --fused-backward"),
+    ("ema_warmup", [], ["--ema-decay", "0.9"], "--ema-warmup would be ignored without --ema-decay"),
+    ("bucket_step", [], ["--buckets"], "--bucket-step would be ignored without --buckets"),
+    ("validation_steps", [], ["--validate-every", "5"], "--validation-steps would be ignored without"),
+    ("val_fraction", [], [], "--val-fraction would be ignored without --val-loss-every"),
+    ("num_class_images", [], [], "--num-class-images would be ignored without --class-prompt"),
+    ("prior_loss_weight", [], [], "--prior-loss-weight would be ignored without --class-prompt"),
+    ("distill_train", [], [], "--distill-train would be ignored without --distill"),
+    ("rank", ["--method", "full"], [], "--rank: adapter option(s), ignored by --method full"),
+    ("ti_vectors", ["--method", "lora"], [], "--ti-vectors applies to --method ti"),
+]
+
+
+@pytest.mark.parametrize("name, other, needs, words", AT_DEFAULT, ids=[a[0] for a in AT_DEFAULT])
+def test_a_flag_at_its_default_value_is_refused_too(tmp_path, data_dir, capsys, name, other, needs, words):
+    """`--fused-bucket-mb 128` (the default) without --fused-backward would change nothing: refused with one line
+    like any other value; with what it needs it is accepted."""
+    from minisd.train.config import TrainConfig
+    value = getattr(TrainConfig(), name)
+    flag = "--" + name.replace("_", "-")
+    typed = [flag] if value is True else [flag, str(value)]            # the default itself, typed out
+    out = tmp_path / "run"
+    assert train.main(FAST + ["--model", "tiny-random", "--max-steps", "1", "--data", data_dir, "--out", str(out)]
+                      + other + typed) == 2
+    assert words in one_line_error(capsys)
+    assert not out.exists()
+    if needs:
+        cfg, _ = parse_config(["--data", data_dir] + other + typed + needs)
+        assert getattr(cfg, name) == value

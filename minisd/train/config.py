@@ -266,6 +266,15 @@ class TrainConfig:
         d["out"] = d["resume"] = None
         return d
 
+    # The options given explicitly (command line); parse_config sets it. `changed` counts them as set even at their
+    # default value: `--fused-bucket-mb 128` without --fused-backward is refused, not silently ignored.
+    given = frozenset()
+
+    def changed(self, *names: str) -> list[str]:
+        """Those of `names` given explicitly or set away from their default (what a refusal names)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return [n for n in names if n in self.given or getattr(self, n) != defaults[n]]
+
     def validate(self) -> None:
         """Raise ValueError with a one-line message on a bad combination."""
         for name, allowed in CHOICES.items():
@@ -307,8 +316,7 @@ class TrainConfig:
         if self.bucket_min and self.bucket_max and self.bucket_min > self.bucket_max:
             raise ValueError("--bucket-min must be <= --bucket-max")
         # No flag is a silent no-op: an option that the chosen setup would ignore is refused.
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        changed = lambda *names: [n for n in names if getattr(self, n) != defaults[n]]  # noqa: E731
+        changed = self.changed
         needs = [("train_text_encoder", "--train-text-encoder", changed("te_lr", "te1_lr", "te2_lr")),
                  ("buckets", "--buckets", changed("bucket_step", "bucket_min", "bucket_max")),
                  ("ema_decay", "--ema-decay D", changed("ema_warmup")),
@@ -319,7 +327,8 @@ class TrainConfig:
             needs.append(("targets", "--targets full", changed("conv_rank", "conv_alpha")))
         for gate, flag, given in needs:
             if given and (gate == "targets" or not getattr(self, gate)):
-                names = ", ".join("--" + ("no-" if n == "ema_warmup" else "") + n.replace("_", "-") for n in given)
+                names = ", ".join("--" + ("no-" if n == "ema_warmup" and not self.ema_warmup else "")
+                                  + n.replace("_", "-") for n in given)
                 raise ValueError(f"{names} would be ignored without {flag}")
         if self.distill is None and changed("output_weight", "feature_weight"):
             raise ValueError(f"{', '.join('--' + n.replace('_', '-') for n in changed('output_weight', 'feature_weight'))}"
@@ -525,6 +534,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
         cfg = _merge(cfg, values, toml_path)
         given |= {k.replace("-", "_") for k in values}
     cfg = _merge(cfg, flags, "command line")
+    cfg.given = frozenset(flags) - {"resume", "config"}
     cfg.validate()
     validate_values(cfg)
     if saved_cfg is not None:  # before anything is written: nothing in the run folder changes if this refuses

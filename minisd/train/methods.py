@@ -8,7 +8,6 @@ what they add to checkpoints and loss.jsonl is method_state.py.
 """
 from __future__ import annotations
 
-import dataclasses
 
 # --help sections of the methods: title -> (fields, text)
 HELP_SECTIONS = {
@@ -44,8 +43,7 @@ def _flag(name: str) -> str:
 def validate_methods(cfg) -> None:
     """ValueError with a one-line message for a bad or ignored method option."""
     from .targets import check_spec
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    changed = lambda *names: [n for n in names if getattr(cfg, n) != defaults[n]]  # noqa: E731
+    changed = cfg.changed  # given explicitly or set away from the default (config.py)
     if cfg.method not in ("lora", "full"):
         return  # another method's own checks (the config's CHOICES name the valid ones)
     check_spec(cfg.targets, cfg.exclude)
