@@ -58,7 +58,7 @@ def maxdiff(a, b):
     return (a - b).abs().max().item()
 
 
-X = torch.randn(2, 3, 4, 4)
+X = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(11))  # seeded: not the import order's RNG state
 
 
 def test_target_patterns():
@@ -142,7 +142,13 @@ def test_save_load_roundtrip(kind, tmp_path):
     save(path, dtype=torch.float16)
     half = net()
     adapters.load_adapter(half, path)
-    assert maxdiff(half(X), y) < 4e-3  # fp16 rounding of the adapter: measured 1.3e-3
+    # the file's tensors are the trained ones rounded to fp16, bit for bit; the layers keep the file's dtype and compute
+    # in it, so the output moves by fp16 rounding of the adapter path (measured 2.9e-4..1.0e-3 with this seeded X)
+    want = {k: v.half() if v.is_floating_point() and not k.endswith("alpha") else v
+            for k, v in adapters.adapter_state_dict(m, portable=True).items()}
+    got = adapters.adapter_state_dict(half, portable=True)
+    assert set(got) == set(want) and all(torch.equal(got[k].to(want[k].dtype), want[k]) for k in want)
+    assert maxdiff(half(X), y) < 2e-3
 
 
 def test_load_errors_and_alpha_conventions():
