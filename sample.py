@@ -488,7 +488,7 @@ def grid(a, model_path: str) -> int:
 
     from minisd.formats import load_model
     from minisd.model import ModelError
-    from minisd.world.pretrain import caption_grid, grid_prompts
+    from minisd.world.fidelity import caption_grid, grid_prompts
 
     refused = [f for f, v in (("--batch", a.batch), ("--width", a.width), ("--height", a.height)) if v is not None]
     if refused:

@@ -57,7 +57,7 @@ def unet_fp16_bytes(model) -> int:
 def measure(model, a) -> dict:
     """Parameters, fp16 UNet file size, seconds per image and probe fidelity of one model."""
     import torch
-    from minisd.world.pretrain import heldout_prompts, generate
+    from minisd.world.fidelity import heldout_prompts, generate
     from minisd.world.probe import load_probe, score
     model = model.float().eval()
     pairs = heldout_prompts(a.n_eval, a.seed)

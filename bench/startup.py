@@ -111,7 +111,7 @@ def main(argv=None) -> int:
 
     sys.path.insert(0, ROOT)
     import sample
-    from minisd.world.pretrain import grid_prompts
+    from minisd.world.fidelity import grid_prompts
     tmp = tempfile.mkdtemp(prefix="minisd-startup-")
     exported = os.path.join(tmp, "minisd-tiny-diffusers")
     subprocess.run([sys.executable, "convert.py", MODEL, "--to", "diffusers", exported], cwd=ROOT, check=True,

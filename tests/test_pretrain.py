@@ -1,7 +1,7 @@
-"""minisd-tiny and its from-scratch training (`minisd/pretrain.py`): the shipped weights load and sample, the
-default `python sample.py` draws a captioned grid, a few pretraining steps lower both phases' losses, and the
-probe reads the shipped model's held-out images far above chance; partial captions in the training mix, the
---vae-from / --init continuation and `eval --partial`."""
+"""minisd-tiny, its from-scratch training (`minisd/world/pretrain.py`) and its evaluation (`minisd/world/fidelity.py`):
+the shipped weights load and sample, the default `python sample.py` draws a captioned grid, a few pretraining steps
+lower both phases' losses, and the probe reads the shipped model's held-out images far above chance; partial
+captions in the training mix, the --vae-from / --init continuation and `eval --partial`."""
 import os
 import subprocess
 import sys
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import ROOT
-from minisd.world import pretrain
+from minisd.world import fidelity, pretrain
 from minisd import world
 from minisd.config import TINY, ModelConfig, UNetConfig, VAEConfig
 from minisd.formats import load_model
@@ -94,7 +94,7 @@ def test_pretraining_steps_lower_both_losses():
 def test_probe_reads_shipped_model_on_heldout_prompts():
     # Measured: 8 held-out prompts, DDIM 10 steps, cfg 3 -> shape 100 %, colour 100 % (chance 14 %, 12.5 %).
     torch.set_num_threads(1)
-    res = pretrain.probe_fidelity(load_model(TINY_DIR), n=8, steps=10, cfg_scale=3.0)
+    res = fidelity.probe_fidelity(load_model(TINY_DIR), n=8, steps=10, cfg_scale=3.0)
     assert res["shape"] >= 0.6 and res["colour"] >= 0.6, res
 
 
@@ -162,13 +162,13 @@ def test_eval_partial_cli(tmp_path, capsys, monkeypatch):
 def test_probe_partial_reads_true_images(monkeypatch):
     """probe_partial end to end with a perfect 'model': generate() replaced by the ground-truth renders of the
     prompts; every named attribute is read right (up to the probe's own error) and nothing is swapped."""
-    rows = pretrain.partial_prompts(4, seed=11)
+    rows = fidelity.partial_prompts(4, seed=11)
     truth = {}
     for a, c, _ in rows:
         truth.setdefault(c, a)
-    monkeypatch.setattr(pretrain, "generate",
+    monkeypatch.setattr(fidelity, "generate",
                         lambda model, prompts, *args, **kw: [world.render(truth[p]) for p in prompts])
-    total, kinds = pretrain.probe_partial(None, n=4, seed=11)
+    total, kinds = fidelity.probe_partial(None, n=4, seed=11)
     assert total["n"] == 120 and len(kinds) == 30 and all(r["n"] == 4 for r in kinds.values())
     assert all(len(named) < 5 for named in kinds)
     assert total["all"] >= 0.95 and total["swap"] == 0.0, total

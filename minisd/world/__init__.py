@@ -1,5 +1,6 @@
-"""Appendix: the embedded world (this file), its probe (probe.py) and minisd-tiny's pretraining (pretrain.py).
-Only the commands and this folder import it.
+"""Appendix: the embedded world (this file), its probe (probe.py), minisd-tiny's pretraining (pretrain.py), a model's
+prompt fidelity read by the probe (fidelity.py) and world style runs' validation (validation.py). Only the commands
+and this folder import it.
 
 The world: a procedural, captioned image dataset that minisd-tiny is trained on and evaluated with.
 

@@ -1,4 +1,5 @@
-"""From-scratch pretraining of minisd-tiny on the procedural world (`minisd/world/__init__.py`), and its evaluation.
+"""From-scratch pretraining of minisd-tiny on the procedural world (`minisd/world/__init__.py`): the pool, both
+training phases, the time budget and the command.
 
 Two phases, as Stable Diffusion itself was made (Rombach et al. 2022, Sec. 3):
 
@@ -12,8 +13,9 @@ Two phases, as Stable Diffusion itself was made (Rombach et al. 2022, Sec. 3):
 Data: images are drawn from `world.sample(split="train")` with fixed seeds into a pool (rendered in worker
 processes), so held-out (shape, colour, position) triples are never seen. Each image has 4 full captions and
 `--partial` partial ones (`world.partial_caption`: any subset of the attributes named, 8 wordings), so the model
-binds each word to its object whatever a prompt leaves out. Evaluation samples held-out prompts, full and partial,
-and reads the images with the probe (`minisd/world/probe.py`).
+binds each word to its object whatever a prompt leaves out. Evaluation (the `eval` subcommand, `fidelity.py`)
+samples held-out prompts, full and partial, and reads the images with the probe (`minisd/world/probe.py`); `--eval N`
+probes the freshly trained model on N held-out full prompts.
 
     python -m minisd.world.pretrain --out weights/minisd-tiny --device cuda --minutes 8      # train
     python -m minisd.world.pretrain --vae-from DIR --init DIR --minutes 5                    # continue phase 2
@@ -34,15 +36,15 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 
 from .. import world
-from ..config import WEIGHTS_DIR, WORLD_TINY, ModelConfig
+from ..config import WORLD_TINY, ModelConfig
 from ..formats.safe_write import MINISD, WriteError, atomic_folder, check_folder_dest
 from ..model import StableDiffusion, write_model_files
 from ..schedule import NoiseSchedule
+from .fidelity import DEFAULT_MODEL, eval_main, probe_fidelity
 
-DEFAULT_OUT = os.path.join(WEIGHTS_DIR, "minisd-tiny")
+DEFAULT_OUT = DEFAULT_MODEL  # weights/minisd-tiny, the shipped model, which `eval` reads by default
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -273,101 +275,6 @@ def train_diffusion(model: StableDiffusion, moments: torch.Tensor, ids: torch.Te
     return ema, stats
 
 
-# ---------------------------------------------------------------------------------------------------- evaluation
-
-def heldout_prompts(n: int, seed: int = 777) -> list:
-    """n (attributes, caption) pairs of held-out (shape, colour, position) triples, template 0."""
-    return world.sample(n, seed, split="heldout", template=0)
-
-
-@torch.no_grad()
-def generate(model: StableDiffusion, prompts: list[str], steps: int = 20, cfg_scale: float = 3.0, seed: int = 0,
-             device="cpu", batch: int = 256, sampler: str = "ddim") -> list:
-    from ..pipeline import Pipeline
-    pipe = Pipeline(model, device=device)
-    out = []
-    for i in range(0, len(prompts), batch):
-        out += pipe(prompts[i:i + batch], steps=steps, cfg_scale=cfg_scale, seed=seed + i, sampler=sampler)
-    return out
-
-
-def probe_fidelity(model: StableDiffusion, n: int = 64, steps: int = 20, cfg_scale: float = 3.0, seed: int = 777,
-                   device="cpu") -> dict:
-    """Probe scores (shape, colour, size, position, background, all) of images drawn from n held-out prompts."""
-    from .probe import load_probe, score
-    pairs = heldout_prompts(n, seed)
-    images = generate(model, [c for _, c in pairs], steps, cfg_scale, seed, device)
-    res = score(images, [a for a, _ in pairs], load_probe(device="cpu"))
-    return {k: res[k] for k in ("n", "shape", "colour", "size", "position", "background", "all")}
-
-
-def partial_prompts(n: int, seed: int = 778) -> list:
-    """n (attributes, caption, named) per partial kind: every subset of world.NAMEABLE but the full one (30 kinds),
-    attributes from the held-out split, a wording per prompt from world.PHRASINGS."""
-    kinds = [s for s in world.SUBSETS if len(s) < len(world.NAMEABLE)]
-    return [row for i, subset in enumerate(kinds) for row in world.sample_partial(n, seed + i, "heldout", subset)]
-
-
-def probe_partial(model: StableDiffusion, n: int = 16, steps: int = 20, cfg_scale: float = 3.0, seed: int = 778,
-                  device="cpu") -> tuple[dict, dict]:
-    """Probe scores of images drawn from n partial held-out prompts of each kind (`partial_prompts`): the totals
-    over all kinds (`probe.score_named`: each attribute over the prompts that name it, all named right, swap
-    rate) and the same per kind, {named subset: scores}."""
-    from .probe import load_probe, score_named
-    rows = partial_prompts(n, seed)
-    images = generate(model, [c for _, c, _ in rows], steps, cfg_scale, seed, device)
-    probe = load_probe(device="cpu")
-    total = score_named(images, [a for a, _, _ in rows], [s for _, _, s in rows], probe)
-    kinds = {}
-    for i in range(0, len(rows), n):
-        part = rows[i:i + n]
-        kinds[part[0][2]] = score_named(images[i:i + n], [a for a, _, _ in part], [s for _, _, s in part], probe)
-    return total, kinds
-
-
-def _pct(res: dict, keys) -> str:
-    return "  ".join(f"{k} {'-' if res[k] is None else f'{100 * res[k]:.1f}%'}" for k in keys)
-
-
-def caption_grid(images: list, captions: list[str], cols: int = 4, scale: int = 2) -> Image.Image:
-    """Images (upscaled `scale`x, nearest) in a grid, each caption wrapped under its image in PIL's default font."""
-    font = ImageFont.load_default()
-    side = images[0].width * scale
-    wrap = []
-    for c in captions:  # greedy word wrap to the cell width (~6 px per character in the default font)
-        lines, cur = [], ""
-        for w in c.split():
-            if cur and len(cur) + 1 + len(w) > side // 6:
-                lines.append(cur)
-                cur = w
-            else:
-                cur = f"{cur} {w}".strip()
-        wrap.append(lines + [cur])
-    text_h = 12 * max(len(w) for w in wrap) + 4
-    rows = (len(images) + cols - 1) // cols
-    pad = 4
-    grid = Image.new("RGB", (cols * (side + pad) + pad, rows * (side + text_h + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (im, lines) in enumerate(zip(images, wrap)):
-        x, y = pad + (i % cols) * (side + pad), pad + (i // cols) * (side + text_h + pad)
-        grid.paste(im.resize((side, side), Image.NEAREST), (x, y))
-        for j, line in enumerate(lines):
-            draw.text((x, y + side + 2 + 12 * j), line, fill="black", font=font)
-    return grid
-
-
-def grid_prompts(n: int = 8, seed: int = 3) -> list[str]:
-    """n held-out prompts for the default grid: one per shape first, so the grid shows the whole vocabulary."""
-    pairs, seen = [], set()
-    for a, c in heldout_prompts(200, seed):
-        if c not in pairs and (a.shape not in seen or len(seen) == len(world.SHAPES)):
-            seen.add(a.shape)
-            pairs.append(c)
-        if len(pairs) == n:
-            break
-    return pairs
-
-
 # ---------------------------------------------------------------------------------------------------- commands
 
 def pretrain(a: argparse.Namespace, log=print) -> dict:
@@ -460,44 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=0.0, help="also stop phase 2 after this long (0: no cap)")
     p.add_argument("--eval", type=int, default=0, help="after training, probe this many held-out prompts")
     return p
-
-
-def eval_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m minisd.world.pretrain eval",
-                                description="Probe fidelity of a model on held-out world prompts: full captions "
-                                            "(template 0) and, with --partial, prompts naming only some attributes.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_OUT)
-    p.add_argument("--n", type=int, default=64, help="held-out full-caption prompts (0: none)")
-    p.add_argument("--partial", type=int, default=0,
-                   help="held-out partial prompts of each of the 30 kinds (which attributes are named; 0: none); "
-                        "prints each kind, the totals and the swap rate (a colour given to the wrong object)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, nargs="+", default=[3.0], help="guidance scale(s) to compare")
-    p.add_argument("--seed", type=int, default=777, help="full prompts; partial prompts use seed + 1 onwards")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = p.parse_args(argv)
-    if a.n < 0 or a.partial < 0 or a.n + a.partial == 0:
-        p.error("--n and --partial must be >= 0, and one of them > 0")
-    if a.steps < 1:
-        p.error("--steps must be at least 1")
-    from ..formats import load_model
-    model = load_model(a.model).float()
-    for c in a.cfg:
-        t0 = time.time()
-        if a.n:
-            res = probe_fidelity(model, a.n, a.steps, c, a.seed, a.device)
-            print(f"cfg {c} full: n {res['n']}  " + _pct(res, list(res)[1:]) + f"  ({time.time() - t0:.0f}s)",
-                  flush=True)
-        if a.partial:
-            t0 = time.time()
-            total, kinds = probe_partial(model, a.partial, a.steps, c, a.seed + 1, a.device)
-            for named, res in kinds.items():
-                print(f"cfg {c} partial {'+'.join(named):<32} " + _pct(res, [*named, "all", "swap"]), flush=True)
-            worst = min((res[k], k, "+".join(named)) for named, res in kinds.items() for k in named)
-            print(f"cfg {c} partial: n {total['n']}  " + _pct(total, list(total)[1:])
-                  + f"  worst cell {worst[2]}:{worst[1]} {100 * worst[0]:.1f}%  ({time.time() - t0:.0f}s)", flush=True)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
