@@ -13,8 +13,8 @@ Ctrl-C (SIGINT) or SIGTERM while training: the step in flight finishes, checkpoi
 one line gives the `--resume` command (also in the run folder's stopped.txt); exit code 130 / 143. A second Ctrl-C
 quits at once (the previous checkpoint stays intact). minisd/train/signals.py.
 
-Options: `python train.py --help`, or minisd/train/config.py. The step is minisd/trainer.py, the loop around it
-minisd/train/loop.py, what world runs add minisd/world/validation.py.
+Options: `python train.py --help`, or minisd/train/config.py (read from the command line by cli.py). The step is
+minisd/trainer.py, the loop around it minisd/train/loop.py, what world runs add minisd/world/validation.py.
 Bad flags, a bad data folder or a bad model end with one `error:` line and exit code 2, checked before the run
 folder is made, so a refused run leaves nothing behind. An existing --out is refused unless --overwrite (an earlier
 run folder only) or --resume; a run folder in use by another train.py is refused (minisd/train/run_folder.py).
@@ -87,7 +87,7 @@ def prepare(cfg, flags: dict) -> tuple[str, dict | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minisd.train.config import format_config, parse_config
+    from minisd.train.cli import format_config, parse_config
     try:
         cfg, flags = parse_config(argv)
     except ValueError as e:

@@ -26,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minisd.adapters.lycoris import LoHaLinear  # noqa: E402
 from minisd.lora import LoRALinear  # noqa: E402
-from minisd.train.config import parse_config  # noqa: E402
+from minisd.train.cli import parse_config  # noqa: E402
 from minisd.train.data import CaptionDataset, cover_crop  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
 from conftest import save_tiny_sdxl  # noqa: E402

@@ -16,7 +16,7 @@ import train  # noqa: E402
 from minisd.train.buckets import BucketLoader, assign_buckets, buckets_for, make_buckets, nearest_bucket  # noqa: E402
 from minisd.config import SD15, SDXL_BASE, TINY  # noqa: E402
 from minisd.train.data import CaptionDataset  # noqa: E402
-from minisd.train.config import parse_config  # noqa: E402
+from minisd.train.cli import parse_config  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
 
 torch.set_num_threads(1)

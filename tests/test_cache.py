@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 from minisd import trainer as trainer_mod  # noqa: E402
 from minisd import world  # noqa: E402
-from minisd.train.config import parse_config  # noqa: E402
+from minisd.train.cli import parse_config  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
 from test_buckets import write_shapes  # noqa: E402
 from conftest import save_tiny_sdxl  # noqa: E402

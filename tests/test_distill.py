@@ -298,7 +298,7 @@ def test_sample_py_draws_with_the_student(run, tmp_path):
 
 
 def test_resume_is_exact(teacher_dir, data_dir, tmp_path):
-    from minisd.train.config import parse_config
+    from minisd.train.cli import parse_config
     from minisd.train.distill_loop import DistillTrainer
     flags = FAST + ["--distill", "small", "--model", teacher_dir, "--data", data_dir, "--max-steps", "5",
                     "--optimizer", "adamw8bit", "--ema-decay", "0.9", "--cache-text", "--caption-dropout", "0.3",
@@ -349,7 +349,7 @@ def test_mixed_precision_and_checkpointing(teacher_dir, data_dir, tmp_path):
     """bf16 autocast: the teacher runs in bf16, the student starts from the stored fp32 weights (not a bf16 copy)
     and trains in fp32. Gradient checkpointing of the student: the same losses up to rounding order."""
     from minisd.formats import load_model
-    from minisd.train.config import parse_config
+    from minisd.train.cli import parse_config
     from minisd.train.distill_loop import DistillTrainer
     flags = FAST + ["--distill", "small", "--model", teacher_dir, "--data", data_dir, "--max-steps", "2",
                     "--save-every", "0"]
@@ -440,7 +440,7 @@ def test_adapter_student_loss_by_hand():
 
 
 def trainer_for(flags, out):
-    from minisd.train.config import parse_config
+    from minisd.train.cli import parse_config
     from minisd.train.distill_loop import DistillTrainer
     cfg, _ = parse_config(flags + ["--out", out])
     return DistillTrainer(cfg, out, log=lambda s: None)

@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 import train  # noqa: E402
 from minisd import world  # noqa: E402
 from minisd.train import distributed  # noqa: E402
-from minisd.train.config import parse_config  # noqa: E402
+from minisd.train.cli import parse_config  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
 
 torch.set_num_threads(1)

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 from minisd import world  # noqa: E402
-from minisd.train.config import parse_config  # noqa: E402
+from minisd.train.cli import parse_config  # noqa: E402
 from minisd.train.data import DataError  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
 from minisd.adapters import adapter_state_dict  # noqa: E402

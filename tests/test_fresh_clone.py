@@ -80,7 +80,7 @@ def test_ci_runs_the_readme_test_command_verbatim():
 def test_train_finds_the_embedded_model_from_any_directory(tmp_path, monkeypatch):
     """`python train.py` run elsewhere picks weights/minisd-tiny of this checkout, not the tiny-random fallback."""
     import train
-    from minisd.train.config import parse_config
+    from minisd.train.cli import parse_config
     data = tmp_path / "data"
     data.mkdir()
     elsewhere = tmp_path / "elsewhere"

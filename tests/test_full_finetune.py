@@ -16,7 +16,7 @@ from minisd import world  # noqa: E402
 from minisd.adapters import adapter_layers  # noqa: E402
 from minisd.formats import load_model  # noqa: E402
 from minisd.pipeline import Pipeline  # noqa: E402
-from minisd.train.config import parse_config  # noqa: E402
+from minisd.train.cli import parse_config  # noqa: E402
 from minisd.train.full import activation_bytes, memory_budget, optimizer_bytes, unet_activation_bytes  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
 from conftest import kill_at  # noqa: E402

@@ -23,7 +23,7 @@ from minisd.adapters.hypernetwork import (Hypernetwork, HypernetworkModule, atta
 from minisd.attention import CrossAttention  # noqa: E402
 from minisd.formats import load_model  # noqa: E402
 from minisd.pipeline import Pipeline  # noqa: E402
-from minisd.train.config import parse_config  # noqa: E402
+from minisd.train.cli import parse_config  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
 from conftest import killed_and_resumed  # noqa: E402
 

@@ -14,7 +14,7 @@ import train  # noqa: E402
 from minisd import adapters, world  # noqa: E402
 from minisd.config import LDM_256, TINY, LDMBertConfig, ModelConfig, UNetConfig  # noqa: E402
 from minisd.model import StableDiffusion, save_model  # noqa: E402
-from minisd.train.config import parse_config  # noqa: E402
+from minisd.train.cli import parse_config  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
 
 torch.set_num_threads(1)  # tiny ops; a second thread on a busy 2-core machine only waits (issue 14, bug 4)

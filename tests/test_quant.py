@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minisd import adapters  # noqa: E402
 from minisd.formats import load_model  # noqa: E402
 from minisd.perf.quant import QuantizedBase, frozen_weight_bytes, quantize_frozen, quantize_module  # noqa: E402
-from minisd.train.config import parse_config  # noqa: E402
+from minisd.train.cli import parse_config  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
 from minisd.trainer import TARGETS  # noqa: E402
 from minisd import world  # noqa: E402

@@ -12,7 +12,7 @@ sys.path.insert(0, ROOT)
 from minisd import world  # noqa: E402
 from minisd.config import TINY  # noqa: E402
 from minisd.model import StableDiffusion, save_model  # noqa: E402
-from minisd.train.config import parse_config  # noqa: E402
+from minisd.train.cli import parse_config  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
 
 torch.set_num_threads(1)

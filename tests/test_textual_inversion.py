@@ -18,7 +18,7 @@ from minisd import world  # noqa: E402
 from minisd.adapters.embeddings import load_embedding, read_embedding  # noqa: E402
 from minisd.formats import load_model  # noqa: E402
 from minisd.pipeline import Pipeline  # noqa: E402
-from minisd.train.config import parse_config  # noqa: E402
+from minisd.train.cli import parse_config  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
 from minisd.train.textual_inversion import TextualInversion  # noqa: E402
 from minisd.trainer import Draws, training_loss  # noqa: E402

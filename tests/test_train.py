@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 from minisd import world  # noqa: E402
 from minisd.adapters import adapter_state_dict  # noqa: E402
-from minisd.train.config import parse_config  # noqa: E402
+from minisd.train.cli import parse_config  # noqa: E402
 from minisd.train.loop import Trainer, TrainError  # noqa: E402
 from minisd.trainer import lr_lambda, min_snr_weight  # noqa: E402
 from conftest import save_tiny_sdxl, kill_at  # noqa: E402

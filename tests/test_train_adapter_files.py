@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import train
 from minisd import adapters, world
-from minisd.train.config import parse_config
+from minisd.train.cli import parse_config
 from minisd.train.loop import Trainer
 
 torch.set_num_threads(1)

@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 import train  # noqa: E402
 from minisd import world  # noqa: E402
 from minisd.adapters import adapter_state_dict  # noqa: E402
-from minisd.train.config import parse_config  # noqa: E402
+from minisd.train.cli import parse_config  # noqa: E402
 from minisd.perf import graphs  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
 from minisd.trainer import Draws, training_loss  # noqa: E402

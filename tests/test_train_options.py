@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 from minisd import world  # noqa: E402
 from minisd.train.ema import EMA  # noqa: E402
-from minisd.train.config import parse_config  # noqa: E402
+from minisd.train.cli import parse_config  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
 from minisd.train.validation import parse_prompts  # noqa: E402
 from minisd.world.validation import validation_prompts  # noqa: E402

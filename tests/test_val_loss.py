@@ -15,7 +15,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 from minisd import world  # noqa: E402
-from minisd.train.config import parse_config  # noqa: E402
+from minisd.train.cli import parse_config  # noqa: E402
 from minisd.train.loop import Trainer  # noqa: E402
 from minisd.train.val_loss import VAL_SEED  # noqa: E402
 from minisd.trainer import Draws, MicroBatch, training_loss  # noqa: E402

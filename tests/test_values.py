@@ -152,7 +152,7 @@ def test_scheduler_keys_refused_where_sampling_would_ignore_them():
 
 
 def test_train_values_typed_and_finite(tmp_path):
-    from minisd.train.config import parse_config
+    from minisd.train.cli import parse_config
     for text, pattern in (("max_steps = true\n", "max_steps must be a whole number"),
                           ('lr = "1e-3"\n', "lr must be a number"), ("lr = nan\n", "finite"),
                           ("rank = [8]\n", "a list"), ("[seed]\na = 1\n", "a table"),

@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 def main(argv: list[str]) -> None:
     import torch
     from minisd import world
-    from minisd.train.config import parse_config
+    from minisd.train.cli import parse_config
     from minisd.train.loop import Trainer
     from minisd.train.validation import sampling
     from minisd.world.probe import score

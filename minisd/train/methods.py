@@ -9,7 +9,7 @@ what they add to checkpoints and loss.jsonl is method_state.py.
 from __future__ import annotations
 
 
-# --help sections of the methods: title -> (fields, text)
+# --help sections of the methods: title -> (fields, text) (cli.py's build_parser)
 HELP_SECTIONS = {
     "target choice": (("targets", "exclude"), "Which UNet layers get adapters: a preset, attn1 / attn2, or a "
                       "regular expression over module paths (minisd/train/targets.py); a selection that adapts "
